@@ -1,0 +1,190 @@
+"""Cases on disk -> tensors in model space, and a whole-folder check.
+
+Model space: images in [-1, 1], masks in {-1, 1}, each modality a float32 tensor
+(1, D, H, W) on the data set's grid `shape` = [D, H, W].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from voxgen.data.layout import MASK_MODALITIES, MODALITIES, SPLITS, Case, case_folders, list_cases
+from voxgen.data.nifti import load_volume, resized_affine
+from voxgen.errors import DataError
+
+AFFINE_TOLERANCE_MM = 1e-3
+MASK_TOLERANCE = 1e-3
+# Upper percentile used as the image's white point. The maximum is set by a few
+# voxels (vessels, fat, contrast-enhancing rims of the very lesions we model), so
+# scaling by it would squeeze the brain into a narrow band; 99.5 % keeps brain
+# contrast and clips only those outliers to 1.
+UPPER_PERCENTILE = 99.5
+
+
+def scale_image(volume: np.ndarray) -> np.ndarray:
+    """(D, H, W) image -> [-1, 1]: (x - min) / (p99.5 - min) clipped to [0, 1], then 2x - 1.
+
+    A constant image maps to -1 everywhere.
+    """
+    lo = float(volume.min())
+    hi = float(np.percentile(volume, UPPER_PERCENTILE))
+    scaled = (volume - lo) / max(hi - lo, 1e-12)
+    return (2.0 * np.clip(scaled, 0.0, 1.0) - 1.0).astype(np.float32)
+
+
+def mask_problem(volume: np.ndarray) -> str | None:
+    """Why a mask volume is not binary {0, 1}, or None when it is."""
+    off = np.minimum(np.abs(volume), np.abs(volume - 1.0)) > MASK_TOLERANCE
+    if off.any():
+        values = np.unique(volume[off])
+        shown = ", ".join(f"{v:g}" for v in values[:3]) + (", ..." if values.size > 3 else "")
+        return f"mask is not binary {{0, 1}} ({int(off.sum())} voxels with other values: {shown})"
+    return None
+
+
+def resample(volume: torch.Tensor, shape: Sequence[int], is_mask: bool) -> torch.Tensor:
+    """(1, D, H, W) -> (1, *shape): trilinear for images, nearest neighbour for masks.
+
+    Both use voxel-centre alignment (align_corners=False / 'nearest-exact'), the
+    convention `resized_affine` assumes; torch's plain 'nearest' floors indices and
+    would shift masks by up to half a voxel against the images.
+    """
+    if tuple(volume.shape[1:]) == tuple(shape):
+        return volume
+    mode = "nearest-exact" if is_mask else "trilinear"
+    kwargs = {} if is_mask else {"align_corners": False}
+    return F.interpolate(volume[None], size=tuple(shape), mode=mode, **kwargs)[0]
+
+
+def read_case(
+    case: Case, modalities: Iterable[str], report: Callable[[str], None]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Load a case's modalities and check them against each other.
+
+    Returns {modality: (volume (D, H, W), affine)} for the files that loaded.
+    Each problem (unreadable file, shape or affine differing from the case's first
+    file, non-binary mask) is passed to `report` as one line; `report` may raise.
+    """
+    loaded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    first: tuple[Path, np.ndarray, np.ndarray] | None = None
+    for modality in modalities:
+        path = case.path(modality)
+        try:
+            volume, affine = load_volume(path)
+        except DataError as exc:
+            report(str(exc))
+            continue
+        if first is None:
+            first = (path, volume, affine)
+        elif volume.shape != first[1].shape:
+            report(f"{path}: shape {list(volume.shape)} differs from {first[0]} shape {list(first[1].shape)}")
+            continue
+        elif np.abs(affine - first[2]).max() > AFFINE_TOLERANCE_MM:
+            diff = float(np.abs(affine - first[2]).max())
+            report(f"{path}: affine differs from {first[0]} by {diff:.3g} mm (tolerance {AFFINE_TOLERANCE_MM} mm)")
+            continue
+        if modality in MASK_MODALITIES:
+            problem = mask_problem(volume)
+            if problem:
+                report(f"{path}: {problem}")
+                continue
+        loaded[modality] = (volume, affine)
+    return loaded
+
+
+def _raise(message: str) -> None:
+    raise DataError(message)
+
+
+class VolumeDataset(torch.utils.data.Dataset):
+    """One split of a data folder as model-space tensors.
+
+    `dataset[i]` is {modality: float32 tensor (1, D, H, W), "case": case id}, with
+    (D, H, W) = `shape`. Images are scaled to [-1, 1] (see `scale_image`), masks
+    (modalities in MASK_MODALITIES) are {-1, 1}. Volumes whose grid differs from
+    `shape` are resampled (trilinear for images, nearest for masks). With
+    cache=True processed tensors are kept in memory; treat them as read-only.
+    """
+
+    def __init__(self, root, split: str, modalities: Sequence[str], shape: Sequence[int], cache: bool = True):
+        self.root = Path(root)
+        self.split = split
+        self.modalities = (modalities,) if isinstance(modalities, str) else tuple(modalities)
+        if not self.modalities:
+            raise DataError(f"{self.root}: no modalities requested for split '{split}'")
+        self.shape = tuple(int(s) for s in shape)
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise DataError(f"{self.root}: data shape must be [D, H, W] of positive sizes, got {list(shape)}")
+        self.cache = cache
+        self.cases: list[Case] = list_cases(self.root, split, self.modalities)
+        self._cache: dict[int, dict] = {}
+        self._affine: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict:
+        if index in self._cache:
+            return dict(self._cache[index])
+        case = self.cases[index]
+        item: dict = {"case": case.id}
+        for modality, (volume, _) in read_case(case, self.modalities, _raise).items():
+            is_mask = modality in MASK_MODALITIES
+            if is_mask:
+                values = (volume > 0.5).astype(np.float32)
+            else:
+                values = scale_image(volume)
+            tensor = resample(torch.from_numpy(values)[None], self.shape, is_mask)
+            if is_mask:
+                tensor = torch.where(tensor > 0.5, 1.0, -1.0)
+            item[modality] = tensor.to(torch.float32).contiguous()
+        if self.cache:
+            self._cache[index] = item
+        return dict(item)
+
+    @property
+    def affine(self) -> np.ndarray:
+        """Reference affine: the first case's first modality, resized to `shape`.
+
+        Samples are written with it. (4, 4) float64 for (x, y, z) = (W, H, D) indices.
+        """
+        if self._affine is None:
+            volume, affine = load_volume(self.cases[0].path(self.modalities[0]))
+            self._affine = resized_affine(affine, volume.shape, self.shape)
+        return self._affine.copy()
+
+
+def check_folder(root, modalities: Sequence[str] = MODALITIES) -> list[str]:
+    """Every problem of a data folder, one line each naming the file; [] means OK.
+
+    Loads every requested modality of every case of every split and collects
+    problems instead of stopping at the first one.
+    """
+    problems: list[str] = []
+    root = Path(root)
+    if not root.is_dir():
+        return [f"{root}: data folder not found"]
+    modalities = (modalities,) if isinstance(modalities, str) else tuple(modalities)
+    for split in SPLITS:
+        try:
+            cases = case_folders(root, split)
+        except DataError as exc:
+            problems.append(str(exc))
+            continue
+        for case in cases:
+            present = []
+            for modality in modalities:
+                if case.path(modality).is_file():
+                    present.append(modality)
+                else:
+                    problems.append(f"{case.path(modality)}: missing modality '{modality}' of case '{case.id}'")
+            loaded = read_case(case, present, problems.append)
+            for modality, (volume, _) in loaded.items():
+                if modality not in MASK_MODALITIES and float(volume.max()) == float(volume.min()):
+                    problems.append(f"{case.path(modality)}: image is constant (every voxel {float(volume.min()):g})")
+    return problems

@@ -1,0 +1,47 @@
+"""Modes: which modalities are generated and which condition them.
+
+Conditioning is by concatenated channels: the network sees [x_t, condition] along C.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    generated: tuple[str, ...]
+    conditions: tuple[str, ...]
+    summary: str
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.generated + self.conditions
+
+    def split(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """batch {modality: (B, 1, D, H, W)} -> x0 (B, G, D, H, W), condition (B, K, D, H, W) or None."""
+        x0 = torch.cat([batch[m] for m in self.generated], dim=1)
+        cond = torch.cat([batch[m] for m in self.conditions], dim=1) if self.conditions else None
+        return x0, cond
+
+    def model_input(self, x_t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        return x_t if cond is None else torch.cat([x_t, cond.to(x_t.dtype)], dim=1)  # (B, G + K, D, H, W)
+
+    def channels(self, space) -> tuple[int, int]:
+        """(in, out) channels of the network in `space`."""
+        generated = space.channels(len(self.generated))
+        conditions = space.channels(len(self.conditions)) if self.conditions else 0
+        return generated + conditions, generated
+
+
+MODES = {
+    "bravo": Mode("bravo", ("bravo",), ("seg",), "generate the BRAVO image given the tumour mask"),
+    "seg": Mode("seg", ("seg",), (), "generate tumour masks unconditionally"),
+}
+
+
+def build_mode(cfg) -> Mode:
+    return MODES[cfg.mode]

@@ -1,0 +1,59 @@
+"""Model registry: name -> factory. It also drives the CLI's choices (`voxgen models`).
+
+A factory takes the model section of the config, the channel counts and the spatial shape
+the network sees, and returns an `nn.Module` with `forward(x, t) -> prediction` where
+x is (B, C_in, D, H, W) and t is (B,) model time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from voxgen.errors import ConfigError
+
+Factory = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    factory: Factory
+    summary: str
+
+
+MODELS: dict[str, ModelEntry] = {}
+
+
+def register(name: str, summary: str) -> Callable[[Factory], Factory]:
+    def wrap(factory: Factory) -> Factory:
+        MODELS[name] = ModelEntry(name, factory, summary)
+        return factory
+
+    return wrap
+
+
+def build_model(model_cfg, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool) -> nn.Module:
+    """Build the network named by `model_cfg.name` for inputs of `shape` [D, H, W]."""
+    if model_cfg.name not in MODELS:
+        raise ConfigError(f"model.name={model_cfg.name!r} is not one of {', '.join(sorted(MODELS))}")
+    return MODELS[model_cfg.name].factory(
+        model_cfg, in_channels=in_channels, out_channels=out_channels, shape=tuple(shape), grad_checkpointing=grad_checkpointing
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_on_meta(model_cfg, in_channels: int, out_channels: int, shape: Sequence[int]) -> nn.Module:
+    """Build without allocating weights (parameter counts and memory plans of huge models)."""
+    with torch.device("meta"):
+        return build_model(model_cfg, in_channels, out_channels, shape, grad_checkpointing=False)
+
+
+# Families register themselves on import; one import line per family file.
+from voxgen.models import unet  # noqa: E402,F401

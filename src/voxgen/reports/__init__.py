@@ -1,0 +1,1 @@
+"""Figures: slice mosaics, curves, memory charts."""

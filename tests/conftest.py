@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny embedded data sets, made once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Two CPU cores: keep torch from oversubscribing them.
+torch.set_num_threads(2)
+
+TINY_SHAPE = (16, 16, 16)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory):
+    from voxgen.data.phantoms import make_phantoms
+
+    root = tmp_path_factory.mktemp("phantoms")
+    make_phantoms(root, cases=8, shape=TINY_SHAPE, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cohort_root(tmp_path_factory):
+    from voxgen.data.cohort import make_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    make_cohort(root, cases=12, shape=TINY_SHAPE, seed=0)
+    return root

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from voxgen.config import compose
+from voxgen.errors import ConfigError
+from voxgen.models.registry import MODELS, build_model, build_on_meta, count_parameters
+
+TINY = ["model.channels=[8,16]", "model.attention_levels=[false,true]", "model.num_head_channels=8", "model.norm_num_groups=4"]
+
+
+def _unet(*extra, grad_checkpointing=False, seed=0):
+    cfg = compose([], [*TINY, *extra])
+    torch.manual_seed(seed)
+    return build_model(cfg.model, 2, 1, (8, 8, 8), grad_checkpointing)
+
+
+def test_registry_lists_unet():
+    assert "unet" in MODELS and MODELS["unet"].summary
+
+
+def test_forward_shape():
+    x = torch.randn(2, 2, 8, 8, 8)
+    assert _unet()(x, torch.tensor([10.0, 900.0])).shape == (2, 1, 8, 8, 8)
+
+
+def _loss_and_grads(model):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 2, 8, 8, 8, generator=g)
+    target = torch.randn(2, 1, 8, 8, 8, generator=g)
+    # MONAI zero-initialises the output conv; perturb it so gradients reach every layer.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    loss = ((model(x, torch.tensor([100.0, 700.0])) - target) ** 2).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients():
+    plain_loss, plain = _loss_and_grads(_unet())
+    ckpt_model = _unet(grad_checkpointing=True)
+    assert list(ckpt_model.state_dict()) == list(_unet().state_dict())
+    ckpt_loss, ckpt = _loss_and_grads(ckpt_model)
+    assert torch.allclose(plain_loss, ckpt_loss, atol=1e-6)
+    for name in plain:
+        assert torch.allclose(plain[name], ckpt[name], atol=1e-6), name
+
+
+def test_sdpa_and_naive_attention_agree():
+    x = torch.randn(2, 2, 8, 8, 8)
+    t = torch.tensor([5.0, 500.0])
+    sdpa, naive = _unet("model.attention=sdpa"), _unet("model.attention=naive")
+    naive.load_state_dict(sdpa.state_dict())
+    with torch.no_grad():
+        for p in sdpa.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    naive.load_state_dict(sdpa.state_dict())
+    assert torch.allclose(sdpa(x, t), naive(x, t), atol=1e-4)
+
+
+def test_meta_build_counts_without_memory():
+    cfg = compose([], ["model.channels=[256,512,768]", "model.attention_levels=[false,true,true]", "model.num_head_channels=64"])
+    model = build_on_meta(cfg.model, 8, 4, (64, 64, 64))
+    assert next(model.parameters()).is_meta
+    assert count_parameters(model) > 100_000_000
+
+
+def test_shape_not_divisible_is_a_clear_error():
+    cfg = compose([], ["model.channels=[8,16,16,16]", "model.attention_levels=[false,false,false,false]", "model.norm_num_groups=4"])
+    with pytest.raises(ConfigError, match=r"data.shape D=20 is not divisible by 2\^3 for a 4-level UNet"):
+        build_model(cfg.model, 1, 1, (20, 16, 16), False)
