@@ -129,3 +129,20 @@ def test_data_check_reports_problems(phantom_root, tmp_path, capsys):
     _missing_modality(root)
     code, out, err = _run(capsys, "data", "check", str(root))
     assert code == 2 and len(out.strip().splitlines()) >= 2 and err.startswith("error: ")
+
+
+def test_plan_json_reports_parameters_of_the_seeds_4l_small(capsys):
+    import json
+
+    code, out, _ = _run(capsys, "plan", "--json", "model.channels=[64,128,256,512]", "model.attention_levels=[false,false,true,true]",
+                        "model.num_res_blocks=2", "model.norm_num_groups=32", "model.in_channels=8", "model.out_channels=4",
+                        "data.shape=[40,64,64]")
+    result = json.loads(out)
+    assert code == 0 and isinstance(result["params"], int)
+    assert abs(result["params"] / 1e6 - 166.6) < 0.05  # unet3d_latent_a100.csv, 4L_small
+
+
+def test_plan_impossible_shape_is_one_line(capsys):
+    code, _, err = _run(capsys, "plan", "model.channels=[8,16,16,16]", "model.attention_levels=[false,false,false,false]",
+                        "model.norm_num_groups=4", "data.shape=[20,16,16]")
+    assert code == 2 and err.strip() == "error: data.shape D=20 is not divisible by 2^3 for a 4-level UNet"

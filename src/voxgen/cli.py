@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the model registry")
 
+    p = sub.add_parser("plan", help="what one training step of a config needs, without a GPU")
+    _add_overrides(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
     p = sub.add_parser("data", help="embedded data sets and data checks")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     _add_data_gen(data_sub, "cohort", "template cohort on MNI152 anatomy with inserted metastases")
@@ -145,7 +149,20 @@ def _quickstart(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "sample": _sample, "models": _models, "data": _data, "quickstart": _quickstart}
+def _plan(args) -> int:
+    from voxgen.config import compose
+    from voxgen.memory.planner import plan
+
+    result = plan(compose(args.config, args.overrides))
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(f"{result.model}: {result.params:,} parameters ({result.params / 1e6:.1f} M), "
+              f"{result.in_channels} -> {result.out_channels} channels at {result.shape}")
+    return 0
+
+
+COMMANDS = {"plan": _plan, "train": _train, "sample": _sample, "models": _models, "data": _data, "quickstart": _quickstart}
 
 
 def main(argv: list[str] | None = None) -> int:
