@@ -1,6 +1,5 @@
 """The command line: user errors end in one `error:` line and exit code 2."""
 
-import gzip
 import shutil
 
 import nibabel as nib

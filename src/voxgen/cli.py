@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="what one training step of a config needs, without a GPU")
     _add_overrides(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--gpu-memory", default="80GB", help="GPU memory to judge `fits` against (default 80GB)")
 
     p = sub.add_parser("data", help="embedded data sets and data checks")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -151,14 +152,21 @@ def _quickstart(args) -> int:
 
 def _plan(args) -> int:
     from voxgen.config import compose
-    from voxgen.memory.planner import plan
+    from voxgen.memory.planner import GiB, parse_memory, plan
 
-    result = plan(compose(args.config, args.overrides))
+    result = plan(compose(args.config, args.overrides), parse_memory(args.gpu_memory))
     if args.json:
         print(json.dumps(result.to_json()))
-    else:
-        print(f"{result.model}: {result.params:,} parameters ({result.params / 1e6:.1f} M), "
-              f"{result.in_channels} -> {result.out_channels} channels at {result.shape}")
+        return 0
+    print(f"{result.model}: {result.params:,} parameters ({result.params / 1e6:.1f} M), "
+          f"{result.in_channels} -> {result.out_channels} channels at {result.shape}, "
+          f"batch {result.batch_size}, {result.precision}")
+    for part, nbytes in result.breakdown.items():
+        print(f"  {part:12s} {nbytes / GiB:8.2f} GiB")
+    print(f"  {'peak':12s} {result.peak_bytes / GiB:8.2f} GiB  ({result.peak_phase}: {result.peak_module or '-'}); "
+          f"first step {result.peak_bytes_first_step / GiB:.2f} GiB")
+    verdict = "fits" if result.fits else "does NOT fit"
+    print(f"{verdict} in {result.gpu_memory_bytes / GiB:.1f} GiB")
     return 0
 
 

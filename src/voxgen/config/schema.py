@@ -27,6 +27,9 @@ class ModelConfig:
     variant: str = "S"
     patch_size: int = 2
     level_depths: List[int] = field(default_factory=lambda: [2, 4, 2])
+    # null = the variant's; set to shrink a variant (tiny CPU tests, ablations). Heads stay the variant's.
+    hidden_size: Optional[int] = None
+    depth: Optional[int] = None
 
 
 @dataclass

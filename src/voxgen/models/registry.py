@@ -57,3 +57,7 @@ def build_on_meta(model_cfg, in_channels: int, out_channels: int, shape: Sequenc
 
 # Families register themselves on import; one import line per family file.
 from voxgen.models import unet  # noqa: E402,F401
+from voxgen.models import dit  # noqa: E402,F401
+from voxgen.models import hdit  # noqa: E402,F401
+from voxgen.models import uvit  # noqa: E402,F401
+from voxgen.models import wdm  # noqa: E402,F401

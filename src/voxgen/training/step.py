@@ -45,6 +45,12 @@ def build_parts(cfg, device: torch.device | str = "cpu") -> Parts:
 
 def autocast(precision: str, device: torch.device):
     if precision == "bf16-mixed":
+        if device.type == "meta":
+            # The memory planner traces this step on meta tensors that stand for CUDA ones;
+            # torch.autocast has no meta device, so CUDA's casting policy is applied by the planner.
+            from voxgen.memory.cuda_emulation import cuda_autocast
+
+            return cuda_autocast(torch.bfloat16)
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

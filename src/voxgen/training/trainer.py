@@ -261,7 +261,7 @@ class Trainer:
         return TrainResult(self.run_dir, self.position.step, self.position.history, interrupted, resumed_from)
 
     def _one_step(self, batch: dict) -> None:
-        cfg, t, p = self.cfg, self.cfg.training, self.position
+        t, p = self.cfg.training, self.position
         lr = lr_at(p.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -1,0 +1,196 @@
+"""`model.name=dit` and `model.name=sit`: a 3D Diffusion Transformer.
+
+DiT (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers") on volumes: 3D
+patches become tokens, a stack of adaLN-Zero transformer blocks conditioned on the model
+time, a final adaLN layer, and the tokens are folded back into a volume. SiT (Ma et al.
+2024, "SiT: Exploring Flow and Diffusion-based Generative Models with Scalable
+Interpolant Transformers") is the same network trained with an interpolant instead of
+DDPM; in voxgen the training objective comes from `strategy`, so `sit` is the same
+factory under a second name (with `strategy=rflow` it is the SiT set-up).
+
+Differences from the 2D paper model, on purpose:
+- no class embedding: conditions enter as extra input channels (see `mode`);
+- the positional embedding is a learnable (1, N, hidden) parameter initialised with 3D
+  sin-cos features, as in the seeds' profiled model (their parameter counts include it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from voxgen.errors import ConfigError
+from voxgen.models.blocks import enable_checkpointing
+from voxgen.models.registry import register
+from voxgen.models.transformer import (
+    Attention,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    modulate,
+    sincos_embedding_3d,
+    token_grid,
+    unpatchify,
+)
+
+
+@dataclass(frozen=True)
+class DiTSize:
+    hidden: int
+    depth: int
+    heads: int
+    mlp_ratio: float = 4.0
+
+
+# Table 1 of Peebles & Xie (2023).
+VARIANTS = {
+    "S": DiTSize(hidden=384, depth=12, heads=6),
+    "B": DiTSize(hidden=768, depth=12, heads=12),
+    "L": DiTSize(hidden=1024, depth=24, heads=16),
+    "XL": DiTSize(hidden=1152, depth=28, heads=16),
+}
+
+
+def dit_size(variant: str, hidden_size: int | None = None, depth: int | None = None) -> DiTSize:
+    """The S/B/L/XL size, with `model.hidden_size` / `model.depth` overriding it when set.
+
+    The head count stays the variant's, so an overriding width must divide by it.
+    """
+    if variant not in VARIANTS:
+        raise ConfigError(f"model.variant={variant!r} is not a DiT variant; use one of {', '.join(VARIANTS)}")
+    size = VARIANTS[variant]
+    for key, value in (("model.hidden_size", hidden_size), ("model.depth", depth)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+    hidden = size.hidden if hidden_size is None else hidden_size
+    if hidden % size.heads:
+        raise ConfigError(f"model.hidden_size={hidden} is not divisible by the {size.heads} heads of variant {variant}")
+    return DiTSize(hidden=hidden, depth=size.depth if depth is None else depth, heads=size.heads, mlp_ratio=size.mlp_ratio)
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero: x (B, N, C), c (B, C) -> (B, N, C).
+
+    The conditioning regresses shift, scale and a gate for both the attention and the MLP
+    branch; the regression is zero-initialised so every block starts as the identity,
+    which the DiT paper found to train best of its conditioning variants.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, attention: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads, kind=attention)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, C)
+        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        return x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+
+class FinalLayer(nn.Module):
+    """adaLN then a linear map to one patch per token: (B, N, C) -> (B, N, p^3 * C_out)."""
+
+    def __init__(self, dim: int, patch: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch**3 * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (B, C)
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p^3 C_out)
+
+
+class DiT3D(nn.Module):
+    """f(x, t): x (B, C_in, D, H, W), t (B,) model time in [0, 1000] -> (B, C_out, D, H, W).
+
+    `shape` [D, H, W] fixes the token grid (D/p, H/p, W/p) and so the size of the
+    learnable positional embedding.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        shape: Sequence[int],
+        patch: int,
+        size: DiTSize,
+        attention: str = "sdpa",
+    ):
+        super().__init__()
+        self.out_channels = out_channels
+        self.patch = patch
+        self.grid = token_grid(shape, patch)
+        tokens = self.grid[0] * self.grid[1] * self.grid[2]
+        self.x_embedder = PatchEmbed(in_channels, size.hidden, patch)
+        self.t_embedder = TimestepEmbedder(size.hidden)
+        self.pos_embed = nn.Parameter(torch.zeros(1, tokens, size.hidden))
+        self.blocks = nn.ModuleList(DiTBlock(size.hidden, size.heads, size.mlp_ratio, attention) for _ in range(size.depth))
+        self.final_layer = FinalLayer(size.hidden, patch, out_channels)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """DiT's initialisation; parameters on the meta device are skipped.
+
+        Skipping meta tensors keeps `build_on_meta` of the largest models (tens of
+        thousands of tokens) instantaneous: there is no data to initialise there.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and not module.weight.is_meta:
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if not self.pos_embed.is_meta:
+            self.pos_embed.copy_(sincos_embedding_3d(self.pos_embed.shape[-1], self.grid)[None])
+        proj = self.x_embedder.proj
+        if not proj.weight.is_meta:
+            # Like a linear layer over the flattened patch (DiT initialises it so).
+            nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+            nn.init.zeros_(proj.bias)
+        for layer in self.t_embedder.mlp:
+            if isinstance(layer, nn.Linear) and not layer.weight.is_meta:
+                nn.init.normal_(layer.weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity and the network predicts 0.
+        zeroed = [self.final_layer.linear, self.final_layer.adaLN_modulation[-1]]
+        zeroed += [block.adaLN_modulation[-1] for block in self.blocks]
+        for layer in zeroed:
+            if not layer.weight.is_meta:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = self.x_embedder(x) + self.pos_embed  # (B, N, C)
+        c = self.t_embedder(t)  # (B, C)
+        for block in self.blocks:
+            h = block(h, c)  # (B, N, C)
+        h = self.final_layer(h, c)  # (B, N, p^3 C_out)
+        return unpatchify(h, self.grid, self.patch, self.out_channels)  # (B, C_out, D, H, W)
+
+
+def _build(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool) -> nn.Module:
+    if cfg.patch_size < 1:
+        raise ConfigError(f"model.patch_size={cfg.patch_size} must be at least 1")
+    model = DiT3D(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        shape=shape,
+        patch=cfg.patch_size,
+        size=dit_size(cfg.variant, cfg.hidden_size, cfg.depth),
+        attention=cfg.attention,
+    )
+    if grad_checkpointing:
+        for block in model.blocks:
+            enable_checkpointing(block)
+    return model
+
+
+build_dit = register("dit", "3D DiT (adaLN-Zero), variant S/B/L/XL, patch_size 1/2/4/8, learnable positions")(_build)
+build_sit = register("sit", "3D SiT: the DiT network for interpolant (rectified-flow) training; same keys as dit")(_build)

@@ -1,0 +1,44 @@
+"""Every registered family passes the same checks at a tiny size (see family_checks.py).
+
+A new family adds one line to TINY; the test below fails until it does.
+"""
+
+import pytest
+
+from voxgen.models.registry import MODELS
+
+from . import test_dit, test_hdit, test_unet, test_uvit, test_wdm
+from .family_checks import check_attention_kinds_agree, check_channels, check_grad_checkpointing, check_trains_and_samples
+
+TINY = {
+    "unet": ["model.name=unet", *test_unet.TINY],
+    "dit": test_dit.TINY,
+    "sit": [*test_dit.TINY, "model.name=sit"],
+    "hdit": test_hdit.TINY,
+    "uvit": test_uvit.TINY,
+    "wdm": test_wdm.TINY,
+}
+
+
+def test_every_registered_family_is_checked():
+    assert set(TINY) == set(MODELS)
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_trains_20_steps_and_samples(family):
+    check_trains_and_samples(TINY[family])
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_grad_checkpointing_same_loss_and_gradients(family):
+    check_grad_checkpointing(TINY[family])
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_sdpa_and_naive_attention_agree(family):
+    check_attention_kinds_agree(TINY[family])
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_one_to_sixteen_input_channels(family):
+    check_channels(TINY[family])
