@@ -1,6 +1,7 @@
 """`voxgen quickstart`: the main job on embedded data, end to end, in minutes on a CPU.
 
-template cohort -> train a small bravo UNet -> sample -> compare with held-out cases.
+template cohort -> train a small bravo UNet -> sample -> compare with held-out cases
+-> plan the GPU memory of the same training step.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from voxgen.data.cohort import make_cohort
 from voxgen.data.dataset import VolumeDataset
 from voxgen.diffusion.sample_run import reference_affine, sample_volumes, write_samples
 from voxgen.evaluation.distances import head_mask, intensity_w1, lesion_fraction_w1
+from voxgen.memory.planner import GiB, plan
 from voxgen.training.runs import load_run
 from voxgen.training.step import build_parts
 from voxgen.training.trainer import train
@@ -64,20 +66,22 @@ def quickstart(out: str | Path, overrides=(), console: Console | None = None, ca
     data_root, run_dir = out / "data", out / "run"
     cfg = compose([PRESET], [f"data.root={data_root}", f"run.dir={run_dir}", *overrides])
     if not (data_root / "test").is_dir():
-        console.print(f"[bold]1/4 data[/]: template cohort of {cases} cases at {list(cfg.data.shape)} -> {data_root}")
+        console.print(f"[bold]1/5 data[/]: template cohort of {cases} cases at {list(cfg.data.shape)} -> {data_root}")
         make_cohort(data_root, cases=cases, shape=tuple(cfg.data.shape), seed=cfg.run.seed)
     else:
-        console.print(f"[bold]1/4 data[/]: using {data_root}")
-    console.print(f"[bold]2/4 train[/]: {cfg.model.name} {list(cfg.model.channels)}, {cfg.training.steps} steps -> {run_dir}")
+        console.print(f"[bold]1/5 data[/]: using {data_root}")
+    console.print(f"[bold]2/5 train[/]: {cfg.model.name} {list(cfg.model.channels)}, {cfg.training.steps} steps -> {run_dir}")
     result = train(cfg, console)
     if result.interrupted:
         return {"interrupted": True, "run_dir": str(run_dir)}
-    console.print("[bold]3/4 sample[/]: EMA weights, Euler", cfg.sample.steps, "steps")
+    console.print("[bold]3/5 sample[/]: EMA weights, Euler", cfg.sample.steps, "steps")
     cfg, parts, step = load_run(run_dir)
     samples = sample_volumes(cfg, parts, num=8, seed=0, steps=cfg.sample.steps)
     paths, mosaic = write_samples(samples, out / "samples", reference_affine(cfg, parts.mode))
-    console.print("[bold]4/4 evaluate[/]: samples vs held-out test cases, trained vs untrained model")
+    console.print("[bold]4/5 evaluate[/]: samples vs held-out test cases, trained vs untrained model")
     q = quality(cfg, parts, num=8, seed=0)
+    console.print("[bold]5/5 plan[/]: GPU memory of one training step of this config, traced without a GPU")
+    memory = plan(cfg)
     first, last = result.history[0]["val_loss"], result.history[-1]["val_loss"]
     summary = {
         "run_dir": str(run_dir),
@@ -91,10 +95,13 @@ def quickstart(out: str | Path, overrides=(), console: Console | None = None, ca
         "distance_untrained": q.untrained,
         "distance_ratio": q.ratio,
         "seconds_per_volume": samples.seconds_per_volume,
+        "planned_peak_bytes": memory.peak_bytes,
         "minutes": (time.perf_counter() - began) / 60,
     }
     console.print(f"validation loss {first:.4f} -> {last:.4f} ({last / first:.2f}x of step 0)")
     console.print(f"{q.metric} to held-out cases: trained {q.trained:.4f}, untrained {q.untrained:.4f} ({q.ratio:.1f}x closer)")
+    console.print(f"planned GPU peak of one training step ({memory.precision}, batch {memory.batch_size}): "
+                  f"{memory.peak_bytes / GiB:.2f} GiB")
     console.print(f"run: {run_dir}  (tensorboard --logdir {run_dir / 'tb'})")
     console.print(f"samples: {out / 'samples'}  mosaic: {mosaic}")
     return summary
