@@ -63,7 +63,8 @@ class _AutocastState(threading.local):
     def __init__(self):
         self.dtype: torch.dtype | None = None
         self.cache: dict[int, torch.Tensor] = {}
-        # Autocast state of the forward, replayed when checkpointed blocks are recomputed in backward.
+        # Autocast dtype of the step's forward, re-entered when checkpointed blocks are recomputed
+        # in backward (torch.utils.checkpoint restores the forward's autocast state on a GPU).
         self.forward_dtype: torch.dtype | None = None
         self.backward = False
 
@@ -141,19 +142,28 @@ def _gpu_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
 
 
 class CudaSemantics(TorchFunctionMode):
-    """Torch-function mode active for a whole traced step: autocast policy, SDPA kernel, host reads."""
+    """Torch-function mode active for a whole traced step: autocast policy, SDPA kernel, host reads.
 
-    def __init__(self, recompute: bool = False):
+    `loss.backward()` is itself a torch function, and a mode is switched off while its own
+    handler runs, so checkpoint recomputes (Python run from autograd's unpack hook) would see
+    none of this: `voxgen.models.blocks.enable_checkpointing` re-enters the forward's
+    torch-function modes around each recompute, and `_active_dtype` gives it the forward's
+    autocast dtype, as torch.utils.checkpoint restores autocast on a GPU.
+    """
+
+    def __init__(self):
         super().__init__()
-        self.recompute = recompute  # entered again around a checkpoint recompute: keep the step's state
+        self._depth = 0  # > 1 while entered again around a backward
 
     def __enter__(self):
-        if not self.recompute:
+        self._depth += 1
+        if self._depth == 1:
             _STATE.forward_dtype, _STATE.backward = None, False  # only this trace's regions count
         return super().__enter__()
 
     def __exit__(self, *exc):
-        if not self.recompute:
+        self._depth -= 1
+        if self._depth == 0:
             _STATE.forward_dtype, _STATE.backward = None, False
         return super().__exit__(*exc)
 

@@ -108,18 +108,43 @@ def conv_workspace_bytes(input_shape, weight_shape, output_shape, itemsize: int)
     return input_shape[0] * input_shape[1] * kernel * math.prod(output_shape[2:]) * itemsize
 
 
-def _conv_workspace(tracker: AllocationTracker, func, args, out) -> None:
-    if not CONV_WORKSPACE:
-        return
-    if func is torch.ops.aten.convolution.default:
+def flash_backward_workspace_bytes(query_shape) -> int:
+    """fp32 buffers FlashAttention-2's backward (mha_bwd) allocates besides dq, dk, dv.
+
+    `dq_accum` (B, N rounded up to 128, heads, head_dim rounded up to 32) and `softmax_d`
+    (B, heads, N rounded up to 128), both fp32; `query_shape` is (B, heads, N, head_dim).
+    """
+    b, h, n, d = query_shape
+    n_rounded = -(-n // 128) * 128
+    d_rounded = -(-d // 32) * 32 if d <= 128 else -(-d // 64) * 64
+    return 4 * b * n_rounded * h * (d_rounded + 1)
+
+
+def _kernel_workspaces(tracker: AllocationTracker, func, args, out) -> None:
+    """Buffers GPU kernels take from the caching allocator and give back before returning.
+
+    They are not tensors of the traced graph, so they are counted as transients alive with the
+    op's outputs (documented in docs/memory.md):
+    - cuDNN convolution workspaces (`conv_workspace_bytes`);
+    - CUDA softmax backward computes `grad * output` into a temporary the size of `grad` before
+      its reduction kernel (aten/src/ATen/native/cuda/SoftMax.cu, softmax_backward_cuda_out);
+    - FlashAttention backward's fp32 dq accumulator and softmax_d (`flash_backward_workspace_bytes`).
+    """
+    where = tracker._where
+    if func is torch.ops.aten.convolution.default and CONV_WORKSPACE:
         x, w = args[0], args[1]
-        nbytes = conv_workspace_bytes(x.shape, w.shape, out.shape, x.element_size())
-    elif func is torch.ops.aten.convolution_backward.default:
+        tracker.transient(conv_workspace_bytes(x.shape, w.shape, out.shape, x.element_size()),
+                          f"{where()} (cuDNN workspace)")
+    elif func is torch.ops.aten.convolution_backward.default and CONV_WORKSPACE:
         grad_out, x, w = args[0], args[1], args[2]
-        nbytes = conv_workspace_bytes(x.shape, w.shape, grad_out.shape, x.element_size())
-    else:
-        return
-    tracker.transient(nbytes, f"{tracker._where()} (cuDNN workspace)")
+        tracker.transient(conv_workspace_bytes(x.shape, w.shape, grad_out.shape, x.element_size()),
+                          f"{where()} (cuDNN workspace)")
+    elif func is torch.ops.aten._softmax_backward_data.default:
+        grad, output = args[0], args[1]
+        itemsize = torch.promote_types(grad.dtype, output.dtype).itemsize
+        tracker.transient(grad.numel() * itemsize, f"{where()} (softmax backward grad*output)")
+    elif func is torch.ops.aten._scaled_dot_product_flash_attention_backward.default:
+        tracker.transient(flash_backward_workspace_bytes(args[1].shape), f"{where()} (flash dq accumulator)")
 
 
 def _breakdown(tracker: AllocationTracker, ids: dict[str, set]) -> dict[str, int]:
@@ -150,10 +175,6 @@ def _run_step(tracker, parts, optimizer, batch, cfg, ids) -> tuple:
 
 def plan(cfg, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY) -> Plan:
     """Trace two training steps of `cfg` on meta tensors; see the module docstring."""
-    if cfg.training.grad_checkpointing:
-        # Checkpoint recomputes run inside autograd's unpack hook, where the CUDA emulation is
-        # not yet re-entered reliably (open problem, docs/memory.md): refuse rather than mislead.
-        raise ConfigError("training.grad_checkpointing=true is not supported by voxgen plan yet")
     in_ch, out_ch = network_channels(cfg, *_mode_space(cfg))
     with torch.device("meta"):
         parts = build_parts(cfg, "meta")
@@ -167,11 +188,11 @@ def plan(cfg, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY) -> Plan:
         group["foreach"] = True
     parts.model.train()
 
-    tracker = AllocationTracker(on_op=_conv_workspace)
+    tracker = AllocationTracker(on_op=_kernel_workspaces)
     ids = {"parameters": {tracker.register(p, "parameters") for p in parts.model.parameters()}}
     for t in batch.values():
         tracker.register(t, "input")
-    hooks = track_modules(parts.model, tracker, lambda: CudaSemantics(recompute=True))
+    hooks = track_modules(parts.model, tracker)
     try:
         with CudaSemantics(), tracker:
             first, first_parts = _run_step(tracker, parts, optimizer, batch, cfg, ids)

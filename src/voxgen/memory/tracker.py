@@ -141,28 +141,21 @@ class AllocationTracker(TorchDispatchMode):
         return out
 
 
-def track_modules(model: nn.Module, tracker: AllocationTracker, semantics=None):
+def track_modules(model: nn.Module, tracker: AllocationTracker):
     """Forward hooks that keep `tracker.module_stack` on the qualified name of the running module.
 
-    A module forward during backward is a checkpoint recompute, which the autograd engine runs
-    without the torch-function modes of the forward: `semantics()` (the CUDA emulation) is
-    entered again around each outermost module of it, as checkpoint re-enters autocast on a GPU.
+    Global hooks, so that checkpoint recomputes in backward (module forwards run from autograd's
+    unpack hook) are attributed to their module too.
     """
     names = {m: name or type(model).__name__ for name, m in model.named_modules()}
-    entered: list = []
 
     def pre(module, _args):
-        if module not in names:
-            return
-        tracker.module_stack.append(names[module])
-    
+        if module in names:
+            tracker.module_stack.append(names[module])
+
     def post(module, _args, _out):
-        if module not in names:
-            return
-        if tracker.module_stack:
+        if module in names and tracker.module_stack:
             tracker.module_stack.pop()
-        if entered and entered[-1][0] is module:
-            entered.pop()[1].__exit__(None, None, None)
 
     return (nn.modules.module.register_module_forward_pre_hook(pre),
             nn.modules.module.register_module_forward_hook(post))

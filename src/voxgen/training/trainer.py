@@ -203,20 +203,35 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> TrainResult:
-        """Train to `training.steps`; `stop_at` stops early at that step, saved as if interrupted."""
+        """Train to `training.steps`; `stop_at` stops early at that step, saved as if interrupted.
+
+        Ctrl-C at any point (data check, validation, a step) is honoured at the next step
+        boundary: the state is saved and the run can be resumed.
+        """
         from torch.utils.tensorboard import SummaryWriter
 
-        cfg, t = self.cfg, self.cfg.training
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.run_dir / "config.yaml", to_yaml(cfg))
-        self._check_data()
-        resumed_from = self._restore()
-        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.position.step or None)
-        if not self.position.history:
-            record = self._validate()
-            self.console.print(f"step 0: val loss {record['val_loss']:.4f}")
-        interrupted = False
-        start_step, started = self.position.step, time.perf_counter()
+        write_text_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
+        with StopRequest() as stop:
+            self._check_data()
+            resumed_from = self._restore()
+            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.position.step or None)
+            if not self.position.history:
+                record = self._validate()
+                self.console.print(f"step 0: val loss {record['val_loss']:.4f}")
+            interrupted = stop.requested or self._loop(stop, stop_at)
+            if interrupted:
+                folder = self._save()
+                self.console.print(f"interrupted at step {self.position.step}: saved {folder}; run the same command to resume")
+            elif resumed_from is None or resumed_from < self.cfg.training.steps:
+                self._log_mosaic()
+        self.writer.close()
+        return TrainResult(self.run_dir, self.position.step, self.position.history, interrupted, resumed_from)
+
+    def _loop(self, stop: StopRequest, stop_at: int | None) -> bool:
+        """Run steps until `training.steps`; True when stopped early (Ctrl-C or `stop_at`)."""
+        cfg, t, p = self.cfg, self.cfg.training, self.position
+        start_step, started = p.step, time.perf_counter()
         columns = [
             TextColumn("[bold]train"),
             BarColumn(),
@@ -228,10 +243,9 @@ class Trainer:
             TextColumn("loss {task.fields[loss]}"),
         ]
         self.parts.model.train()
-        with StopRequest() as stop, Progress(*columns, console=self.console, transient=False) as bar:
-            task = bar.add_task("train", total=t.steps, completed=self.position.step, loss="-", rate="")
-            while self.position.step < t.steps and not interrupted:
-                p = self.position
+        with Progress(*columns, console=self.console, transient=False) as bar:
+            task = bar.add_task("train", total=t.steps, completed=p.step, loss="-", rate="")
+            while p.step < t.steps:
                 batches = epoch_batches(len(self.train_set), t.batch_size, cfg.run.seed, p.epoch)
                 # Its own generator keeps the loader from drawing on the global RNG (exact resume).
                 loader = DataLoader(
@@ -246,19 +260,11 @@ class Trainer:
                     rate = (p.step - start_step) / (time.perf_counter() - started)
                     bar.update(task, completed=p.step, loss=f"{self._last_loss:.4f}", rate=f"{rate:.2f} it/s")
                     if stop.requested or p.step == stop_at:
-                        interrupted = True
-                        break
+                        return True
                     if p.step >= t.steps:
-                        break
-                else:
-                    p.epoch, p.batch_index = p.epoch + 1, 0
-        if interrupted:
-            folder = self._save()
-            self.console.print(f"interrupted at step {self.position.step}: saved {folder}; run the same command to resume")
-        if not interrupted and (resumed_from is None or resumed_from < t.steps):
-            self._log_mosaic()
-        self.writer.close()
-        return TrainResult(self.run_dir, self.position.step, self.position.history, interrupted, resumed_from)
+                        return False
+                p.epoch, p.batch_index = p.epoch + 1, 0
+        return False
 
     def _one_step(self, batch: dict) -> None:
         t, p = self.cfg.training, self.position
