@@ -8,6 +8,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
+from voxgen.reports import save_png
+
 GiB = 2**30
 _MAX_LABELS = 40  # name the points of a panel when it has at most this many
 _NICE = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
@@ -109,10 +111,4 @@ def save_memory_chart(path: str | Path, rows: Sequence, gpu_memory_bytes: int | 
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_png(fig, path, dpi=110)

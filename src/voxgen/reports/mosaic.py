@@ -7,6 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
+from voxgen.reports import save_png
+
 
 def mid_slices(volume: np.ndarray) -> list[np.ndarray]:
     """Axial, coronal and sagittal mid-slices of a (D, H, W) RAS volume, shown upright.
@@ -70,9 +72,4 @@ def save_mosaic(
         if titles is not None:
             axes[row][0].set_ylabel(titles[row], fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_png(fig, path, dpi=100)
