@@ -18,6 +18,13 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config file (repeatable)")
 
 
+def _add_json_and_grid(p: argparse.ArgumentParser, verb: str) -> None:
+    """The output flags `plan` and `profile` share: one JSON object, or a grid with tables and a chart."""
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--grid", metavar="FILE", help=f"YAML grid of named configurations: {verb}, write tables and a chart")
+    p.add_argument("--out", metavar="DIR", help="folder for --grid's tables and chart (default runs/memory/GRID)")
+
+
 def _add_data_gen(sub, name: str, help: str) -> None:
     p = sub.add_parser(name, help=help)
     p.add_argument("--out", required=True, help="data folder to create")
@@ -52,10 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="what one training step of a config needs, without a GPU")
     _add_overrides(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_json_and_grid(p, "plan all")
     p.add_argument("--gpu-memory", default="80GB", help="GPU memory to judge `fits` against (default 80GB)")
-    p.add_argument("--grid", metavar="FILE", help="YAML grid of named configurations: plan all, write tables and a chart")
-    p.add_argument("--out", metavar="DIR", help="folder for --grid's tables and chart (default runs/memory/GRID)")
     p.add_argument("--factory", metavar="MODULE:FUNCTION", help="plan an importable nn.Module factory (f(x) or f(x, t))")
     p.add_argument("--input-shape", metavar="C,D,H,W", help="network input of --factory (batch from training.batch_size)")
     p.add_argument("--output-channels", type=int, metavar="N", help="output channels of --factory (default C)")
@@ -71,9 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="the training step measured on the GPU at hand")
     _add_overrides(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--grid", metavar="FILE", help="YAML grid (as voxgen plan --grid): measure all, write tables and a chart")
-    p.add_argument("--out", metavar="DIR", help="folder for --grid's tables and chart (default runs/memory/GRID)")
+    _add_json_and_grid(p, "measure all")
     p.add_argument("--no-plan", action="store_true", help="do not plan the configurations for comparison")
 
     p = sub.add_parser("data", help="embedded data sets and data checks")

@@ -5,12 +5,31 @@ Each takes config overrides that make a tiny model of the family (CPU, seconds).
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 
 from voxgen.config import compose
 from voxgen.diffusion.generate import generate
 from voxgen.models.registry import build_model
 from voxgen.training.step import build_parts, make_optimizer, train_step
+
+
+# The seeds' measured tables, in shared/ beside the repository.
+REFERENCE = Path(__file__).parents[3] / "shared" / "reference"
+
+
+@functools.cache
+def cached_cfg(*overrides):
+    """A config of the schema's defaults plus `overrides`, composed once per distinct call."""
+    return compose([], list(overrides))
+
+
+def tiny_model(tiny, *extra, shape=(8, 8, 8), in_channels=2, out_channels=1, seed=0):
+    """A seeded model of the family that the `tiny` overrides (plus `extra`) describe."""
+    torch.manual_seed(seed)
+    return build_model(cached_cfg(*tiny, *extra).model, in_channels, out_channels, shape, False)
 
 
 def tiny_cfg(overrides, shape=(8, 8, 8), extra=()):

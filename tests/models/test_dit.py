@@ -1,30 +1,25 @@
 import csv
-import functools
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from voxgen.config import compose
 from voxgen.errors import ConfigError
 from voxgen.models.registry import MODELS, build_model, build_on_meta, count_parameters
+
+from .family_checks import REFERENCE, cached_cfg, tiny_model
 from voxgen.models.transformer import sincos_embedding_3d
 
 
-REFERENCE = Path(__file__).parents[3] / "shared" / "reference"
 # Variant S's heads (6) with a narrow, shallow stack: the real S takes minutes per check on 2 CPU cores.
 TINY = ["model.name=dit", "model.variant=S", "model.patch_size=2", "model.hidden_size=96", "model.depth=2"]
 
 
-@functools.cache
-def _cfg(*overrides):
-    return compose([], list(overrides))
+_cfg = cached_cfg
 
 
-def _tiny(*extra, shape=(8, 8, 8), in_channels=2, out_channels=1, seed=0):
-    torch.manual_seed(seed)
-    return build_model(_cfg(*TINY, *extra).model, in_channels, out_channels, shape, False)
+def _tiny(*extra, **kwargs):
+    return tiny_model(TINY, *extra, **kwargs)
 
 
 def test_registry_lists_dit_and_sit():

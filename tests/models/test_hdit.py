@@ -1,5 +1,4 @@
 import csv
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,9 @@ from voxgen.models.transformer import sincos_embedding_3d
 # training check dominates and the file took over a minute when other test runs shared the two
 # cores. The S width itself is covered by the forward test and the parameter parity test.
 TINY = ["model.name=hdit", "model.variant=S", "model.hidden_size=96", "model.patch_size=2", "model.level_depths=[1,1,1]"]
-REFERENCE = Path(__file__).parents[3] / "shared" / "reference" / "hdit_uvit_params.csv"
+from . import family_checks  # noqa: E402
+
+REFERENCE = family_checks.REFERENCE / "hdit_uvit_params.csv"
 
 
 def _cfg(*overrides):

@@ -12,7 +12,7 @@ from voxgen.models.registry import build_on_meta, count_parameters
 from voxgen.training.step import network_channels
 
 CONFIGS = Path(__file__).parents[2] / "configs"
-REFERENCE = Path(__file__).parents[3] / "shared" / "reference"
+from .family_checks import REFERENCE  # noqa: E402
 PRESETS = sorted(CONFIGS.glob("*.yaml"))
 
 # Counts the seed documents print for presets that are not rows of a reference table:

@@ -1,30 +1,25 @@
 import csv
-import functools
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from voxgen.config import compose
 from voxgen.errors import ConfigError
 from voxgen.models.registry import MODELS, build_model, build_on_meta, count_parameters
 
+from .family_checks import REFERENCE, cached_cfg, tiny_model
 
-REFERENCE = Path(__file__).parents[3] / "shared" / "reference"
+
 # Variant S's 8 heads with a narrow, shallow stack (2 in, 1 mid, 2 out blocks, so the long
 # skips are exercised): the real S (512 wide, 13 deep) makes each check take much longer on CPU.
 TINY = ["model.name=uvit", "model.variant=S", "model.patch_size=2", "model.hidden_size=64", "model.depth=5"]
 
 
-@functools.cache
-def _cfg(*overrides):
-    return compose([], list(overrides))
+_cfg = cached_cfg
 
 
-def _tiny(*extra, shape=(8, 8, 8), in_channels=2, out_channels=1, seed=0):
-    torch.manual_seed(seed)
-    return build_model(_cfg(*TINY, *extra).model, in_channels, out_channels, shape, False)
+def _tiny(*extra, **kwargs):
+    return tiny_model(TINY, *extra, **kwargs)
 
 
 def _reference_rows():
