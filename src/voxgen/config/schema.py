@@ -71,15 +71,63 @@ class TrainingConfig:
     val_batches: int = 4
     checkpoint_every: int = 100
     log_every: int = 10
+    # Probability of dropping the conditions (zeroed) in a training step, for classifier-free guidance.
+    cond_dropout: float = 0.0
     # Slice mosaic of a sample written to TensorBoard every N steps (0 = only at the end).
     mosaic_every: int = 0
     device: str = "auto"  # auto | cpu | cuda
 
 
 @dataclass
+class DDPMConfig:
+    # Discrete-time DDPM (Ho et al. 2020): the model predicts the noise eps.
+    num_timesteps: int = 1000
+    schedule: str = "linear"  # linear | cosine (Nichol & Dhariwal 2021)
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass
+class CheckpointConfig:
+    # safetensors shards are cut below this size (file-size limits of cluster file systems).
+    max_shard_bytes: int = 2040109465  # 1.9 GiB
+    # Keep the newest N complete checkpoints ...
+    keep_last: int = 2
+    # ... and the best by this validation metric (lower is better); "" keeps none for it.
+    best_metric: str = "val_loss_ema"
+
+
+@dataclass
+class GuardsConfig:
+    # Non-finite loss or gradients: skip the update and count it.
+    skip_nonfinite: bool = True
+    # Gradient-norm spikes: skip steps whose norm exceeds median + spike_mads * MAD of the
+    # last spike_window accepted steps (after spike_min_history of them).
+    spike_mads: float = 20.0
+    spike_window: int = 200
+    spike_min_history: int = 20
+    # After this many consecutive skipped steps, roll back to the last good checkpoint
+    # and multiply the learning rate by rollback_lr_factor (0 disables rollback).
+    max_consecutive_skips: int = 10
+    rollback_lr_factor: float = 0.5
+    # Mean collapse: stop when the predictions' spatial std stays below collapse_std_ratio
+    # of the target's for collapse_patience consecutive checks (0 disables).
+    collapse_std_ratio: float = 0.05
+    collapse_patience: int = 3
+
+
+@dataclass
 class SampleConfig:
     solver: str = "euler"
     steps: int = 25
+    # Time shift of the grid (Esser et al. 2024); 1 = uniform.
+    shift: float = 1.0
+    # Tolerance (rtol = atol) of adaptive solvers.
+    tolerance: float = 1e-3
+    # Classifier-free guidance scale for conditional modes; 1 = no guidance.
+    guidance_scale: float = 1.0
+    # DDIM's eta (0 = deterministic) for DDPM models.
+    eta: float = 0.0
 
 
 @dataclass
@@ -96,6 +144,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rflow: RFlowConfig = field(default_factory=RFlowConfig)
+    ddpm: DDPMConfig = field(default_factory=DDPMConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     run: RunConfig = field(default_factory=RunConfig)
