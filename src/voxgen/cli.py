@@ -203,8 +203,12 @@ def _plan(args) -> int:
         print(f"  {part:12s} {nbytes / GiB:8.2f} GiB")
     print(f"  {'peak':12s} {result.peak_bytes / GiB:8.2f} GiB  ({result.peak_phase}: {result.peak_module or '-'}); "
           f"first step {result.peak_bytes_first_step / GiB:.2f} GiB")
+    print(f"  {'reserved':12s} {result.reserved_bytes / GiB:8.2f} GiB  (caching allocator with fragmentation)")
     verdict = "fits" if result.fits else "does NOT fit"
     print(f"{verdict} in {result.gpu_memory_bytes / GiB:.1f} GiB")
+    if result.fits and result.allocator_oom:
+        print("warning: the caching allocator's fragmentation may still run out of memory; "
+              "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True avoids most of it")
     return 0
 
 

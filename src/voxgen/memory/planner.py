@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from voxgen.errors import ConfigError
+from voxgen.memory.allocator import replay
 from voxgen.memory.cuda_emulation import CudaSemantics
 from voxgen.memory.tracker import AllocationTracker, track_modules
 from voxgen.training.step import build_parts, make_optimizer, network_channels, train_step
@@ -63,6 +64,12 @@ class Plan:
     peak_phase: str
     peak_module: str
     breakdown_first_step: dict[str, int] = field(default_factory=dict)
+    # The caching allocator replayed over both steps (`voxgen.memory.allocator`): what it
+    # reserves from the driver, fragmentation included, and whether that still runs out of
+    # `gpu_memory_bytes` after it has released its cached segments.
+    reserved_bytes: int = 0
+    reserved_bytes_first_step: int = 0
+    allocator_oom: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -196,6 +203,7 @@ def plan(cfg, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY) -> Plan:
     try:
         with CudaSemantics(), tracker:
             first, first_parts = _run_step(tracker, parts, optimizer, batch, cfg, ids)
+            first_step_events = len(tracker.log)
             steady, steady_parts = _run_step(tracker, parts, optimizer, batch, cfg, ids)
     finally:
         for h in hooks:
@@ -204,6 +212,10 @@ def plan(cfg, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY) -> Plan:
     peak_first, peak = first.bytes + CUBLAS_WORKSPACE, steady.bytes + CUBLAS_WORKSPACE
     first_parts["other"] += CUBLAS_WORKSPACE
     steady_parts["other"] += CUBLAS_WORKSPACE
+    # The two cuBLAS workspaces are the allocator's first requests (the first matmuls).
+    events = [(-1, CUBLAS_WORKSPACE // 2), (-2, CUBLAS_WORKSPACE // 2), *tracker.log]
+    first_replay = replay(events[: 2 + first_step_events], gpu_memory_bytes)
+    full_replay = replay(events, gpu_memory_bytes)
     return Plan(
         model=cfg.model.name,
         params=sum(p.numel() for p in parts.model.parameters()),
@@ -220,6 +232,9 @@ def plan(cfg, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY) -> Plan:
         peak_phase=steady.phase,
         peak_module=steady.where,
         breakdown_first_step=first_parts,
+        reserved_bytes=full_replay.peak_reserved,
+        reserved_bytes_first_step=first_replay.peak_reserved,
+        allocator_oom=full_replay.oom,
     )
 
 

@@ -85,6 +85,11 @@ class AllocationTracker(TorchDispatchMode):
 
     def transient(self, nbytes: int, where: str) -> None:
         nbytes = block_bytes(nbytes)
+        if nbytes:
+            # Logged as an allocation and its release, so the allocator replay sees the request.
+            alloc_id = len(self.allocations)
+            self.allocations[alloc_id] = _Allocation(nbytes, self.phase)
+            self.log += [(alloc_id, nbytes), (alloc_id, -nbytes)]
         if nbytes and self.live + nbytes > self.phase_peaks.get(self.phase, 0):
             self.phase_peaks[self.phase] = self.live + nbytes
         if nbytes and self.live + nbytes > self.peak.bytes:
