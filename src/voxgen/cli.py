@@ -45,11 +45,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train; resumes when run.dir holds a checkpoint")
     _add_overrides(p)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="stop at this step with a checkpoint and exit 75, as a preemption would")
+
+    p = sub.add_parser("slurm", help="write an sbatch script that trains in segments, resubmitting itself until done")
+    _add_overrides(p)
+    p.add_argument("--time", default="24:00:00", help="wall-time limit of each job (SLURM format, default 24:00:00)")
+    p.add_argument("--segments", type=int, default=10, help="most jobs in the chain (default 10)")
+    p.add_argument("--signal-lead", type=int, default=300, metavar="SECONDS",
+                   help="SIGUSR1 this long before the time limit, to checkpoint and exit (default 300)")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per job (default 1; 0 asks for none)")
+    p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                   help="one more #SBATCH option, e.g. --account=abc (repeatable)")
+    p.add_argument("--setup", action="append", default=[], metavar="LINE",
+                   help="shell line run before training, e.g. 'source .venv/bin/activate' (repeatable)")
+    p.add_argument("--template", default=None, metavar="FILE", help="sbatch template (default: the one shipped in voxgen/config/slurm/)")
+    p.add_argument("--out", default=None, metavar="FILE", help="script to write (default RUN_DIR.sbatch)")
 
     p = sub.add_parser("sample", help="generate volumes (NIfTI + mosaic) from a run's EMA weights")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--num", type=int, default=4)
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sample.steps)")
+    p.add_argument("--solver", default=None, metavar="SPEC",
+                   help="sampler and its steps or tolerance: euler:25, heun2:25, dopri5:1e-3, restart:18,k=2, ddim:50,eta=0.5 "
+                        "(see docs/sampling.md; default: the run's sample.solver and sample.steps)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (replaces the solver's)")
+    p.add_argument("--shift", type=float, default=None, help="time shift of the grid (default: the run's sample.shift)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale for conditional modes (default: the run's sample.guidance_scale)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--split", default="test", help="split whose masks condition the samples")
     p.add_argument("--out", default=None, help="output folder (default RUN/samples)")
@@ -85,14 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_gen(data_sub, "phantoms", "procedural phantoms (fast, for tests)")
     c = data_sub.add_parser("check", help="report every problem of a data folder")
     c.add_argument("root")
+    c.add_argument("--mode", default=None,
+                   help="check only the modalities this mode reads (default: every modality voxgen knows)")
     return parser
 
 
 def _train(args) -> int:
+    import signal
+
+    # A scheduler's SIGTERM or SIGUSR1 can come while torch is still importing; note it here and
+    # let the trainer act on it (checkpoint, exit 75) instead of dying without one.
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda received, frame: pending.append(received)) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return _train_run(args, pending)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _train_run(args, pending: list[int]) -> int:
     from rich.console import Console
 
     from voxgen.config import compose, to_yaml
-    from voxgen.training.trainer import EXIT_INTERRUPTED, train
+    from voxgen.training.trainer import train
 
     files = list(args.config)
     saved = _saved_config(args.overrides)
@@ -102,11 +141,22 @@ def _train(args) -> int:
     if args.dry_run:
         print(to_yaml(cfg))
         return 0
-    result = train(cfg, Console(stderr=True))
+    result = train(cfg, Console(stderr=True), stop_at=args.stop_at, pending_signals=pending)
     if result.interrupted:
-        return EXIT_INTERRUPTED
+        return result.exit_code
     last = result.history[-1] if result.history else {}
     print(f"trained {result.step} steps in {result.run_dir}; val loss {last.get('val_loss', float('nan')):.4f}")
+    return 0
+
+
+def _slurm(args) -> int:
+    from voxgen.slurm import TEMPLATE, SlurmJob, write_script
+
+    job = SlurmJob(time=args.time, segments=args.segments, signal_lead=args.signal_lead, partition=args.partition,
+                   gpus=args.gpus, sbatch_options=args.sbatch, setup=args.setup)
+    path = write_script(args.overrides, args.config, job, args.out, Path(args.template) if args.template else TEMPLATE)
+    print(f"wrote {path}: up to {job.segments} jobs of {job.time}, each warned {job.signal_lead} s before its limit; "
+          f"submit it with: sbatch {path}")
     return 0
 
 
@@ -120,15 +170,23 @@ def _saved_config(overrides) -> Path | None:
 
 
 def _sample(args) -> int:
+    from dataclasses import replace
+
+    from voxgen.diffusion.generate import solver_from_config
     from voxgen.diffusion.sample_run import reference_affine, sample_volumes, write_samples
+    from voxgen.diffusion.samplers import parse_solver
     from voxgen.training.runs import load_run
 
     cfg, parts, step = load_run(args.run, weights=args.weights)
-    steps = args.steps or cfg.sample.steps
-    samples = sample_volumes(cfg, parts, args.num, args.seed, steps, split=args.split)
+    solver = parse_solver(args.solver, cfg.sample) if args.solver else solver_from_config(cfg)
+    if args.shift is not None:
+        solver = replace(solver, shift=args.shift)
+    samples = sample_volumes(cfg, parts, args.num, args.seed, args.steps, split=args.split, solver=solver,
+                             guidance_scale=args.guidance_scale)
     out = Path(args.out) if args.out else Path(args.run) / "samples"
     paths, mosaic = write_samples(samples, out, reference_affine(cfg, parts.mode))
-    print(f"{args.num} samples (step {step}, {steps} Euler steps, {samples.seconds_per_volume:.2f} s/volume) in {out}; mosaic {mosaic}")
+    print(f"{args.num} samples (step {step}, {samples.solver}, NFE {samples.nfe}, {samples.seconds_per_volume:.2f} s/volume) "
+          f"in {out}; mosaic {mosaic}")
     return 0
 
 
@@ -144,7 +202,11 @@ def _data(args) -> int:
     if args.data_command == "check":
         from voxgen.data.dataset import check_folder
 
-        problems = check_folder(args.root)
+        from voxgen.diffusion.modes import MODES
+
+        if args.mode is not None and args.mode not in MODES:
+            raise VoxgenError(f"--mode {args.mode!r} is not one of {', '.join(sorted(MODES))}")
+        problems = check_folder(args.root, MODES[args.mode].modalities) if args.mode else check_folder(args.root)
         for line in problems:
             print(line)
         if problems:
@@ -162,11 +224,10 @@ def _data(args) -> int:
 
 def _quickstart(args) -> int:
     from voxgen.quickstart import quickstart
-    from voxgen.training.trainer import EXIT_INTERRUPTED
 
     summary = quickstart(args.out, args.overrides)
     if summary.get("interrupted"):
-        return EXIT_INTERRUPTED
+        return summary["exit_code"]
     print(
         f"quickstart done in {summary['minutes']:.1f} min: val loss {summary['val_loss_ratio']:.2f}x of step 0, "
         f"samples {summary['distance_ratio']:.1f}x closer to held-out cases than untrained ({summary['metric']})"
@@ -335,7 +396,7 @@ def _profile_grid(args) -> int:
     return 0
 
 
-COMMANDS = {"fit": _fit, "profile": _profile, "plan": _plan, "train": _train, "sample": _sample, "models": _models, "data": _data, "quickstart": _quickstart}
+COMMANDS = {"fit": _fit, "profile": _profile, "plan": _plan, "train": _train, "slurm": _slurm, "sample": _sample, "models": _models, "data": _data, "quickstart": _quickstart}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,3 +21,7 @@ class DataError(VoxgenError):
 
 class CheckpointError(VoxgenError):
     """A checkpoint is missing, incomplete or unreadable."""
+
+
+class TrainingCollapsed(VoxgenError):
+    """Training degenerated: the model's predictions lost their spread (it predicts the mean)."""

@@ -73,7 +73,7 @@ def quickstart(out: str | Path, overrides=(), console: Console | None = None, ca
     console.print(f"[bold]2/5 train[/]: {cfg.model.name} {list(cfg.model.channels)}, {cfg.training.steps} steps -> {run_dir}")
     result = train(cfg, console)
     if result.interrupted:
-        return {"interrupted": True, "run_dir": str(run_dir)}
+        return {"interrupted": True, "exit_code": result.exit_code, "run_dir": str(run_dir)}
     console.print("[bold]3/5 sample[/]: EMA weights, Euler", cfg.sample.steps, "steps")
     cfg, parts, step = load_run(run_dir)
     samples = sample_volumes(cfg, parts, num=8, seed=0, steps=cfg.sample.steps)

@@ -185,3 +185,70 @@ def test_check_folder_missing_root_and_splits(tmp_path):
     problems = check_folder(tmp_path, MODALITIES)
     assert len(problems) == 3  # train empty, val and test missing
     assert any("train" in p and "no case folders" in p for p in problems)
+
+
+def test_check_folder_checks_only_the_requested_modalities(data_copy):
+    (case_dir(data_copy) / "flair.nii.gz").write_bytes(b"\x1f\x8b\x08\x00broken")
+    assert check_folder(data_copy, ("bravo", "seg")) == []
+    assert [p.split(": ")[0] for p in check_folder(data_copy)] == [str(case_dir(data_copy) / "flair.nii.gz")]
+    # The dataset of a mode that does not need flair reads the case.
+    assert load_first(data_copy, modalities=("bravo", "seg"))["bravo"].shape == (1, *SHAPE)
+
+
+@pytest.mark.parametrize(
+    "content, looks_like",
+    [
+        (b"\xff\xd8\xff\xe0" + bytes(600), "a JPEG image"),
+        (bytes(128) + b"DICM" + bytes(600), "a DICOM file"),
+        (b"PK\x03\x04" + bytes(600), "a zip archive"),
+        (bytes(range(200, 256)) * 12, "unknown content starting with bytes c8 c9 ca cb cc cd ce cf"),
+    ],
+)
+def test_files_that_are_not_gzip_say_what_they_look_like(tmp_path, content, looks_like):
+    path = tmp_path / "bravo.nii.gz"
+    path.write_bytes(content)
+    message = expect_error("bravo.nii.gz", load_volume, path)
+    assert message == f"{path}: not gzip-compressed (it looks like {looks_like}); expected a .nii.gz NIfTI file"
+
+
+def test_uncompressed_nifti_reads_as_nii_but_not_as_nii_gz(tmp_path):
+    plain = save_volume(tmp_path / "x.nii", np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.eye(4))
+    assert load_volume(plain)[0].shape == (2, 3, 4)
+    renamed = tmp_path / "x.nii.gz"
+    renamed.write_bytes(plain.read_bytes())
+    assert "it looks like an uncompressed NIfTI image" in expect_error("x.nii.gz", load_volume, renamed)
+
+
+def test_a_case_in_every_split_is_reported_per_pair_and_per_dataset(data_copy):
+    import shutil
+
+    case = case_dir(data_copy, "train")
+    for split in ("val", "test"):
+        shutil.copytree(case, data_copy / split / case.name)
+    leaks = [p for p in check_folder(data_copy) if "leaks data" in p]
+    assert [p.split(": ")[0] for p in leaks] == [str(data_copy / s / case.name) for s in ("val", "test")]
+    # Each split's dataset refuses it: val and test share it with train.
+    for split in ("train", "val", "test"):
+        expect_error(case.name, VolumeDataset, data_copy, split, MODS, SHAPE)
+
+
+def test_case_files_put_directly_in_a_split_get_a_hint(data_copy):
+    import shutil
+
+    case = case_dir(data_copy, "val")
+    for path in case.iterdir():
+        shutil.move(str(path), data_copy / "val" / path.name)
+    case.rmdir()
+    message = expect_error("val", VolumeDataset, data_copy, "val", MODS, SHAPE)
+    assert message.endswith("has no case folders (5 NIfTI files lie directly in it: put each case's files in a folder of its own)")
+
+
+def test_voxel_size_check_leaves_written_samples_readable(tmp_path):
+    """load_volume reads coarse grids voxgen writes itself; only data folders judge voxel sizes."""
+    from voxgen.data.nifti import voxel_size_problem
+
+    coarse = np.diag([25.0, 25.0, 25.0, 1.0])
+    path = save_volume(tmp_path / "sample.nii.gz", np.random.default_rng(0).random((4, 4, 4)), coarse)
+    assert load_volume(path)[0].shape == (4, 4, 4)
+    assert "25 x 25 x 25 mm" in voxel_size_problem(coarse)
+    assert voxel_size_problem(np.diag([0.05, 1.0, 20.0, 1.0])) is None

@@ -26,6 +26,15 @@ def test_samples_keep_the_data_affine_and_seeds_are_per_sample(phantom_root, tmp
         assert set(np.unique(mask)) <= {0.0, 1.0}
     png = (tmp_path / "s" / "mosaic.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "euler:4" in summary and "NFE 4," in summary and "s/volume" in summary
+    # Heun, 2 steps, guided: 2 evaluations per step, each of them two network calls.
+    assert main(["sample", "--run", str(run), "--num", "1", "--solver", "heun2:2,shift=3", "--guidance-scale", "2",
+                 "--out", str(tmp_path / "g")]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "heun2:2,shift=3" in summary and "NFE 8," in summary
+    assert main(["sample", "--run", str(run), "--solver", "ddim:3", "--out", str(tmp_path / "x")]) == 2
+    assert "strategy=rflow" in capsys.readouterr().err
 
 
 def test_a_sample_depends_on_its_seed_not_on_the_batch(phantom_root, tmp_path):
@@ -41,7 +50,7 @@ def test_a_sample_depends_on_its_seed_not_on_the_batch(phantom_root, tmp_path):
         for p in parts.model.parameters():
             p.add_(0.01)
     cond = torch.cat([torch.ones(1, 1, 16, 16, 16), -torch.ones(2, 1, 16, 16, 16)])
-    three = generate(parts, [5, 6, 7], (1, 16, 16, 16), cond, steps=3, batch_size=3)
-    alone = generate(parts, [6], (1, 16, 16, 16), cond[1:2], steps=3, batch_size=1)
+    three = generate(parts, [5, 6, 7], (1, 16, 16, 16), cond, solver="euler:3", batch_size=3).volumes
+    alone = generate(parts, [6], (1, 16, 16, 16), cond[1:2], solver="euler:3", batch_size=1).volumes
     assert torch.allclose(three[1], alone[0], atol=1e-5)
     assert not torch.allclose(three[1], three[2], atol=1e-3)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from voxgen.errors import ConfigError
-from voxgen.models.registry import MODELS, build_model, build_on_meta, count_parameters
+from voxgen.models.registry import MODELS, build_on_meta, count_parameters
 
 from .family_checks import REFERENCE, cached_cfg, tiny_model
 from voxgen.models.transformer import sincos_embedding_3d
@@ -95,9 +95,9 @@ def test_adaln_zero_starts_at_zero_output_and_patches_do_not_mix():
 
 
 def test_unknown_variant_is_a_clear_error():
-    cfg = _cfg("model.name=dit", "model.variant=XXL")
+    # Refused when the config is composed, before any model is built.
     with pytest.raises(ConfigError, match=r"model.variant='XXL' is not a DiT variant; use one of S, B, L, XL"):
-        build_model(cfg.model, 1, 1, (8, 8, 8), False)
+        _cfg("model.name=dit", "model.variant=XXL")
 
 
 def test_shape_not_divisible_by_patch_is_a_clear_error():
@@ -107,6 +107,5 @@ def test_shape_not_divisible_by_patch_is_a_clear_error():
 
 
 def test_width_override_must_divide_by_the_heads():
-    cfg = _cfg("model.name=dit", "model.variant=S", "model.hidden_size=100")
     with pytest.raises(ConfigError, match=r"model.hidden_size=100 is not divisible by the 6 heads of variant S"):
-        build_on_meta(cfg.model, 1, 1, (8, 8, 8))
+        _cfg("model.name=dit", "model.variant=S", "model.hidden_size=100")

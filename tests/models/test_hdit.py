@@ -41,8 +41,9 @@ def test_parameter_counts_match_the_profiled_models():
     errors = []
     for row in _reference_rows():
         depths = ",".join(row["level_depths"].split())
-        cfg = _cfg(f"model.variant={row['variant']}", f"model.patch_size={row['patch']}", f"model.level_depths=[{depths}]")
         shape = (int(row["D"]), int(row["H"]), int(row["W"]))
+        cfg = _cfg(f"model.variant={row['variant']}", f"model.patch_size={row['patch']}", f"model.level_depths=[{depths}]",
+                   f"data.shape={list(shape)}")
         model = build_on_meta(cfg, int(row["in_channels"]), int(row["out_channels"]), shape)
         assert next(model.parameters()).is_meta
         ours = count_parameters(model) / 1e6

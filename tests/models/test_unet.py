@@ -31,6 +31,6 @@ def test_meta_build_counts_without_memory():
 
 
 def test_shape_not_divisible_is_a_clear_error():
-    cfg = compose([], ["model.channels=[8,16,16,16]", "model.attention_levels=[false,false,false,false]", "model.norm_num_groups=4"])
     with pytest.raises(ConfigError, match=r"data.shape D=20 is not divisible by 2\^3 for a 4-level UNet"):
-        build_model(cfg.model, 1, 1, (20, 16, 16), False)
+        compose([], ["model.channels=[8,16,16,16]", "model.attention_levels=[false,false,false,false]",
+                     "model.norm_num_groups=4", "model.num_head_channels=8", "data.shape=[20,16,16]"])

@@ -122,9 +122,8 @@ def test_time_token_conditions_every_patch():
 
 
 def test_unknown_variant_is_a_clear_error():
-    cfg = _cfg("model.name=uvit", "model.variant=XL")
     with pytest.raises(ConfigError, match=r"model.variant='XL' is not a U-ViT variant; use one of S, S-Deep, M, L"):
-        build_on_meta(cfg.model, 1, 1, (8, 8, 8))
+        _cfg("model.name=uvit", "model.variant=XL")
 
 
 def test_shape_not_divisible_by_patch_is_a_clear_error():
@@ -134,12 +133,10 @@ def test_shape_not_divisible_by_patch_is_a_clear_error():
 
 
 def test_even_depth_is_a_clear_error():
-    cfg = _cfg(*TINY, "model.depth=4")
     with pytest.raises(ConfigError, match=r"model.depth=4 must be odd for U-ViT"):
-        build_on_meta(cfg.model, 1, 1, (8, 8, 8))
+        _cfg(*TINY, "model.depth=4")
 
 
 def test_width_override_must_divide_by_the_heads():
-    cfg = _cfg("model.name=uvit", "model.variant=M", "model.hidden_size=100")
     with pytest.raises(ConfigError, match=r"model.hidden_size=100 is not divisible by the 12 heads of U-ViT variant M"):
-        build_on_meta(cfg.model, 1, 1, (8, 8, 8))
+        _cfg("model.name=uvit", "model.variant=M", "model.hidden_size=100")

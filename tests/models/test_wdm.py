@@ -33,9 +33,9 @@ SEED_COUNTS = [
 ]
 
 
-def _wdm_cfg(channels, attention):
+def _wdm_cfg(channels, attention, shape=(160, 128, 128)):
     return compose([], ["model.name=wdm", f"model.channels={channels}", f"model.attention_levels={attention}",
-                        "model.num_res_blocks=2", "model.num_head_channels=32"])
+                        "model.num_res_blocks=2", "model.num_head_channels=32", f"data.shape={list(shape)}"])
 
 
 def test_registry_lists_wdm():
@@ -103,12 +103,10 @@ def test_parameter_counts_match_the_seeds(label, channels, attention, expected):
 
 
 def test_shape_must_divide_by_transform_and_levels():
-    cfg = _wdm_cfg([64, 128, 128, 256, 256], NO_ATTN)
     with pytest.raises(ConfigError, match=r"data.shape D=80 is not divisible by 2\^5=32: wdm halves it once"):
-        build_on_meta(cfg.model, 2, 1, (80, 128, 128))
+        _wdm_cfg([64, 128, 128, 256, 256], NO_ATTN, shape=(80, 128, 128))
 
 
 def test_attention_at_early_levels_is_refused():
-    cfg = _wdm_cfg([64, 128, 128, 256, 256], "[false,false,true,true,true]")
     with pytest.raises(ConfigError, match=r"attention at level\(s\) \[2\]; wdm allows it only at the two deepest"):
-        build_on_meta(cfg.model, 2, 1, (160, 128, 128))
+        _wdm_cfg([64, 128, 128, 256, 256], "[false,false,true,true,true]")

@@ -78,7 +78,7 @@ def test_ctrl_c_saves_and_the_same_command_resumes(phantom_root, tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED, err
-    assert "interrupted at step" in err
+    assert "stopped at step" in err and "SIGINT" in err
     folder, _, state = store.load_latest(run_dir)
     stopped_at = state["step"]
     assert stopped_at >= 0
@@ -87,3 +87,33 @@ def test_ctrl_c_saves_and_the_same_command_resumes(phantom_root, tmp_path):
     assert resume.returncode == 0, resume.stderr
     assert f"resumed from {folder}" in resume.stderr.replace("\n", "")
     assert store.load_latest(run_dir)[2]["step"] == stopped_at + 2
+
+
+def test_bad_data_leaves_no_run_folder(phantom_root, tmp_path, capsys):
+    import shutil
+
+    from voxgen.cli import main
+
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root)
+    victim = sorted((root / "val").iterdir())[0] / "bravo.nii.gz"
+    victim.write_bytes(b"not a NIfTI file")
+    run_dir = tmp_path / "run"
+    assert main(["train", *TINY, f"data.root={root}", f"run.dir={run_dir}", "training.device=cpu"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(victim) in lines[0]
+    assert not run_dir.exists()
+
+
+def test_checkpoints_follow_the_config_keys(phantom_root, tmp_path):
+    extra = ["training.steps=8", "training.val_every=2", "training.checkpoint_every=1", "checkpoint.keep_last=3",
+             "checkpoint.best_metric=val_loss_ema", "training.device=cpu"]
+    result = train(_cfg(phantom_root, tmp_path, *extra), _quiet())
+    kept = sorted(p.name for p in store.list_checkpoints(tmp_path))
+    best_step = min(result.history[1:], key=lambda h: h["val_loss_ema"])["step"]
+    assert kept == sorted({f"step_{s:08d}" for s in (6, 7, 8, best_step)})
+    assert store.load_named(tmp_path, "best")[2]["step"] == best_step
+    for folder in store.list_checkpoints(tmp_path):
+        state = store.read_state(folder)
+        # The latest validation record at the time of the save.
+        assert state["metrics"] == [h for h in result.history if h["step"] <= state["step"]][-1]

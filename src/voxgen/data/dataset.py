@@ -13,8 +13,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from voxgen.data.layout import MASK_MODALITIES, MODALITIES, SPLITS, Case, case_folders, list_cases
-from voxgen.data.nifti import load_volume, resized_affine
+from voxgen.data.layout import (
+    MASK_MODALITIES,
+    MODALITIES,
+    SPLITS,
+    Case,
+    case_folders,
+    case_problems,
+    list_cases,
+    root_problem,
+    shared_cases,
+)
+from voxgen.data.nifti import load_volume, resized_affine, voxel_size_problem
 from voxgen.errors import DataError
 
 AFFINE_TOLERANCE_MM = 1e-3
@@ -64,11 +74,13 @@ def resample(volume: torch.Tensor, shape: Sequence[int], is_mask: bool) -> torch
 def read_case(
     case: Case, modalities: Iterable[str], report: Callable[[str], None]
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Load a case's modalities and check them against each other.
+    """Load a case's modalities and check each file and the files against each other.
 
-    Returns {modality: (volume (D, H, W), affine)} for the files that loaded.
-    Each problem (unreadable file, shape or affine differing from the case's first
-    file, non-binary mask) is passed to `report` as one line; `report` may raise.
+    Returns {modality: (volume (D, H, W), affine)} for the files that passed. Each problem
+    is passed to `report` as one line naming the file; `report` may raise. Problems: the
+    file cannot be loaded (see `load_volume`), implausible voxel sizes, a shape or affine
+    differing from the case's first file, a mask that is not binary, an image whose voxels
+    are all equal (scaling it to [-1, 1] gives a blank volume the model would learn from).
     """
     loaded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     first: tuple[Path, np.ndarray, np.ndarray] | None = None
@@ -78,6 +90,10 @@ def read_case(
             volume, affine = load_volume(path)
         except DataError as exc:
             report(str(exc))
+            continue
+        problem = voxel_size_problem(affine)
+        if problem:
+            report(f"{path}: {problem}")
             continue
         if first is None:
             first = (path, volume, affine)
@@ -90,9 +106,13 @@ def read_case(
             continue
         if modality in MASK_MODALITIES:
             problem = mask_problem(volume)
-            if problem:
-                report(f"{path}: {problem}")
-                continue
+        elif float(volume.max()) == float(volume.min()):
+            problem = f"image is constant (every voxel {float(volume.min()):g})"
+        else:
+            problem = None
+        if problem:
+            report(f"{path}: {problem}")
+            continue
         loaded[modality] = (volume, affine)
     return loaded
 
@@ -122,6 +142,9 @@ class VolumeDataset(torch.utils.data.Dataset):
             raise DataError(f"{self.root}: data shape must be [D, H, W] of positive sizes, got {list(shape)}")
         self.cache = cache
         self.cases: list[Case] = list_cases(self.root, split, self.modalities)
+        leaks = shared_cases(self.root, involving=split)
+        if leaks:
+            raise DataError(leaks[0])
         self._cache: dict[int, dict] = {}
         self._affine: np.ndarray | None = None
 
@@ -162,14 +185,17 @@ class VolumeDataset(torch.utils.data.Dataset):
 def check_folder(root, modalities: Sequence[str] = MODALITIES) -> list[str]:
     """Every problem of a data folder, one line each naming the file; [] means OK.
 
-    Loads every requested modality of every case of every split and collects
-    problems instead of stopping at the first one.
+    Checks every split (missing, a file, empty), every case folder (no files, unknown
+    NIfTI files, missing modalities), every requested modality file of every case (see
+    `read_case`), and case ids shared between splits; it collects problems instead of
+    stopping at the first. A `VolumeDataset` raises the same lines, the first it meets.
     """
-    problems: list[str] = []
     root = Path(root)
-    if not root.is_dir():
-        return [f"{root}: data folder not found"]
     modalities = (modalities,) if isinstance(modalities, str) else tuple(modalities)
+    problem = root_problem(root)
+    if problem:
+        return [problem]
+    problems: list[str] = []
     for split in SPLITS:
         try:
             cases = case_folders(root, split)
@@ -177,14 +203,8 @@ def check_folder(root, modalities: Sequence[str] = MODALITIES) -> list[str]:
             problems.append(str(exc))
             continue
         for case in cases:
-            present = []
-            for modality in modalities:
-                if case.path(modality).is_file():
-                    present.append(modality)
-                else:
-                    problems.append(f"{case.path(modality)}: missing modality '{modality}' of case '{case.id}'")
-            loaded = read_case(case, present, problems.append)
-            for modality, (volume, _) in loaded.items():
-                if modality not in MASK_MODALITIES and float(volume.max()) == float(volume.min()):
-                    problems.append(f"{case.path(modality)}: image is constant (every voxel {float(volume.min()):g})")
+            problems.extend(case_problems(case, modalities))
+            present = [m for m in modalities if case.path(m).is_file()]
+            read_case(case, present, problems.append)
+    problems.extend(shared_cases(root))
     return problems

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -26,41 +27,127 @@ class Case:
         return self.folder / f"{modality}{SUFFIX}"
 
 
-def _visible_dirs(folder: Path) -> list[Path]:
-    # Hidden entries are editor, OS or voxgen bookkeeping (.DS_Store, .voxgen-dataset.json).
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _entries(folder: Path) -> list[Path]:
+    """Visible entries of a folder, sorted; DataError when it cannot be listed.
+
+    Hidden entries are editor, OS or voxgen bookkeeping (.DS_Store, .voxgen-dataset.json).
+    """
+    try:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except PermissionError:
+        raise DataError(f"{folder}: permission denied (the folder cannot be listed)") from None
+    except OSError as exc:
+        raise DataError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+
+
+def _is_nifti_name(name: str) -> bool:
+    return name.lower().endswith((".nii", ".nii.gz"))
+
+
+def root_problem(root: str | Path) -> str | None:
+    """Why `root` cannot be a data folder (missing, or a file), or None."""
+    root = Path(root)
+    if root.is_file():
+        return f"{root}: data root is a file, not a folder"
+    if not root.is_dir():
+        return f"{root}: data folder not found"
+    return None
 
 
 def case_folders(root: str | Path, split: str) -> list[Case]:
     """Every case folder of a split, sorted by id, without checking modalities.
 
-    Raises DataError when the root or split folder is missing or the split is empty.
+    Raises DataError when the root or split folder is missing (or is a file), cannot be
+    listed, or the split has no case folders.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: data folder not found")
+    problem = root_problem(root)
+    if problem:
+        raise DataError(problem)
     folder = root / split
+    if folder.is_file():
+        raise DataError(f"{folder}: split '{split}' is a file, not a folder")
     if not folder.is_dir():
         raise DataError(f"{folder}: split folder '{split}' not found (expected {root}/{{{','.join(SPLITS)}}})")
-    cases = [Case(id=p.name, split=split, folder=p) for p in _visible_dirs(folder)]
+    entries = _entries(folder)
+    cases = [Case(id=p.name, split=split, folder=p) for p in entries if p.is_dir()]
     if not cases:
-        raise DataError(f"{folder}: split '{split}' has no case folders")
+        loose = sum(p.is_file() and _is_nifti_name(p.name) for p in entries)
+        # A common mistake: the files of cases put straight into the split folder.
+        hint = f" ({loose} NIfTI files lie directly in it: put each case's files in a folder of its own)" if loose else ""
+        raise DataError(f"{folder}: split '{split}' has no case folders{hint}")
     return cases
+
+
+def case_problems(case: Case, modalities: Iterable[str]) -> list[str]:
+    """What is wrong with a case folder's files by name alone (nothing is read), one line each.
+
+    An empty folder is one problem (not one per missing modality). A NIfTI file whose name
+    is not a known modality is reported as unknown: it is usually a misspelt modality that
+    would otherwise be silently ignored. Files that are not NIfTI (notes, previews) are allowed.
+    """
+    modalities = [modalities] if isinstance(modalities, str) else list(modalities)
+    try:
+        entries = _entries(case.folder)
+    except DataError as exc:
+        return [str(exc)]
+    if modalities and not any(p.is_file() for p in entries):
+        return [f"{case.folder}: case folder '{case.id}' has no files"]
+    known = [f"{m}{SUFFIX}" for m in MODALITIES]
+    problems = []
+    for entry in entries:
+        if entry.is_file() and _is_nifti_name(entry.name) and entry.name not in known:
+            match = difflib.get_close_matches(entry.name.lower(), known, n=1, cutoff=0.6)
+            hint = f"; did you mean '{match[0]}'?" if match else ""
+            problems.append(
+                f"{entry}: unknown file in case '{case.id}' (modality files are {', '.join(known)}){hint}"
+            )
+    for modality in modalities:
+        path = case.path(modality)
+        if path.is_dir():
+            problems.append(f"{path}: is a folder, not a NIfTI file")
+        elif not path.is_file():
+            problems.append(f"{path}: missing modality '{modality}' of case '{case.id}'")
+    return problems
 
 
 def list_cases(root: str | Path, split: str, modalities: Iterable[str]) -> list[Case]:
     """Cases of one split that hold every requested modality, sorted by id.
 
-    Raises DataError for a missing root or split folder, an empty split, or a case
-    that lacks a requested modality (the message names the missing file).
+    Raises DataError for a missing root or split folder, an empty split, or the first
+    problem of a case folder (see `case_problems`: no files, an unknown NIfTI file, a
+    missing modality; the message names the file).
     """
     modalities = [modalities] if isinstance(modalities, str) else list(modalities)
     cases = case_folders(root, split)
     for case in cases:
-        for modality in modalities:
-            if not case.path(modality).is_file():
-                raise DataError(f"{case.path(modality)}: missing modality '{modality}' of case '{case.id}'")
+        problems = case_problems(case, modalities)
+        if problems:
+            raise DataError(problems[0])
     return cases
+
+
+def shared_cases(root: str | Path, involving: str | None = None) -> list[str]:
+    """One line per case id found in more than one split (data leakage), at the later split.
+
+    With `involving`, only the pairs that include that split. Splits that are missing or
+    empty are skipped here: `case_folders` reports them.
+    """
+    seen: dict[str, Case] = {}
+    problems = []
+    for split in SPLITS:
+        try:
+            cases = case_folders(root, split)
+        except DataError:
+            continue
+        for case in cases:
+            first = seen.setdefault(case.id, case)
+            if first is not case and involving in (None, first.split, case.split):
+                problems.append(
+                    f"{case.folder}: case '{case.id}' is also in split '{first.split}' ({first.folder}): "
+                    "the same case in two splits leaks data between them"
+                )
+    return problems
 
 
 def split_counts(cases: int, splits: Mapping[str, int] | Sequence[int] | None = None) -> dict[str, int]:

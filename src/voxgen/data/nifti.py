@@ -11,8 +11,10 @@ NIfTI tool unchanged; only the array is transposed.
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import tempfile
+import warnings
 import zlib
 from pathlib import Path
 
@@ -21,17 +23,14 @@ import numpy as np
 
 from voxgen.errors import DataError
 
-# Everything nibabel, gzip and zlib raise for unreadable files. A truncated .gz is
-# only noticed when the voxels are read (EOFError or OSError), not when the header is.
-_READ_ERRORS = (
-    OSError,
-    EOFError,
-    zlib.error,
-    ValueError,
-    gzip.BadGzipFile,
-    nib.filebasedimages.ImageFileError,
-    nib.spatialimages.HeaderDataError,
-)
+GZIP_MAGIC = b"\x1f\x8b"
+# Enough bytes for a NIfTI-2 header (540) and its 4-byte extension flag.
+HEADER_BYTES = 544
+# Plausible voxel sizes of a scan, in mm. Outside them the affine (or the header it came
+# from) is broken: a 1 m voxel is a header in metres or a scale typed wrongly, a 0.01 mm
+# voxel one in micrometres; resampling would silently make a volume of noise or one voxel.
+MIN_VOXEL_MM = 0.05
+MAX_VOXEL_MM = 20.0
 
 
 def _one_line(exc: BaseException, path: Path) -> str:
@@ -39,7 +38,83 @@ def _one_line(exc: BaseException, path: Path) -> str:
     text = " ".join(str(exc).split()).replace(str(path), path.name) or type(exc).__name__
     if isinstance(exc, EOFError):
         text = f"truncated file: {text}"
+    elif isinstance(exc, (zlib.error, gzip.BadGzipFile)):
+        text = f"corrupt gzip data: {text}"
     return text[:200]
+
+
+def _describe(head: bytes) -> str:
+    """What the first bytes of a file look like, for messages about files that are not NIfTI."""
+    if head.startswith(b"\x89PNG"):
+        return "a PNG image"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "a JPEG image"
+    if head[128:132] == b"DICM":
+        return "a DICOM file"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive"
+    if head.startswith(GZIP_MAGIC):
+        return "gzip data"
+    if _nifti_header_size(head):
+        return "an uncompressed NIfTI image"
+    sample = head[:40]
+    try:
+        text = sample.decode("ascii")
+    except UnicodeDecodeError:
+        text = ""
+    if text.strip() and all(c.isprintable() or c in "\r\n\t" for c in text):
+        return f"text starting {' '.join(text.split())[:30]!r}"
+    return f"unknown content starting with bytes {sample[:8].hex(' ')}"
+
+
+def _nifti_header_size(head: bytes) -> int:
+    """348 (NIfTI-1 / Analyze) or 540 (NIfTI-2) when `head` starts like such a header, else 0."""
+    if len(head) < 4:
+        return 0
+    for order in ("<", ">"):
+        size = int(np.frombuffer(head[:4], dtype=f"{order}i4")[0])
+        if size in (348, 540):
+            return size
+    return 0
+
+
+def _read_head(path: Path) -> bytes:
+    """The first HEADER_BYTES of the (decompressed) file; DataError for what is not a NIfTI file.
+
+    Done before nibabel so that a PNG renamed to .nii.gz, a text file or a gzip of something
+    else is named as what it is, not as nibabel's guess about its extension.
+    """
+    with open(path, "rb") as raw:
+        head = raw.read(HEADER_BYTES)
+    if path.name.endswith(".gz"):
+        if not head.startswith(GZIP_MAGIC):
+            raise DataError(f"{path}: not gzip-compressed (it looks like {_describe(head)}); expected a .nii.gz NIfTI file")
+        with gzip.open(path, "rb") as inner:
+            head = inner.read(HEADER_BYTES)
+    if not _nifti_header_size(head):
+        raise DataError(f"{path}: not a NIfTI image (it holds {_describe(head)})")
+    return head
+
+
+def _header_problem(head: bytes) -> str | None:
+    """Problems nibabel silently repairs on load (it logs them and takes abs() or 1 instead):
+    a zero, negative or non-finite voxel size in the header's pixdim."""
+    header_class = nib.Nifti2Header if _nifti_header_size(head) == 540 else nib.Nifti1Header
+    header = header_class.from_fileobj(io.BytesIO(head), check=False)
+    ndim = int(header["dim"][0])
+    pixdim = [float(v) for v in header["pixdim"][1 : 1 + min(max(ndim, 0), 3)]]
+    if any(not np.isfinite(v) or v <= 0 for v in pixdim):
+        shown = " x ".join(f"{v:g}" for v in pixdim)
+        return f"voxel size in the header (pixdim) is {shown} mm: every size must be a positive number"
+    return None
+
+
+def _spatial_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape without trailing singleton dimensions beyond the third ((x, y, z, 1) is 3-D)."""
+    shape = tuple(shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -50,32 +125,59 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             to (z, y, x).
         affine: float64 (4, 4) canonical affine for (x, y, z) voxel indices.
 
-    A 4-D file with a trailing singleton dimension is accepted. Every failure
-    (missing, not gzip, corrupt, truncated, wrong dimensionality, NaN/Inf voxels,
-    non-invertible affine) raises DataError naming the file.
+    A file with trailing singleton dimensions ((x, y, z, 1)) is accepted. Every failure
+    raises DataError naming the file: missing, a folder, empty, unreadable, not gzip
+    (a PNG renamed, text), not NIfTI, corrupt or truncated, not 3-D (2-D, a 4-D series,
+    an empty axis, a single slice), complex or RGB voxels, a non-positive voxel size in the
+    header, a non-finite or non-invertible affine, NaN/Inf voxels.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a NIfTI file")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{path}: permission denied (the file is not readable by this user)")
     try:
-        img = nib.load(str(path))
-        shape = tuple(int(s) for s in img.shape)
-        ndim = len(shape)
-        if ndim == 4 and shape[3] == 1:
-            ndim = 3
-        if ndim != 3:
-            raise DataError(f"{path}: has {len(shape)} dimensions (shape {list(shape)}), expected 3")
-        affine = np.asarray(img.affine, dtype=np.float64)
-        if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-            raise DataError(f"{path}: affine is not invertible")
-        canonical = nib.as_closest_canonical(img)
-        data = np.asarray(canonical.dataobj, dtype=np.float32)
+        # nibabel logs header repairs and numpy warns about casts: both would print stray
+        # lines around the one-line error, and both are reported below in voxgen's words.
+        with warnings.catch_warnings(), nib.imageglobals.LoggingOutputSuppressor():
+            warnings.simplefilter("ignore")
+            head = _read_head(path)
+            problem = _header_problem(head)
+            if problem:
+                raise DataError(f"{path}: {problem}")
+            img = nib.load(str(path))
+            on_disk = tuple(int(s) for s in img.shape)
+            shape = _spatial_shape(on_disk)
+            if len(shape) != 3:
+                series = f": a series of {shape[3]} volumes" if len(shape) == 4 else ""
+                raise DataError(f"{path}: has {len(shape)} dimensions (shape {list(on_disk)}){series}, expected 3")
+            if min(shape) == 0:
+                raise DataError(f"{path}: has an empty axis (shape {list(on_disk)}): no voxels to read")
+            if min(shape) == 1:
+                raise DataError(f"{path}: is a single slice (shape {list(on_disk)}), not a 3-D volume")
+            dtype = img.get_data_dtype()
+            if dtype.kind not in "biuf":
+                raise DataError(f"{path}: voxel type {dtype.name or dtype} is not a real number (complex or RGB data)")
+            affine = np.asarray(img.affine, dtype=np.float64)
+            if not np.all(np.isfinite(affine)):
+                raise DataError(f"{path}: affine (sform/qform) has non-finite entries")
+            if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+                raise DataError(f"{path}: affine is not invertible (its voxel axes span no volume)")
+            canonical = nib.as_closest_canonical(img)
+            data = np.asarray(canonical.dataobj, dtype=np.float32).reshape(shape)
     except DataError:
         raise
-    except _READ_ERRORS as exc:
+    except PermissionError:
+        raise DataError(f"{path}: permission denied (the file is not readable by this user)") from None
+    # nibabel, gzip and zlib raise a wide range of types for malformed files (OSError, EOFError,
+    # zlib.error, ValueError, TypeError, struct.error, HeaderDataError, ...); whatever escapes
+    # while reading a user's file is a fault of that file, not a voxgen bug.
+    except Exception as exc:
         raise DataError(f"{path}: cannot read NIfTI ({_one_line(exc, path)})") from exc
-    if data.ndim == 4:
-        data = data[..., 0]
     bad = int(np.count_nonzero(~np.isfinite(data)))
     if bad:
         raise DataError(f"{path}: has {bad} NaN or Inf voxels")
@@ -83,6 +185,22 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return volume, np.asarray(canonical.affine, dtype=np.float64)
 
 
+def voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """(3,) voxel sizes in mm along the (x, y, z) voxel axes of a (4, 4) affine."""
+    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+
+
+def voxel_size_problem(affine: np.ndarray) -> str | None:
+    """Why the affine's voxel sizes are not those of a scan (outside MIN_VOXEL_MM..MAX_VOXEL_MM), or None.
+
+    Not part of `load_volume`: volumes voxgen writes itself at a small `data.shape` may have
+    coarse voxels and must still read back.
+    """
+    sizes = voxel_sizes(affine)
+    if sizes.min() >= MIN_VOXEL_MM and sizes.max() <= MAX_VOXEL_MM:
+        return None
+    shown = " x ".join(f"{s:.3g}" for s in sizes)
+    return f"voxel size {shown} mm (x, y, z) is implausible: expected {MIN_VOXEL_MM} to {MAX_VOXEL_MM:g} mm per axis"
 def save_volume(path: str | Path, volume: np.ndarray, affine: np.ndarray, dtype=np.float32) -> Path:
     """Write a (D, H, W) volume as NIfTI, the inverse of `load_volume`.
 

@@ -1,31 +1,84 @@
-"""Generate volumes from a trained model: noise per seed -> sampler -> decoded volumes."""
+"""Generate volumes from a trained model: noise per seed -> sampler -> decoded volumes.
+
+`generate` wraps the network three times before a sampler sees it: as a prediction function
+of the strategy's time (`prediction_fn`), counted (`CountedModel`, so the reported number of
+function evaluations is what ran, adaptive solvers' rejected steps included), and guided
+(`guided`, classifier-free guidance for conditional modes).
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from voxgen.diffusion.samplers import SAMPLERS, time_grid
+from voxgen.diffusion.modes import null_condition
+from voxgen.diffusion.noise import seeded_generators
+from voxgen.diffusion.samplers import SolverSpec, parse_solver, prepare
+from voxgen.errors import ConfigError
 
 
-def velocity_fn(parts) -> Callable:
-    """The model as a velocity field v(x, t, cond) with t in [0, 1], for the samplers."""
+@dataclass
+class Generation:
+    """volumes: (N, C, D, H, W) decoded, on the CPU. nfe: network evaluations per volume (every
+    volume of a batch is evaluated together, so this is the number of network calls a batch
+    took; with classifier-free guidance both calls of a step count). Fixed-step samplers give
+    every batch the same count; adaptive ones may differ per batch, and then nfe is the mean
+    over volumes, rounded. seconds_per_volume: wall time of the whole run (noise, sampling,
+    decoding) divided by N."""
 
-    def velocity(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    volumes: torch.Tensor
+    nfe: int
+    seconds_per_volume: float
+
+
+def prediction_fn(parts) -> Callable:
+    """The network as f(x, t, cond) for the samplers: the strategy maps sampler time t (rflow:
+    [0, 1]; ddpm: timestep index) to the network's time; returns float32 predictions."""
+
+    def prediction(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         from voxgen.training.step import autocast
 
         with autocast(parts.precision, x.device):
             out = parts.model(parts.mode.model_input(x, cond), parts.strategy.model_time(t))
         return out.float()
 
-    return velocity
+    return prediction
 
 
-def initial_noise(seeds: Sequence[int], shape: Sequence[int], device) -> torch.Tensor:
-    """(N, *shape) noise, one CPU generator per seed: results do not depend on batch size or device."""
-    noise = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    return torch.stack(noise).to(device)
+class CountedModel:
+    """f(x, t, cond) that counts its calls in `calls`."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        self.calls += 1
+        return self.fn(x, t, cond)
+
+
+def guided(fn: Callable, scale: float) -> Callable:
+    """Classifier-free guidance (Ho & Salimans 2022): f_null + s (f_cond - f_null), with the
+    all-zero null condition. s = 1 is the plain conditional model, one call per evaluation;
+    any other s makes two calls."""
+    if scale == 1.0:
+        return fn
+
+    def guided_fn(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        conditional = fn(x, t, cond)
+        unconditional = fn(x, t, null_condition(cond))
+        return unconditional + scale * (conditional - unconditional)
+
+    return guided_fn
+
+
+def solver_from_config(cfg) -> SolverSpec:
+    """The run's sampler: `sample.solver` (a name, or a full spec text) completed by
+    `sample.steps`, `sample.tolerance`, `sample.shift` and `sample.eta`."""
+    return parse_solver(cfg.sample.solver, cfg.sample)
 
 
 @torch.no_grad()
@@ -34,25 +87,38 @@ def generate(
     seeds: Sequence[int],
     latent_shape: Sequence[int],
     cond: torch.Tensor | None = None,
-    steps: int = 25,
-    solver: str = "euler",
+    *,
+    solver: SolverSpec | str,
     batch_size: int = 4,
-    shift: float = 1.0,
+    guidance_scale: float = 1.0,
     progress: Callable[[int], None] | None = None,
-) -> torch.Tensor:
+) -> Generation:
     """Sample len(seeds) volumes; `latent_shape` is (C, D, H, W) in the model's space and
-    `cond` (N, K, D, H, W) the conditions in model space. Returns decoded (N, C', D, H, W)."""
+    `cond` (N, K, D, H, W) the conditions in model space. Sample i uses a CPU generator seeded
+    with seeds[i] for its initial noise and any noise the sampler adds, so it does not depend
+    on the batch it shares (except for adaptive solvers, whose step control sees the batch)."""
+    spec = parse_solver(solver) if isinstance(solver, str) else solver
+    if not seeds:
+        raise ValueError("generate needs at least one seed")
+    if guidance_scale != 1.0 and cond is None:
+        raise ConfigError(f"guidance scale {guidance_scale:g} needs a conditional mode; mode "
+                          f"{parts.mode.name!r} has no condition (use 1)")
+    sampler, grid = prepare(spec, parts.strategy)
     parts.model.eval()
     device = next(parts.model.parameters()).device
-    sampler = SAMPLERS[solver]
-    grid = time_grid(steps, shift)
-    out = []
+    started = time.perf_counter()
+    out, evaluations = [], 0
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start : start + batch_size]
-        x = initial_noise(chunk, latent_shape, device)
+        generators = seeded_generators(chunk)
+        # (b, C, D, H, W); drawn on the CPU so a seed gives the same volume on every device
+        x = torch.stack([torch.randn(tuple(latent_shape), generator=g) for g in generators]).to(device)
         c = cond[start : start + len(chunk)].to(device) if cond is not None else None
-        x = sampler(velocity_fn(parts), x, grid, cond=c)
+        counted = CountedModel(prediction_fn(parts))
+        x = sampler(guided(counted, guidance_scale), x, grid, cond=c, generator=generators)
         out.append(parts.space.decode(x).cpu())
+        evaluations += counted.calls * len(chunk)
         if progress is not None:
             progress(len(chunk))
-    return torch.cat(out)
+    seconds = time.perf_counter() - started
+    return Generation(torch.cat(out), round(evaluations / len(seeds)), seconds / len(seeds))

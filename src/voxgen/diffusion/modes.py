@@ -1,6 +1,9 @@
 """Modes: which modalities are generated and which condition them.
 
 Conditioning is by concatenated channels: the network sees [x_t, condition] along C.
+
+The null condition of classifier-free guidance (Ho & Salimans 2022) is all zeros: masks are
+{-1, 1} in model space, so zero is a value no real condition takes.
 """
 
 from __future__ import annotations
@@ -8,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from voxgen.diffusion.shapes import append_dims
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,18 @@ class Mode:
         generated = space.channels(len(self.generated))
         conditions = space.channels(len(self.conditions)) if self.conditions else 0
         return generated + conditions, generated
+
+
+def null_condition(cond: torch.Tensor) -> torch.Tensor:
+    """The condition that stands for "no condition": zeros shaped like cond (B, K, D, H, W)."""
+    return torch.zeros_like(cond)
+
+
+def drop_conditions(cond: torch.Tensor, probability: float, generator: torch.Generator | None) -> torch.Tensor:
+    """cond (B, K, D, H, W) with each sample's condition replaced by the null one with `probability`;
+    the draw comes from `generator`, so a seeded run drops the same samples again."""
+    keep = torch.rand(cond.shape[0], generator=generator, device=cond.device) >= probability  # (B,)
+    return cond * append_dims(keep, cond.ndim).to(cond.dtype)
 
 
 MODES = {

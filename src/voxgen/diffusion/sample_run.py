@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,8 @@ import torch
 from voxgen.data.dataset import VolumeDataset
 from voxgen.data.layout import MASK_MODALITIES
 from voxgen.data.nifti import save_volume
-from voxgen.diffusion.generate import generate
+from voxgen.diffusion.generate import generate, solver_from_config
+from voxgen.diffusion.samplers import SolverSpec
 from voxgen.reports.mosaic import save_mosaic
 from voxgen.training.batches import collate
 
@@ -23,6 +23,8 @@ class Samples:
     conditions: dict[str, np.ndarray]  # modality -> (N, D, H, W) in model space
     case_ids: list[str]
     seconds_per_volume: float
+    nfe: int  # network evaluations per volume
+    solver: str  # the SolverSpec text that produced them
 
 
 def conditions_for(mode, data_root, split: str, shape, num: int) -> tuple[torch.Tensor | None, list[str], dict]:
@@ -36,17 +38,25 @@ def conditions_for(mode, data_root, split: str, shape, num: int) -> tuple[torch.
     return cond, batch["case"], {m: batch[m][:, 0].numpy() for m in mode.conditions}
 
 
-def sample_volumes(cfg, parts, num: int, seed: int, steps: int, split: str = "test", batch_size: int = 4, progress=None) -> Samples:
+def sample_volumes(cfg, parts, num: int, seed: int, steps: int | None = None, split: str = "test", batch_size: int = 4,
+                   progress=None, solver: SolverSpec | None = None, guidance_scale: float | None = None) -> Samples:
     """Generate `num` volumes with per-sample seeds seed, seed + 1, ...; conditioned modes take
-    their conditions from the cases of `split`."""
+    their conditions from the cases of `split`. `solver` defaults to the run's config
+    (`sample.*`); `steps` replaces its number of steps; `guidance_scale` defaults to
+    `sample.guidance_scale` and applies to conditional modes only."""
+    spec = solver if solver is not None else solver_from_config(cfg)
+    if steps is not None:
+        spec = replace(spec, steps=steps)
+    scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
     cond, case_ids, cond_volumes = conditions_for(parts.mode, cfg.data.root, split, cfg.data.shape, num)
+    if cond is None and guidance_scale is None:
+        scale = 1.0  # the config's scale is for conditional modes; an explicit one is checked by generate
     latent_shape = (parts.space.channels(len(parts.mode.generated)), *parts.space.shape(cfg.data.shape))
-    started = time.perf_counter()
-    out = generate(parts, list(range(seed, seed + num)), latent_shape, cond, steps=steps, solver=cfg.sample.solver,
-                   batch_size=batch_size, progress=progress)  # (N, G, D, H, W)
-    seconds = (time.perf_counter() - started) / num
+    result = generate(parts, list(range(seed, seed + num)), latent_shape, cond, solver=spec, batch_size=batch_size,
+                      guidance_scale=scale, progress=progress)
+    out = result.volumes  # (N, G, D, H, W)
     volumes = {m: out[:, i].numpy() for i, m in enumerate(parts.mode.generated)}
-    return Samples(volumes, cond_volumes, case_ids, seconds)
+    return Samples(volumes, cond_volumes, case_ids, result.seconds_per_volume, result.nfe, str(spec))
 
 
 def to_data_space(volume: np.ndarray, modality: str) -> tuple[np.ndarray, type]:

@@ -3,7 +3,7 @@ spaces share this interface: encode (B, C, D, H, W) -> (B, C', D', H', W') and d
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

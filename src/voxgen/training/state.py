@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import random
 
+import numpy as np
 import torch
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up for `warmup` steps, then cosine decay to base_lr * min_ratio at `total`.
 
-    A pure function of the step, so resuming needs no scheduler state.
+    A pure function of the step, so resuming needs no scheduler state; the trainer multiplies
+    it by the rollback scale, which its checkpoints carry.
     """
     if warmup > 0 and step < warmup:
         return base_lr * (step + 1) / warmup
@@ -37,15 +40,42 @@ def optimizer_from_checkpoint(optimizer: torch.optim.Optimizer, tensors: dict[st
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def rng_to_checkpoint(generator: torch.Generator) -> dict[str, torch.Tensor]:
+def rng_to_checkpoint(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every random stream a run may draw from: (tensors, JSON).
+
+    Tensors: the global torch CPU state, the current CUDA device's (once CUDA is in use) and the
+    training generator's. JSON: Python's `random` and numpy's legacy global state as lists, so
+    code that draws from them (augmentations, user hooks) continues the same sequence on resume.
+    """
     tensors = {"torch_cpu": torch.get_rng_state(), "generator": generator.get_state()}
-    if torch.cuda.is_available():
+    # Only once CUDA is in use: asking earlier would create a CUDA context in a CPU run.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["torch_cuda"] = torch.cuda.get_rng_state()
-    return tensors
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached_gaussian)],
+    }
+    return tensors, state
 
 
-def rng_from_checkpoint(generator: torch.Generator, tensors: dict[str, torch.Tensor]) -> None:
+def rng_from_checkpoint(generator: torch.Generator, tensors: dict[str, torch.Tensor], state: dict | None) -> None:
+    """Restore what `rng_to_checkpoint` saved; `state` None: a checkpoint from before the JSON part."""
     torch.set_rng_state(tensors["torch_cpu"])
     generator.set_state(tensors["generator"])
     if "torch_cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["torch_cuda"])
+    if state is None:
+        return
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy's and Python's global generators from the run's seed."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)

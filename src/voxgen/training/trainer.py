@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,20 +19,28 @@ from torch.utils.data import DataLoader
 from voxgen import __version__
 from voxgen.config import to_dict, to_yaml
 from voxgen.data.dataset import VolumeDataset
+from voxgen.errors import CheckpointError, ConfigError
 from voxgen.training import checkpoint as store
 from voxgen.training.batches import collate, epoch_batches, to_device
 from voxgen.training.ema import EMA
+from voxgen.training.guards import Guards, spread
 from voxgen.training.state import (
     lr_at,
     optimizer_from_checkpoint,
     optimizer_to_checkpoint,
     rng_from_checkpoint,
     rng_to_checkpoint,
+    seed_everything,
 )
 from voxgen.training.step import Parts, build_parts, compute_loss, make_optimizer, train_step
 
-# Exit code of a run stopped by Ctrl-C after it saved a checkpoint (128 + SIGINT).
+# Exit codes of `voxgen train` (docs/reliability.md). 0: training.steps reached.
+# Ctrl-C after the checkpoint is saved: 128 + SIGINT, what a shell reports for a program Ctrl-C ended.
 EXIT_INTERRUPTED = 130
+# SIGTERM/SIGUSR1 (a scheduler's warning) or --stop-at after the checkpoint is saved: EX_TEMPFAIL of
+# sysexits.h, "temporary failure, retry"; job scripts resubmit on it (voxgen/config/slurm/train.sbatch).
+EXIT_PREEMPTED = 75
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 VAL_SEED_OFFSET = 10_000
 
 
@@ -39,8 +48,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from voxgen.errors import ConfigError
-
         raise ConfigError("training.device=cuda but no CUDA device is available")
     return torch.device(name)
 
@@ -52,25 +59,53 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 class StopRequest:
-    """Ctrl-C asks the loop to stop after the current step and save; a second one aborts."""
+    """SIGINT, SIGTERM and SIGUSR1 ask the run to stop at the next step boundary and save.
 
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+    The first signal is kept with the phase of the run it arrived in (`phase()` at that moment).
+    A later SIGINT aborts at once (a user who presses Ctrl-C twice means it); other repeats are
+    ignored, because SLURM follows its warning signal with SIGTERM at the time limit and that
+    must not cut the checkpoint short. `pending`: signals that arrived before the handlers were
+    installed (the command line records them from its start), read when they are installed.
+    """
+
+    def __init__(self, phase=lambda: "start-up", pending: list[int] | None = None) -> None:
+        self.signum: int | None = None
+        self.phase: str | None = None
+        self._phase_of = phase
+        self._pending = pending if pending is not None else []
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.signum == signal.SIGINT else EXIT_PREEMPTED
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum, self.phase = signum, self._phase_of()
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        if self._pending and self.signum is None:
+            self.signum, self.phase = self._pending[0], "start-up"
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
 
 
 @dataclass
@@ -88,23 +123,56 @@ class TrainResult:
     run_dir: Path
     step: int
     history: list[dict]
-    interrupted: bool
+    interrupted: bool  # stopped before training.steps (signal or stop_at), with a checkpoint
     resumed_from: int | None
+    exit_code: int = 0  # what `voxgen train` exits with: 0, EXIT_PREEMPTED or EXIT_INTERRUPTED
+    stopped_by: str | None = None  # "SIGTERM", "SIGUSR1", "SIGINT" or "stop_at"
+
+
+@dataclass
+class Validation:
+    loss: float
+    prediction_std: float  # spread of the model's output on the first validation batch
+    target_std: float  # ... and of the target it is trained towards (for the collapse guard)
+
+
+class _Recorder:
+    """A strategy that keeps the (prediction, target) its loss was computed from.
+
+    Lets validation measure the spread of exactly what the loss sees, through the one
+    `compute_loss` the training step uses, instead of a second copy of the forward pass.
+    """
+
+    def __init__(self, strategy) -> None:
+        self.strategy = strategy
+        self.seen: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __getattr__(self, name):
+        return getattr(self.strategy, name)
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.seen = (prediction, target)
+        return self.strategy.loss(prediction, target)
 
 
 @torch.no_grad()
-def validation_loss(parts: Parts, dataset: VolumeDataset, batch_size: int, batches: int, seed: int, device) -> float:
-    """Mean loss over fixed batches with fixed noise and times, so values compare across steps."""
+def validation_loss(parts: Parts, dataset: VolumeDataset, batch_size: int, batches: int, seed: int, device) -> Validation:
+    """Mean loss over fixed batches with fixed noise and times, so values compare across steps,
+    and the prediction/target spread of the first batch."""
     was_training = parts.model.training
     parts.model.eval()
+    recorder = _Recorder(parts.strategy)
+    recording = replace(parts, strategy=recorder)
     generator = torch.Generator(device).manual_seed(seed)
     n = len(dataset)
-    losses = []
+    losses, spreads = [], None
     for b in range(batches):
         items = [dataset[(b * batch_size + j) % n] for j in range(batch_size)]
-        losses.append(float(compute_loss(parts, to_device(collate(items), device), generator)))
+        losses.append(float(compute_loss(recording, to_device(collate(items), device), generator)))
+        if spreads is None:
+            spreads = spread(*recorder.seen)
     parts.model.train(was_training)
-    return sum(losses) / len(losses)
+    return Validation(sum(losses) / len(losses), *spreads)
 
 
 class Trainer:
@@ -113,27 +181,46 @@ class Trainer:
         self.console = console or Console(stderr=True)
         self.run_dir = Path(cfg.run.dir)
         self.device = resolve_device(cfg.training.device)
-        torch.manual_seed(cfg.run.seed)
+        _check_checkpoint_settings(cfg.checkpoint)
+        self.guards = Guards(cfg.guards)
+        seed_everything(cfg.run.seed)
         self.parts = build_parts(cfg, self.device)
         modalities = self.parts.mode.modalities
         self.train_set = VolumeDataset(cfg.data.root, "train", modalities, cfg.data.shape, cache=cfg.data.cache)
         self.val_set = VolumeDataset(cfg.data.root, "val", modalities, cfg.data.shape, cache=cfg.data.cache)
         self.optimizer = make_optimizer(self.parts.model, cfg)
         self.ema = EMA(self.parts.model, cfg.training.ema_decay)
-        self.ema_parts = Parts(self.ema.module, self.parts.strategy, self.parts.mode, self.parts.space, self.parts.precision)
+        self.ema_parts = replace(self.parts, model=self.ema.module)
         self.generator = torch.Generator(self.device).manual_seed(cfg.run.seed)
         self.position = Position()
+        # Multiplies the schedule lr_at(step); each rollback lowers it, and it is saved with the
+        # checkpoint so a resumed run keeps the lowered rate.
+        self.lr_scale = 1.0
         self.writer = None
+        self.phase = "start-up"
         self._last_loss = float("nan")
+        # The checkpoint on disk that holds exactly the state in memory (restored or just saved).
+        self._saved: tuple[int, Path] | None = None
+
+    @contextlib.contextmanager
+    def _in_phase(self, name: str):
+        """Name what the run is doing, so a stop signal can say when it arrived."""
+        previous, self.phase = self.phase, name
+        try:
+            yield
+        finally:
+            self.phase = previous
 
     # ---- checkpoints -------------------------------------------------------------------
     def _save(self) -> Path:
+        """Checkpoint the whole training state; CheckpointError (disk full, I/O error) stops the run."""
         optim_tensors, groups = optimizer_to_checkpoint(self.optimizer)
+        rng_tensors, rng_state = rng_to_checkpoint(self.generator)
         tensors = {
             **store.with_prefix(self.parts.model.state_dict(), "model/"),
             **store.with_prefix(self.ema.module.state_dict(), "ema/"),
             **store.with_prefix(optim_tensors, "optimizer/"),
-            **store.with_prefix(rng_to_checkpoint(self.generator), "rng/"),
+            **store.with_prefix(rng_tensors, "rng/"),
         }
         p = self.position
         state = {
@@ -141,28 +228,99 @@ class Trainer:
             "epoch": p.epoch,
             "batch_index": p.batch_index,
             "history": p.history,
+            # The latest validation record: what `checkpoint.best_metric` is read from.
+            "metrics": p.history[-1] if p.history else {},
             "ema_updates": self.ema.updates,
+            "lr_scale": self.lr_scale,
+            "guards": self.guards.state_dict(),
+            "rng": rng_state,
             "optimizer_param_groups": groups,
             "config": to_dict(self.cfg),
             "versions": {"voxgen": __version__, "torch": torch.__version__},
         }
-        folder = store.save_checkpoint(self.run_dir, p.step, tensors, state)
-        store.prune(self.run_dir, keep=2)
+        c = self.cfg.checkpoint
+        with self._in_phase(f"checkpoint at step {p.step}"):
+            folder = store.save_checkpoint(self.run_dir, p.step, tensors, state, c.max_shard_bytes)
+            store.retain(self.run_dir, c.keep_last, c.best_metric)
+        self._saved = (p.step, folder)
         return folder
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        """Weights, EMA, optimiser and data position of a checkpoint (what a rollback restores)."""
+        self.parts.model.load_state_dict(store.split_prefix(tensors, "model/"))
+        self.ema.module.load_state_dict(store.split_prefix(tensors, "ema/"))
+        self.ema.updates = state["ema_updates"]
+        optimizer_from_checkpoint(self.optimizer, store.split_prefix(tensors, "optimizer/"), state["optimizer_param_groups"])
+        self.position = Position(state["step"], state["epoch"], state["batch_index"], state["history"])
 
     def _restore(self) -> int | None:
         found = store.load_latest(self.run_dir, warn=lambda m: self.console.print(f"[yellow]{m}"))
         if found is None:
             return None
         folder, tensors, state = found
-        self.parts.model.load_state_dict(store.split_prefix(tensors, "model/"))
-        self.ema.module.load_state_dict(store.split_prefix(tensors, "ema/"))
-        self.ema.updates = state["ema_updates"]
-        optimizer_from_checkpoint(self.optimizer, store.split_prefix(tensors, "optimizer/"), state["optimizer_param_groups"])
-        rng_from_checkpoint(self.generator, store.split_prefix(tensors, "rng/"))
-        self.position = Position(state["step"], state["epoch"], state["batch_index"], state["history"])
+        self._load_state(tensors, state)
+        # Checkpoints written before these entries existed resume with their defaults.
+        rng_from_checkpoint(self.generator, store.split_prefix(tensors, "rng/"), state.get("rng"))
+        self.lr_scale = state.get("lr_scale", 1.0)
+        if "guards" in state:
+            self.guards.load_state_dict(state["guards"])
+        self._saved = (state["step"], folder)
         self.console.print(f"resumed from {folder} (step {state['step']} of {self.cfg.training.steps})")
         return state["step"]
+
+    def _last_good_checkpoint(self):
+        """(folder, tensors, state) of the newest checkpoint not taken during a run of skipped steps."""
+        for folder in store.list_checkpoints(self.run_dir):
+            try:
+                state = store.read_state(folder)
+                if state["step"] > self.position.step or state.get("guards", {}).get("consecutive_skips", 0) > 0:
+                    continue
+                return store.load_named(self.run_dir, folder.name)
+            except CheckpointError as exc:
+                self.console.print(f"[yellow]warning: {exc}; trying the previous checkpoint")
+        return None
+
+    def _roll_back(self) -> bool:
+        """After too many skipped steps in a row: back to the last good checkpoint, lower LR.
+
+        The training generator is not rewound, so the replayed steps draw new noise and times
+        instead of meeting the same failure again. True when the position moved.
+        """
+        p, skipped = self.position, self.guards.consecutive_skips
+        at = p.step
+        self.lr_scale *= self.cfg.guards.rollback_lr_factor
+        self.guards.rolled_back()
+        found = self._last_good_checkpoint()
+        if found is None:
+            self.console.print(f"{skipped} skipped steps in a row at step {at} and no checkpoint to roll back to; "
+                               f"learning rate now {self.lr_scale:g}x")
+            return False
+        _, tensors, state = found
+        self._load_state(tensors, state)
+        # The checkpoint has the old LR scale and guard counts: a stop now must save anew.
+        self._saved = None
+        self._purge_logs_after(state["step"])
+        self.console.print(f"rolled back to step {state['step']} after {skipped} skipped steps (at step {at}); "
+                           f"learning rate now {self.lr_scale:g}x")
+        return True
+
+    def _open_writer(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # Events after the resumed step came from a process that was killed after it.
+        purge = self.position.step + 1 if self.position.step else None
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
+
+    def _purge_logs_after(self, step: int) -> None:
+        """Make TensorBoard hide what the abandoned steps after `step` logged.
+
+        The marker SummaryWriter(purge_step=...) writes, but into the open event file: a second
+        file opened in the same second may sort before the first, and TensorBoard reads files
+        in name order.
+        """
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        self.writer._get_file_writer().add_event(Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
 
     def _check_data(self) -> None:
         """Read every case once before training: bad data stops the run now, not hours in."""
@@ -176,124 +334,179 @@ class Trainer:
 
     # ---- logging -----------------------------------------------------------------------
     def _validate(self) -> dict:
-        t = self.cfg.training
+        """Validation losses (raw and EMA weights), logged and kept; then the collapse guard."""
+        t, p = self.cfg.training, self.position
         seed = self.cfg.run.seed + VAL_SEED_OFFSET
+        with self._in_phase(f"validation at step {p.step}"):
+            raw = validation_loss(self.parts, self.val_set, t.batch_size, t.val_batches, seed, self.device)
+            ema = validation_loss(self.ema_parts, self.val_set, t.batch_size, t.val_batches, seed, self.device)
         record = {
-            "step": self.position.step,
-            "val_loss": validation_loss(self.parts, self.val_set, t.batch_size, t.val_batches, seed, self.device),
-            "val_loss_ema": validation_loss(self.ema_parts, self.val_set, t.batch_size, t.val_batches, seed, self.device),
+            "step": p.step,
+            "val_loss": raw.loss,
+            "val_loss_ema": ema.loss,
+            "prediction_std": raw.prediction_std,
+            "target_std": raw.target_std,
         }
-        self.position.history.append(record)
+        p.history.append(record)
         self.writer.add_scalar("val/loss", record["val_loss"], record["step"])
         self.writer.add_scalar("val/loss_ema", record["val_loss_ema"], record["step"])
-        write_text_atomic(self.run_dir / "history.json", json.dumps(self.position.history, indent=1))
+        self.writer.add_scalar("val/prediction_std", raw.prediction_std, record["step"])
+        self.writer.add_scalar("val/target_std", raw.target_std, record["step"])
+        write_text_atomic(self.run_dir / "history.json", json.dumps(p.history, indent=1))
+        # The raw weights, not the EMA: they show a collapse first. Not during warm-up: output
+        # layers initialised to zero (MONAI's UNet) predict a constant at first, which is where
+        # training starts, not where it collapsed to. Raising here skips this step's checkpoint,
+        # so the newest one on disk predates the verdict.
+        if p.step > t.warmup_steps:
+            self.guards.check_collapse(p.step, raw.prediction_std, raw.target_std)
         return record
 
     def _log_mosaic(self) -> None:
-        from voxgen.diffusion.generate import generate
+        from voxgen.diffusion.generate import generate, solver_from_config
         from voxgen.reports.mosaic import mosaic_array
 
         item = self.val_set[0]
         batch = collate([item])
         x0, cond = self.parts.mode.split(batch)
         latent = self.parts.space.encode(x0).shape[1:]
-        sample = generate(self.ema_parts, [self.cfg.run.seed], latent, cond, steps=self.cfg.sample.steps)
+        scale = self.cfg.sample.guidance_scale if cond is not None else 1.0
+        sample = generate(self.ema_parts, [self.cfg.run.seed], latent, cond, solver=solver_from_config(self.cfg),
+                          guidance_scale=scale).volumes
         image = mosaic_array([sample[0, 0].numpy(), x0[0, 0].numpy()])
         self.writer.add_image("samples/ema_vs_real", image[None], self.position.step, dataformats="CHW")
 
     # ---- the loop ----------------------------------------------------------------------
-    def fit(self, stop_at: int | None = None) -> TrainResult:
-        """Train to `training.steps`; `stop_at` stops early at that step, saved as if interrupted.
+    def fit(self, stop_at: int | None = None, pending_signals: list[int] | None = None) -> TrainResult:
+        """Train to `training.steps`; `stop_at` stops at that step as a preemption would.
 
-        Ctrl-C at any point (data check, validation, a step) is honoured at the next step
-        boundary: the state is saved and the run can be resumed.
+        SIGINT, SIGTERM and SIGUSR1 are honoured at the next step boundary: the step in flight
+        and the work due after it (validation, mosaic, checkpoint) finish, a checkpoint of that
+        step is written, and the result says how to exit (EXIT_INTERRUPTED for SIGINT,
+        EXIT_PREEMPTED otherwise). A signal during start-up stops before the first step. Once
+        training.steps is reached the exit code is 0, whatever arrives.
         """
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
-        with StopRequest() as stop:
+        with StopRequest(lambda: self.phase, pending_signals) as stop:
             self._check_data()
+            # Only now that every case read back: bad data leaves no run folder behind.
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
             resumed_from = self._restore()
-            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.position.step or None)
-            if not self.position.history:
-                record = self._validate()
-                self.console.print(f"step 0: val loss {record['val_loss']:.4f}")
-            interrupted = stop.requested or self._loop(stop, stop_at)
-            if interrupted:
-                folder = self._save()
-                self.console.print(f"interrupted at step {self.position.step}: saved {folder}; run the same command to resume")
-            elif resumed_from is None or resumed_from < self.cfg.training.steps:
-                self._log_mosaic()
-        self.writer.close()
-        return TrainResult(self.run_dir, self.position.step, self.position.history, interrupted, resumed_from)
+            self._open_writer()
+            try:
+                if not self.position.history and not stop.requested:
+                    record = self._validate()
+                    self.console.print(f"step 0: val loss {record['val_loss']:.4f}")
+                self._loop(stop, stop_at)
+                return self._finish(stop, resumed_from)
+            finally:
+                self.writer.close()
 
-    def _loop(self, stop: StopRequest, stop_at: int | None) -> bool:
-        """Run steps until `training.steps`; True when stopped early (Ctrl-C or `stop_at`)."""
-        cfg, t, p = self.cfg, self.cfg.training, self.position
-        start_step, started = p.step, time.perf_counter()
-        columns = [
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-        ]
+    def _finish(self, stop: StopRequest, resumed_from: int | None) -> TrainResult:
+        p, steps = self.position, self.cfg.training.steps
+        if p.step >= steps:
+            # The closing mosaic is skipped when asked to stop: the run is complete and saved.
+            if not stop.requested and (resumed_from is None or resumed_from < steps):
+                with self._in_phase(f"sampling at step {p.step}"):
+                    self._log_mosaic()
+            return TrainResult(self.run_dir, p.step, p.history, False, resumed_from)
+        step, folder = self._saved if self._saved and self._saved[0] == p.step else (p.step, self._save())
+        by = stop.name if stop.requested else "stop_at"
+        code = stop.exit_code if stop.requested else EXIT_PREEMPTED
+        when = f" during {stop.phase}" if stop.requested else ""
+        self.console.print(f"stopped at step {step} ({by}{when}): checkpoint {folder}; "
+                           f"run the same command to resume (exit {code})")
+        return TrainResult(self.run_dir, step, p.history, True, resumed_from, code, by)
+
+    def _should_stop(self, stop: StopRequest, stop_at: int | None) -> bool:
+        p = self.position
+        return p.step >= self.cfg.training.steps or stop.requested or (stop_at is not None and p.step >= stop_at)
+
+    def _loader(self) -> DataLoader:
+        """The rest of the current epoch's batches, from the saved position in its permutation."""
+        cfg, p = self.cfg, self.position
+        batches = epoch_batches(len(self.train_set), cfg.training.batch_size, cfg.run.seed, p.epoch)
+        return DataLoader(
+            self.train_set,
+            batch_sampler=batches[p.batch_index :],
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate,
+            # Its own generator keeps the loader from drawing on the global RNG (exact resume).
+            generator=torch.Generator().manual_seed(cfg.run.seed * 100_003 + p.epoch),
+        )
+
+    def _loop(self, stop: StopRequest, stop_at: int | None) -> None:
+        """Run steps until `training.steps`, a stop request or `stop_at`."""
+        t = self.cfg.training
+        ran, started = 0, time.perf_counter()
+        columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("loss {task.fields[loss]}")]
         self.parts.model.train()
-        with Progress(*columns, console=self.console, transient=False) as bar:
-            task = bar.add_task("train", total=t.steps, completed=p.step, loss="-", rate="")
-            while p.step < t.steps:
-                batches = epoch_batches(len(self.train_set), t.batch_size, cfg.run.seed, p.epoch)
-                # Its own generator keeps the loader from drawing on the global RNG (exact resume).
-                loader = DataLoader(
-                    self.train_set,
-                    batch_sampler=batches[p.batch_index :],
-                    num_workers=cfg.data.num_workers,
-                    collate_fn=collate,
-                    generator=torch.Generator().manual_seed(cfg.run.seed * 100_003 + p.epoch),
-                )
-                for batch in loader:
-                    self._one_step(to_device(batch, self.device))
-                    rate = (p.step - start_step) / (time.perf_counter() - started)
-                    bar.update(task, completed=p.step, loss=f"{self._last_loss:.4f}", rate=f"{rate:.2f} it/s")
-                    if stop.requested or p.step == stop_at:
-                        return True
-                    if p.step >= t.steps:
-                        return False
-                p.epoch, p.batch_index = p.epoch + 1, 0
-        return False
+        # Between steps (fetching a batch, drawing the bar) a stop signal still lets the step
+        # whose batch is being fetched run; "training" names that gap.
+        with Progress(*columns, console=self.console, transient=False) as bar, self._in_phase("training"):
+            task = bar.add_task("train", total=t.steps, completed=self.position.step, loss="-", rate="")
+            while not self._should_stop(stop, stop_at):
+                for batch in self._loader():
+                    moved = self._one_step(to_device(batch, self.device))
+                    ran += 1
+                    rate = ran / (time.perf_counter() - started)
+                    # self.position, not a local: a rollback replaces it.
+                    bar.update(task, completed=self.position.step, loss=f"{self._last_loss:.4f}", rate=f"{rate:.2f} it/s")
+                    if moved or self._should_stop(stop, stop_at):
+                        break
+                else:
+                    self.position.epoch, self.position.batch_index = self.position.epoch + 1, 0
 
-    def _one_step(self, batch: dict) -> None:
-        t, p = self.cfg.training, self.position
-        lr = lr_at(p.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+    def _one_step(self, batch: dict) -> bool:
+        """One step and the work due after it; True when a rollback moved the position back."""
+        t, g, p = self.cfg.training, self.guards, self.position
+        lr = self.lr_scale * lr_at(p.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        result = train_step(self.parts, self.optimizer, batch, self.generator, t.grad_clip)
+        with self._in_phase(f"step {p.step + 1}"):
+            result = train_step(self.parts, self.optimizer, batch, self.generator, t.grad_clip, accept=g.accept)
         p.step += 1
         p.batch_index += 1
-        if p.step <= t.ema_start:
-            self.ema.reset(self.parts.model)
-        else:
-            self.ema.update(self.parts.model)
-        self._last_loss = result.loss
+        if not result.applied and g.should_roll_back() and self._roll_back():
+            return True
+        if result.applied:  # a skipped step left the weights as they were: nothing for the EMA
+            if p.step <= t.ema_start:
+                self.ema.reset(self.parts.model)
+            else:
+                self.ema.update(self.parts.model)
+            self._last_loss = result.loss
         if p.step % t.log_every == 0:
             self.writer.add_scalar("train/loss", result.loss, p.step)
             self.writer.add_scalar("train/grad_norm", result.grad_norm, p.step)
             self.writer.add_scalar("train/lr", lr, p.step)
+            for name, value in g.scalars().items():
+                self.writer.add_scalar(name, value, p.step)
         if p.step % t.val_every == 0 or p.step == t.steps:
             record = self._validate()
+            skipped = g.skipped_nonfinite + g.skipped_spike
+            note = f"  skipped {skipped} ({g.skipped_nonfinite} non-finite, {g.skipped_spike} spikes)" if skipped else ""
             self.console.print(
                 f"step {p.step}/{t.steps}: loss {result.loss:.4f}  val {record['val_loss']:.4f}  "
-                f"val(ema) {record['val_loss_ema']:.4f}  lr {lr:.2e}"
+                f"val(ema) {record['val_loss_ema']:.4f}  lr {lr:.2e}{note}"
             )
         if t.mosaic_every and p.step % t.mosaic_every == 0:
-            self._log_mosaic()
+            with self._in_phase(f"sampling at step {p.step}"):
+                self._log_mosaic()
         if p.step % t.checkpoint_every == 0 or p.step == t.steps:
             self._save()
+        return False
 
 
-def train(cfg, console: Console | None = None, stop_at: int | None = None) -> TrainResult:
-    return Trainer(cfg, console).fit(stop_at)
+def _check_checkpoint_settings(c) -> None:
+    """Checkpoint keys the store would refuse at the first save: refuse them before training."""
+    if c.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last={c.keep_last} must be at least 1")
+    if c.max_shard_bytes < store.MIN_SHARD_BYTES:
+        raise ConfigError(f"checkpoint.max_shard_bytes={c.max_shard_bytes} is below the minimum of "
+                          f"{store.MIN_SHARD_BYTES} (1 MiB)")
+
+
+def train(cfg, console: Console | None = None, stop_at: int | None = None,
+          pending_signals: list[int] | None = None) -> TrainResult:
+    """Build the trainer and fit; `pending_signals`: stop signals received before it started."""
+    return Trainer(cfg, console).fit(stop_at, pending_signals)
