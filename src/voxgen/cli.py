@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("root")
     c.add_argument("--mode", default=None,
                    help="check only the modalities this mode reads (default: every modality voxgen knows)")
+    from voxgen.evaluation.commands import add_evaluate_parser, add_find_steps_parser
+
+    add_evaluate_parser(sub)
+    add_find_steps_parser(sub)
     return parser
 
 
@@ -396,7 +400,19 @@ def _profile_grid(args) -> int:
     return 0
 
 
-COMMANDS = {"fit": _fit, "profile": _profile, "plan": _plan, "train": _train, "slurm": _slurm, "sample": _sample, "models": _models, "data": _data, "quickstart": _quickstart}
+def _evaluate(args) -> int:
+    from voxgen.evaluation.commands import run_evaluate
+
+    return run_evaluate(args)
+
+
+def _find_steps(args) -> int:
+    from voxgen.evaluation.commands import run_find_steps
+
+    return run_find_steps(args)
+
+
+COMMANDS = {"evaluate": _evaluate, "find-steps": _find_steps, "fit": _fit, "profile": _profile, "plan": _plan, "train": _train, "slurm": _slurm, "sample": _sample, "models": _models, "data": _data, "quickstart": _quickstart}
 
 
 def main(argv: list[str] | None = None) -> int:

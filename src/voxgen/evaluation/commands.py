@@ -1,0 +1,148 @@
+"""`voxgen evaluate` and `voxgen find-steps`: parsers that set `func`, and the functions they call.
+
+Building the parsers imports nothing heavy (no torch), so `voxgen --help` stays fast; names of
+extractors, metrics and solvers are checked when the command runs, with one-line errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from voxgen.errors import VoxgenError
+
+DEFAULT_SAMPLES = 8
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run folder (its newest checkpoint's EMA weights are used)")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help=f"volumes per configuration (default {DEFAULT_SAMPLES})")
+    p.add_argument("--extractor", default="random3d",
+                   help="features of FID/KID/MMD: random3d (default; offline, not comparable with published figures), "
+                        "resnet50 (2.5D, needs --extractor-weights) or ct-resnet152 (3D, voxgen[ct-features])")
+    p.add_argument("--extractor-weights", metavar="FILE", help="local weights file (resnet50: ImageNet or RadImageNet "
+                   "state dict in torchvision's layout; ct-resnet152: default from voxgen[ct-features])")
+    p.add_argument("--preprocess", choices=["imagenet", "radimagenet"], help="resnet50 input normalisation (default imagenet)")
+    p.add_argument("--split", default=None, help="reference split (default test, or val when there is no test split)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i in every configuration")
+    p.add_argument("--batch-size", type=int, default=8, help="volumes sampled together (default 8; fewer on a small GPU)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--out", default=None, help="output folder (default RUN/evaluation)")
+
+
+def _metric_list(text: str | None) -> list[str] | None:
+    return None if text is None else [m.strip() for m in text.split(",") if m.strip()]
+
+
+def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("evaluate", help="metrics table of a run per sampler configuration (Markdown, CSV, plot)")
+    _add_common(p)
+    p.add_argument("--solvers", nargs="+", default=None, metavar="SPEC",
+                   help="configurations: euler:10,25,50 heun2:25 dopri5:1e-3 (default: the run's sample.solver)")
+    p.add_argument("--metrics", default=None, metavar="M1,M2",
+                   help="comma-separated subset of psnr, ssim, ms_ssim, fid, kid, mmd, intensity_w1, dice, hd95, lesions, "
+                        "lesion_count_w1, lesion_size_w1, lesion_fraction_w1 (default: all that apply)")
+    return p
+
+
+def add_find_steps_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("find-steps", help="golden-section search of the Euler step count for the best metric")
+    _add_common(p)
+    p.add_argument("--metric", default="fid", help="metric to optimise (default fid; any of evaluate's with a better direction)")
+    p.add_argument("--min", dest="lo", type=int, default=4, help="fewest steps (default 4)")
+    p.add_argument("--max", dest="hi", type=int, default=100, help="most steps (default 100)")
+    p.add_argument("--solver", default="euler", help="fixed-step sampler whose steps are searched (default euler)")
+    return p
+
+
+def _evaluator(args, metrics):
+    from voxgen.evaluation.evaluate import RunEvaluator
+
+    return RunEvaluator(args.run, samples=args.samples, extractor=args.extractor,
+                        extractor_weights=args.extractor_weights, preprocess=args.preprocess, split=args.split,
+                        metrics=metrics, seed=args.seed, batch_size=args.batch_size, device=args.device)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _line(row, headers) -> str:
+    values = ", ".join(f"{h} {row.values[h]:.4g}" for h in headers)
+    return f"NFE {row.nfe}, {row.seconds_per_volume:.2f} s/volume; {values}"
+
+
+def _title(ev, what: str) -> str:
+    ext = ev.extractor
+    label = f"; features {ext.label}" if ext is not None else ""
+    return f"{what}: {ev.run_dir.name} ({ev.cfg.model.name}, {ev.cfg.mode}), {ev.samples} samples vs '{ev.split}'{label}"
+
+
+def run_evaluate(args) -> int:
+    from voxgen.evaluation.evaluate import expand_solvers
+    from voxgen.evaluation.metrics import header
+    from voxgen.evaluation.report import save_nfe_chart, write_tables
+
+    began = time.perf_counter()
+    ev = _evaluator(args, _metric_list(args.metrics))
+    texts = expand_solvers(args.solvers) if args.solvers else [ev.cfg.sample.solver]
+    specs = [ev.solver(t) for t in texts]  # every spec checked before any sampling starts
+    headers = ev.headers()
+    rows = []
+    for i, spec in enumerate(specs, 1):
+        _say(f"[{i}/{len(specs)}] {spec}: sampling {ev.samples} volumes")
+        row = ev.evaluate(spec)
+        _say(f"[{i}/{len(specs)}] {spec}: {_line(row, headers)}")
+        rows.append(row)
+    out = Path(args.out) if args.out else ev.run_dir / "evaluation"
+    title = _title(ev, "Evaluation")
+    label = ev.extractor.label if ev.extractor else ""
+    md, csv_path = write_tables(rows, headers, out, "evaluate", title, ev.describe(), label)
+    better = {header(c.metric, ev.extractor): c.metric.better for c in ev.columns}
+    chart = save_nfe_chart(out / "evaluate.png", rows, headers, title, better)
+    print(f"evaluated {len(rows)} configurations x {ev.samples} samples in {time.perf_counter() - began:.0f} s; "
+          f"{md}, {csv_path}, {chart}")
+    return 0
+
+
+def run_find_steps(args) -> int:
+    from voxgen.diffusion.samplers import SAMPLERS
+    from voxgen.evaluation.evaluate import golden_section
+    from voxgen.evaluation.metrics import get_metric
+    from voxgen.evaluation.report import write_tables
+
+    if get_metric(args.metric).better not in ("lower", "higher"):
+        raise VoxgenError(f"--metric {args.metric}: a statistic with no better direction; choose e.g. fid, kid, ssim")
+    if args.lo < 1 or args.hi < args.lo:
+        raise VoxgenError(f"--min {args.lo} --max {args.hi}: need 1 <= min <= max")
+    entry = SAMPLERS.get(args.solver)
+    if entry is None or entry.value != "steps":
+        raise VoxgenError(f"--solver {args.solver}: needs a fixed-step sampler (e.g. euler, heun2)")
+    began = time.perf_counter()
+    ev = _evaluator(args, [args.metric])
+    column = ev.columns[0]
+    head = ev.headers()[0]
+    sign = 1.0 if column.metric.better == "lower" else -1.0
+    rows = {}
+
+    def objective(steps: int) -> float:
+        spec = ev.solver(f"{args.solver}:{steps}")
+        row = ev.evaluate(spec)
+        rows[steps] = row
+        _say(f"{args.solver}:{steps}: {_line(row, [head])}")
+        return sign * row.values[head]
+
+    best, _ = golden_section(objective, args.lo, args.hi)
+    ordered = [rows[s] for s in sorted(rows)]
+    out = Path(args.out) if args.out else ev.run_dir / "evaluation"
+    title = _title(ev, f"Step search ({args.solver}, {args.lo}-{args.hi} steps, {column.metric.better} {head} is better)")
+    notes = [f"Golden-section search: {len(rows)} evaluations instead of {args.hi - args.lo + 1}; best: "
+             f"{args.solver}:{best} ({head} {rows[best].values[head]:.4g}). The search assumes the metric is "
+             "unimodal in the step count; every configuration samples the same seeds.", *ev.describe()]
+    label = ev.extractor.label if ev.extractor else ""
+    md, csv_path = write_tables(ordered, [head], out, "find_steps", title, notes, label)
+    print(f"best {args.solver} steps for {head}: {best} ({rows[best].values[head]:.4g}); {len(rows)} evaluations in "
+          f"{time.perf_counter() - began:.0f} s; {md}, {csv_path}")
+    return 0

@@ -1,0 +1,262 @@
+"""Evaluate a run: generate samples per solver configuration, score them against a data split.
+
+Every configuration samples the same seeds (seed, seed + 1, ...), so configurations differ only
+by their solver. Conditioned modes take their conditions in order from the reference split's
+cases (cycling), and their paired metrics compare each sample with the case it was conditioned on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from voxgen.data.dataset import VolumeDataset
+from voxgen.data.layout import MASK_MODALITIES
+from voxgen.errors import DataError, VoxgenError
+from voxgen.evaluation import metrics as registry
+from voxgen.evaluation.features import EXTRACTORS, Extractor, build_extractor
+from voxgen.evaluation.masks import lesion_stats
+from voxgen.evaluation.pixel import ms_ssim_min_size
+
+
+
+@dataclass
+class Row:
+    """One solver configuration's results; `values` maps a column header to its value."""
+
+    spec: str  # the solver text, e.g. "euler:25"
+    solver: str
+    setting: str  # "25 steps" or "tol 0.001"
+    nfe: int
+    seconds_per_volume: float
+    values: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Column:
+    modality: str
+    metric: registry.Metric
+    header: str
+
+
+def expand_solvers(texts: Sequence[str]) -> list[str]:
+    """`euler:10,25,50` -> euler:10, euler:25, euler:50; options after the values stay with each:
+    `euler:10,25,shift=3` -> euler:10,shift=3 and euler:25,shift=3."""
+    out = []
+    for text in texts:
+        name, sep, rest = str(text).partition(":")
+        if not sep:
+            out.append(name)
+            continue
+        parts = [p.strip() for p in rest.split(",") if p.strip()]
+        values = [p for p in parts if "=" not in p]
+        options = [p for p in parts if "=" in p]
+        if not values:
+            raise VoxgenError(f"--solvers: '{text}' names no steps or tolerance")
+        out += [",".join([f"{name}:{v}", *options]) for v in values]
+    return out
+
+
+def voxel_spacing(dataset: VolumeDataset) -> tuple[float, float, float]:
+    """Voxel size (D, H, W) in mm of the model grid: column norms of the reference affine,
+    whose columns are the (W, H, D) index axes."""
+    norms = np.linalg.norm(dataset.affine[:3, :3], axis=0)
+    return float(norms[2]), float(norms[1]), float(norms[0])
+
+
+def reference_split(root, modalities, shape, split: str | None) -> VolumeDataset:
+    """The split's dataset; None = test, or val when the data has no test cases."""
+    if split is not None:
+        return VolumeDataset(root, split, modalities, shape)
+    try:
+        return VolumeDataset(root, "test", modalities, shape)
+    except DataError:
+        return VolumeDataset(root, "val", modalities, shape)
+
+
+class RunEvaluator:
+    """A run's EMA model, its reference split and the chosen metrics; `evaluate(spec)` scores one
+    solver configuration. Reference features are extracted once and reused."""
+
+    def __init__(self, run_dir, *, samples: int = 8, extractor: str = "random3d",
+                 extractor_weights: str | None = None, preprocess: str | None = None, split: str | None = None,
+                 metrics: Sequence[str] | None = None, seed: int = 0, batch_size: int = 8, device: str = "auto"):
+        from voxgen.training.runs import load_run
+
+        if extractor not in EXTRACTORS:
+            raise VoxgenError(f"--extractor: unknown extractor '{extractor}' (have: {', '.join(EXTRACTORS)})")
+        if samples < 2:
+            raise VoxgenError(f"--samples must be at least 2 (the distribution metrics need two), got {samples}")
+        self.run_dir = Path(run_dir)
+        self.cfg, self.parts, self.step = load_run(run_dir, weights="ema", device=device)
+        if next(self.parts.model.parameters()).device.type == "cpu":
+            # oneDNN's 3D convolutions run about 25% faster on channels-last weights; outputs
+            # change only by float rounding (~1e-5).
+            self.parts.model.to(memory_format=torch.channels_last_3d)
+        self.samples, self.seed, self.batch_size = int(samples), int(seed), int(batch_size)
+        mode = self.parts.mode
+        self.data = reference_split(self.cfg.data.root, mode.modalities, self.cfg.data.shape, split)
+        self.split = self.data.split
+        self.spacing = voxel_spacing(self.data)
+        items = [self.data[i] for i in range(len(self.data))]
+        self.case_index = {item["case"]: i for i, item in enumerate(items)}
+        self.reals = {m: np.stack([item[m][0].numpy() for item in items]) for m in mode.generated}
+        self.paired = bool(mode.conditions)
+        self.notes: list[str] = []
+        self._several = len(mode.generated) > 1
+        self.columns = self._columns(metrics)
+        needs_features = any(c.metric.needs == "features" for c in self.columns)
+        device_ = next(self.parts.model.parameters()).device
+        self.extractor: Extractor | None = (build_extractor(extractor, extractor_weights, device_, preprocess)
+                                            if needs_features else None)
+        self._real_features: dict[str, dict] = {}
+        self._warm = False
+
+    def _columns(self, names: Sequence[str] | None) -> list[Column]:
+        shape = list(self.cfg.data.shape)
+        explicit = names is not None
+        chosen = [registry.get_metric(n) for n in names] if explicit else list(registry.METRICS.values())
+        columns = []
+        for modality in self.parts.mode.generated:
+            is_mask = modality in MASK_MODALITIES
+            for metric in chosen:
+                if not registry.applicable(metric, is_mask, self.paired):
+                    if explicit:
+                        what = "mask" if is_mask else "image"
+                        kind_ok = metric.kind == "any" or (metric.kind == "mask") == is_mask
+                        need = f"{metric.kind} modalities" if not kind_ok else "conditioned samples"
+                        raise VoxgenError(f"metric '{metric.name}' needs {need}; this run generates {modality} "
+                                          f"({what}{', unconditioned' if not self.paired else ''})")
+                    continue
+                if metric.name == "ms_ssim" and min(shape) < ms_ssim_min_size():
+                    message = (f"MS-SSIM: volumes {shape} are too small for 5 scales with an 11-voxel window: "
+                               f"every axis needs at least {ms_ssim_min_size()} voxels")
+                    if explicit:
+                        raise VoxgenError(message)
+                    self.notes.append(f"{message}; left out.")
+                    continue
+                columns.append(Column(modality, metric, metric.name))
+        if not columns:
+            raise VoxgenError("no metric applies to this run")
+        return columns
+
+    def headers(self) -> list[str]:
+        """Column headers of the metrics, e.g. 'FID (random3d)'; prefixed by modality when a mode
+        generates several."""
+        out = []
+        for c in self.columns:
+            head = registry.header(c.metric, self.extractor)
+            out.append(f"{c.modality} {head}" if self._several else head)
+        return out
+
+    def solver(self, text: str):
+        """The SolverSpec of `text`, completed by the run's sample settings (shift, eta)."""
+        from voxgen.diffusion.samplers import check_solver, parse_solver
+
+        spec = parse_solver(text, self.cfg.sample)
+        check_solver(spec)
+        return spec
+
+    def warm_up(self) -> None:
+        """One untimed single-step batch: the first network calls pay one-time start-up (kernel
+        selection, allocations; ~9 s on the quickstart run on a CPU) that would otherwise inflate
+        the first row's seconds per volume."""
+        from voxgen.diffusion.sample_run import sample_volumes
+        from voxgen.diffusion.samplers import SAMPLERS, SolverSpec
+
+        name = next(n for n, s in SAMPLERS.items() if s.strategy == self.parts.strategy.name and s.value == "steps")
+        sample_volumes(self.cfg, self.parts, min(self.batch_size, self.samples), self.seed, split=self.split,
+                       batch_size=self.batch_size, solver=SolverSpec(name, steps=1))
+        self._warm = True
+
+    def evaluate(self, spec, progress: Callable[[int], None] | None = None) -> Row:
+        """Sample with `spec` and compute every column."""
+        from voxgen.diffusion.sample_run import sample_volumes
+        from voxgen.diffusion.samplers import SAMPLERS
+
+        if not self._warm:
+            self.warm_up()
+        result = sample_volumes(self.cfg, self.parts, self.samples, self.seed, split=self.split,
+                                batch_size=self.batch_size, progress=progress, solver=spec)
+        entry = SAMPLERS[spec.name]
+        setting = f"{spec.steps} steps" if entry.value == "steps" else f"tol {spec.tolerance:g}"
+        row = Row(str(spec), spec.name, setting, int(result.nfe), float(result.seconds_per_volume))
+        targets_index = [self.case_index[c] for c in result.case_ids] if self.paired else None
+        inputs: dict[str, registry.Inputs] = {}
+        for column, head in zip(self.columns, self.headers()):
+            modality = column.modality
+            if modality not in inputs:
+                is_mask = modality in MASK_MODALITIES
+                reals = self.reals[modality]
+                inputs[modality] = registry.Inputs(
+                    modality, is_mask, registry.prepare_samples(result.volumes[modality], is_mask), reals,
+                    targets=reals[targets_index] if targets_index is not None else None, spacing=self.spacing,
+                    extractor=self.extractor, real_features=self._real_features.get(modality))
+            value = column.metric.fn(inputs[modality])
+            if inputs[modality].real_features is not None:
+                self._real_features[modality] = inputs[modality].real_features
+            row.values[head] = value
+        return row
+
+    def describe(self) -> list[str]:
+        """Notes for the table: what was compared, with which extractor."""
+        ext = self.extractor
+        lines = [f"Run `{self.run_dir}` (step {self.step}, EMA weights), {self.samples} samples per configuration "
+                 f"(seeds {self.seed}-{self.seed + self.samples - 1}) against the {len(self.data)} cases of the "
+                 f"'{self.split}' split; NFE = network evaluations per volume; seconds per volume include decoding."]
+        if any(c.metric.needs == "pairs" for c in self.columns):
+            lines.append("Paired metrics compare sample i with the case whose condition produced it "
+                         "(the split's cases in order, cycling); images in [-1, 1] (data range 2).")
+        for modality, reals in self.reals.items():
+            if modality in MASK_MODALITIES and any(c.metric.kind == "mask" for c in self.columns):
+                stats = lesion_stats(reals, self.spacing)
+                lines.append(f"Reference {modality} masks: {stats.mean_count:.2f} lesions/mask (26-connected), median "
+                             f"lesion {stats.median_size_mm3:.4g} mm^3; masks thresholded at 0 in model space.")
+        if ext is not None:
+            per = (f"{ext.slices_per_plane} slices per plane, three planes, FID/KID/MMD averaged over planes"
+                   if ext.planes else "whole volumes")
+            lines.append(f"Features: {ext.name} ({ext.source}; {per}).")
+            if not ext.comparable:
+                lines.append(f"{ext.name} is a random network: its numbers are not comparable with published figures; "
+                             "use them to compare configurations of this table only.")
+        return lines + self.notes
+
+
+def golden_section(f: Callable[[int], float], lo: int, hi: int) -> tuple[int, dict[int, float]]:
+    """Integer golden-section search for the minimum of f on [lo, hi] (f assumed unimodal).
+
+    Returns (argmin, {x: f(x)} of every evaluation made). Points are rounded to integers and cached;
+    once the bracket holds four or fewer integers each is evaluated. O(log(hi - lo)) evaluations.
+    """
+    if lo > hi:
+        raise VoxgenError(f"golden-section search: empty range [{lo}, {hi}]")
+    seen: dict[int, float] = {}
+
+    def value(x: int) -> float:
+        if x not in seen:
+            v = f(x)
+            seen[x] = math.inf if (v is None or math.isnan(v)) else float(v)
+        return seen[x]
+
+    inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
+    a, b = lo, hi
+    while b - a > 3:
+        c = b - round((b - a) * inv_phi)
+        d = a + round((b - a) * inv_phi)
+        if c >= d:  # rounding collapsed the two probes
+            c, d = (a + b) // 2, (a + b) // 2 + 1
+        if value(c) <= value(d):
+            b = d - 1 if value(c) < value(d) else d
+        else:
+            a = c + 1
+    for x in range(a, b + 1):
+        value(x)
+    best = min(range(a, b + 1), key=lambda x: (seen[x], x))
+    if seen[best] > min(seen.values()):
+        best = min(seen, key=lambda x: (seen[x], x))
+    return best, seen

@@ -1,0 +1,114 @@
+"""`voxgen evaluate` and `voxgen find-steps` on a tiny trained run; the step search; solver lists."""
+
+import csv
+import math
+
+import pytest
+
+from voxgen.cli import main
+from voxgen.errors import VoxgenError
+from voxgen.evaluation.evaluate import RunEvaluator, expand_solvers, golden_section
+
+TINY = ["data.shape=[16,16,16]", "model.channels=[8,16]", "model.attention_levels=[false,true]",
+        "model.num_head_channels=8", "model.norm_num_groups=4", "training.steps=2", "training.val_batches=1",
+        "training.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(cohort_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("evaluate") / "run"
+    assert main(["train", *TINY, f"data.root={cohort_root}", f"run.dir={run}"]) == 0
+    return run
+
+
+def _command(argv):
+    """The real `voxgen` entry point, in-process: user errors print `error: ...` and return 2."""
+    return main(argv)
+
+
+def test_evaluate_writes_table_csv_and_plot_with_the_nfe_of_each_solver(tiny_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert _command(["evaluate", "--run", str(tiny_run), "--solvers", "euler:2,3", "heun2:2", "--samples", "2",
+                     "--out", str(out)]) == 0
+    assert "evaluated 3 configurations x 2 samples" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / "evaluate.csv").open()))
+    assert [(r["solver"], r["steps / tolerance"], int(r["NFE"])) for r in rows] == [
+        ("euler", "2 steps", 2), ("euler", "3 steps", 3), ("heun2", "2 steps", 4)]  # Heun: two evaluations a step
+    for r in rows:
+        assert float(r["seconds per volume"]) > 0
+        assert math.isfinite(float(r["FID (random3d)"])) and float(r["FID (random3d)"]) >= 0
+        assert -1 <= float(r["SSIM"]) <= 1 and float(r["PSNR (dB)"]) > 0
+        assert r["extractor"] == "random3d, not comparable with published figures"
+    table = (out / "evaluate.md").read_text()
+    assert "| solver | steps / tolerance | NFE | PSNR (dB) | SSIM | FID (random3d) | KID (random3d) |" in table
+    assert "not comparable with published figures" in table
+    assert "MS-SSIM: volumes [16, 16, 16] are too small" in table
+    assert (out / "evaluate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_nfe_is_the_number_of_network_calls(tiny_run):
+    ev = RunEvaluator(tiny_run, samples=2, metrics=["intensity_w1"], batch_size=2)
+    ev.warm_up()  # its untimed single step is not part of any row
+    calls = []
+    ev.parts.model.register_forward_hook(lambda *_: calls.append(1))
+    for text in ("euler:3", "heun2:2", "dopri5:1e-2"):
+        calls.clear()
+        row = ev.evaluate(ev.solver(text))
+        assert row.nfe == len(calls), text  # one batch of both samples: calls = evaluations per volume
+    assert row.setting == "tol 0.01"
+
+
+def test_find_steps_searches_and_writes_its_evaluations(tiny_run, tmp_path, capsys):
+    out = tmp_path / "steps"
+    assert _command(["find-steps", "--run", str(tiny_run), "--metric", "intensity_w1", "--min", "1", "--max", "9",
+                     "--samples", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = list(csv.DictReader((out / "find_steps.csv").open()))
+    steps = [int(r["NFE"]) for r in rows]
+    assert steps == sorted(set(steps)) and len(steps) < 9  # fewer evaluations than trying every count
+    values = {int(r["NFE"]): float(r["intensity W1"]) for r in rows}
+    best = min(values, key=lambda s: (values[s], s))
+    assert f"best euler steps for intensity W1: {best} " in printed
+    assert "Golden-section search" in (out / "find_steps.md").read_text()
+
+
+def test_user_errors_are_one_line(tiny_run, capsys):
+    assert _command(["evaluate", "--run", str(tiny_run), "--metrics", "dice", "--samples", "2"]) == 2
+    assert "error: metric 'dice' needs mask modalities; this run generates bravo (image)" in capsys.readouterr().err
+    assert _command(["evaluate", "--run", str(tiny_run), "--metrics", "ms_ssim", "--samples", "2"]) == 2
+    assert "at least 176 voxels" in capsys.readouterr().err
+    assert _command(["evaluate", "--run", str(tiny_run), "--solvers", "euler:0", "--samples", "2"]) == 2
+    assert "error: solver" in capsys.readouterr().err
+    assert _command(["evaluate", "--run", str(tiny_run), "--samples", "1"]) == 2
+    assert "--samples must be at least 2" in capsys.readouterr().err
+    assert _command(["evaluate", "--run", str(tiny_run), "--extractor", "inception"]) == 2
+    assert "error: --extractor: unknown extractor 'inception' (have: random3d, resnet50, ct-resnet152)" in capsys.readouterr().err
+    assert _command(["find-steps", "--run", str(tiny_run), "--metric", "lesions"]) == 2
+    assert "a statistic with no better direction" in capsys.readouterr().err
+    assert _command(["evaluate", "--run", str(tiny_run.parent / "absent")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_expand_solvers():
+    assert expand_solvers(["euler:10,25,50", "heun2:25", "dopri5:1e-3"]) == [
+        "euler:10", "euler:25", "euler:50", "heun2:25", "dopri5:1e-3"]
+    assert expand_solvers(["euler:10,25,shift=3", "euler"]) == ["euler:10,shift=3", "euler:25,shift=3", "euler"]
+    with pytest.raises(VoxgenError, match="names no steps or tolerance"):
+        expand_solvers(["euler:shift=3"])
+
+
+def test_golden_section_finds_the_minimum_with_few_evaluations():
+    calls = []
+
+    def f(x):
+        calls.append(x)
+        return (x - 37) ** 2
+
+    best, seen = golden_section(f, 4, 100)
+    assert best == 37
+    assert len(calls) == len(set(calls)) == len(seen) <= 16  # cached; brute force would take 97
+    assert golden_section(lambda x: abs(x - 4), 4, 100)[0] == 4
+    assert golden_section(lambda x: -x, 4, 100)[0] == 100
+    assert golden_section(lambda x: 1.0, 7, 7) == (7, {7: 1.0})
+    # A flat stretch: the smallest step count among the best.
+    assert golden_section(lambda x: max(0, 20 - x), 4, 100)[0] == 20
