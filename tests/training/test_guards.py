@@ -213,8 +213,9 @@ def test_nonfinite_steps_pass_when_skipping_is_off_and_never_enter_the_window():
 
 
 def test_impossible_window_is_a_config_error():
+    # Refused with the rest of the config, before a Guards is ever built.
     with pytest.raises(ConfigError, match="guards.spike_min_history"):
-        Guards(GuardsConfig(spike_window=10, spike_min_history=20))
+        compose([], ["guards.spike_window=10", "guards.spike_min_history=20"])
 
 
 def test_state_dict_round_trip_preserves_decisions():

@@ -61,7 +61,7 @@ from collections import deque
 
 import torch
 
-from voxgen.errors import ConfigError, TrainingCollapsed
+from voxgen.errors import TrainingCollapsed
 
 OK, NONFINITE, SPIKE = "ok", "nonfinite", "spike"
 
@@ -76,17 +76,8 @@ class Guards:
     """
 
     def __init__(self, settings) -> None:
+        # The ranges of these settings are checked with the rest of the config (config.compose).
         self.settings = settings
-        if settings.spike_window < 1 or settings.spike_min_history < 1:
-            raise ConfigError(
-                f"guards.spike_window ({settings.spike_window}) and guards.spike_min_history "
-                f"({settings.spike_min_history}) must be at least 1"
-            )
-        if settings.spike_min_history > settings.spike_window:
-            raise ConfigError(
-                f"guards.spike_min_history ({settings.spike_min_history}) exceeds guards.spike_window "
-                f"({settings.spike_window}): spike detection would never start"
-            )
         self.window: deque[float] = deque(maxlen=settings.spike_window)
         self.rejected: list[float] = []  # spike norms since the last accepted step
         self.consecutive_skips = 0

@@ -57,8 +57,9 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def compute_loss(parts: Parts, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
-    """Scalar loss of one batch {modality: (B, 1, D, H, W)}; noise and times from `generator`.
+def prediction_and_target(parts: Parts, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's prediction for one batch {modality: (B, 1, D, H, W)} and the strategy's
+    target for it, both (B, C, D', H', W'); noise and times from `generator`.
 
     In training mode, conditions are replaced by the null condition with probability
     `parts.strategy.cond_dropout` per sample (classifier-free guidance); evaluation mode keeps
@@ -74,7 +75,12 @@ def compute_loss(parts: Parts, batch: dict, generator: torch.Generator | None) -
     x_t = parts.strategy.interpolate(z0, noise, t)
     with autocast(parts.precision, z0.device):
         prediction = parts.model(parts.mode.model_input(x_t, cond), parts.strategy.model_time(t))
-    return parts.strategy.loss(prediction, parts.strategy.target(z0, noise))
+    return prediction, parts.strategy.target(z0, noise)
+
+
+def compute_loss(parts: Parts, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
+    """Scalar loss of one batch (see `prediction_and_target`)."""
+    return parts.strategy.loss(*prediction_and_target(parts, batch, generator))
 
 
 @dataclass

@@ -32,7 +32,7 @@ from voxgen.training.state import (
     rng_to_checkpoint,
     seed_everything,
 )
-from voxgen.training.step import Parts, build_parts, compute_loss, make_optimizer, train_step
+from voxgen.training.step import Parts, build_parts, make_optimizer, prediction_and_target, train_step
 
 # Exit codes of `voxgen train` (docs/reliability.md). 0: training.steps reached.
 # Ctrl-C after the checkpoint is saved: 128 + SIGINT, what a shell reports for a program Ctrl-C ended.
@@ -136,41 +136,21 @@ class Validation:
     target_std: float  # ... and of the target it is trained towards (for the collapse guard)
 
 
-class _Recorder:
-    """A strategy that keeps the (prediction, target) its loss was computed from.
-
-    Lets validation measure the spread of exactly what the loss sees, through the one
-    `compute_loss` the training step uses, instead of a second copy of the forward pass.
-    """
-
-    def __init__(self, strategy) -> None:
-        self.strategy = strategy
-        self.seen: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def __getattr__(self, name):
-        return getattr(self.strategy, name)
-
-    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        self.seen = (prediction, target)
-        return self.strategy.loss(prediction, target)
-
-
 @torch.no_grad()
 def validation_loss(parts: Parts, dataset: VolumeDataset, batch_size: int, batches: int, seed: int, device) -> Validation:
     """Mean loss over fixed batches with fixed noise and times, so values compare across steps,
     and the prediction/target spread of the first batch."""
     was_training = parts.model.training
     parts.model.eval()
-    recorder = _Recorder(parts.strategy)
-    recording = replace(parts, strategy=recorder)
     generator = torch.Generator(device).manual_seed(seed)
     n = len(dataset)
     losses, spreads = [], None
     for b in range(batches):
         items = [dataset[(b * batch_size + j) % n] for j in range(batch_size)]
-        losses.append(float(compute_loss(recording, to_device(collate(items), device), generator)))
+        prediction, target = prediction_and_target(parts, to_device(collate(items), device), generator)
+        losses.append(float(parts.strategy.loss(prediction, target)))
         if spreads is None:
-            spreads = spread(*recorder.seen)
+            spreads = spread(prediction, target)
     parts.model.train(was_training)
     return Validation(sum(losses) / len(losses), *spreads)
 
@@ -181,7 +161,6 @@ class Trainer:
         self.console = console or Console(stderr=True)
         self.run_dir = Path(cfg.run.dir)
         self.device = resolve_device(cfg.training.device)
-        _check_checkpoint_settings(cfg.checkpoint)
         self.guards = Guards(cfg.guards)
         seed_everything(cfg.run.seed)
         self.parts = build_parts(cfg, self.device)
@@ -495,15 +474,6 @@ class Trainer:
         if p.step % t.checkpoint_every == 0 or p.step == t.steps:
             self._save()
         return False
-
-
-def _check_checkpoint_settings(c) -> None:
-    """Checkpoint keys the store would refuse at the first save: refuse them before training."""
-    if c.keep_last < 1:
-        raise ConfigError(f"checkpoint.keep_last={c.keep_last} must be at least 1")
-    if c.max_shard_bytes < store.MIN_SHARD_BYTES:
-        raise ConfigError(f"checkpoint.max_shard_bytes={c.max_shard_bytes} is below the minimum of "
-                          f"{store.MIN_SHARD_BYTES} (1 MiB)")
 
 
 def train(cfg, console: Console | None = None, stop_at: int | None = None,
