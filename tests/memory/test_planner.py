@@ -131,3 +131,15 @@ def test_a_3_5b_parameter_unet_plans_without_allocating_it():
     assert abs(p.params / 1e6 - 3477.6) < 0.1  # unet3d_latent_a100.csv, 4L_large_d
     assert p.peak_bytes_first_step > 5 * 4 * p.params  # params, grads, two AdamW states, one temporary
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < 4 * GiB
+
+
+def test_qk_norm_keeps_about_14_bytes_per_token_channel_and_block():
+    """Under bf16 on a GPU QK-norm keeps fp32 q and k for the norms (8 B), the normalised bf16 q and k
+    for the kernel (4 B), a copy of the attention output for the projection (2 B: the kernel's
+    output is head-major once q is dense), and the norms' statistics (16 B per head)."""
+    base = ["mode=seg", "model.name=dit", "model.variant=S", "model.patch_size=2", "data.shape=[16,32,32]",
+            "model.in_channels=1", "model.out_channels=1", "training.batch_size=1", "training.precision=bf16-mixed"]
+    on, off = (plan(compose([], [*base, f"model.qk_norm={flag}"])) for flag in ("true", "false"))
+    tokens, width, blocks, head_dim = 8 * 16 * 16, 384, 12, 64
+    extra = on.breakdown_first_step["activations"] - off.breakdown_first_step["activations"]
+    assert extra / (tokens * width * blocks) == pytest.approx(14 + 16 / head_dim, rel=0.03)

@@ -109,3 +109,26 @@ def test_shape_not_divisible_by_patch_is_a_clear_error():
 def test_width_override_must_divide_by_the_heads():
     with pytest.raises(ConfigError, match=r"model.hidden_size=100 is not divisible by the 6 heads of variant S"):
         _cfg("model.name=dit", "model.variant=S", "model.hidden_size=100")
+
+
+def test_qk_norm_is_on_by_default_and_can_be_switched_off():
+    on, off = _tiny(), _tiny("model.qk_norm=false")
+    assert isinstance(on.blocks[0].attn.q_norm, torch.nn.LayerNorm)
+    assert on.blocks[0].attn.q_norm.normalized_shape == (96 // 6,)  # per head
+    assert isinstance(off.blocks[0].attn.k_norm, torch.nn.Identity)
+    assert count_parameters(on) - count_parameters(off) == 2 * 4 * (96 // 6)  # 2 blocks x 2 norms x (w, b)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(qk_norm):
+    from voxgen.models.transformer import Attention
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 32)
+    attn = Attention(32, 4, qk_norm=qk_norm)
+    before = attn(x)
+    with torch.no_grad():  # qkv's output rows are [q | k | v], each head-major
+        attn.qkv.weight[:64] *= 10
+        attn.qkv.bias[:64] *= 10
+    after = attn(x)
+    assert torch.allclose(before, after, atol=1e-4) == qk_norm

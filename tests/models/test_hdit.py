@@ -114,3 +114,10 @@ def test_bad_configs_are_clear_errors(overrides, message):
         build_model(_cfg(*overrides), 2, 1, (16, 20, 16), False)
 
 
+
+
+def test_blocks_use_qk_norm_by_default_as_dit():
+    model = build_model(_cfg(*TINY), 2, 1, (8, 8, 8), False)
+    assert all(isinstance(block.attn.q_norm, torch.nn.LayerNorm) for block in model.blocks())
+    model = build_model(_cfg(*TINY, "model.qk_norm=false"), 2, 1, (8, 8, 8), False)
+    assert not any(isinstance(block.attn.q_norm, torch.nn.LayerNorm) for block in model.blocks())

@@ -140,3 +140,10 @@ def test_even_depth_is_a_clear_error():
 def test_width_override_must_divide_by_the_heads():
     with pytest.raises(ConfigError, match=r"model.hidden_size=100 is not divisible by the 12 heads of U-ViT variant M"):
         _cfg("model.name=uvit", "model.variant=M", "model.hidden_size=100")
+
+
+def test_qk_norm_is_off_by_default_as_in_the_paper():
+    off = build_model(_cfg(*TINY).model, 2, 1, (8, 8, 8), False)
+    on = build_model(_cfg(*TINY, "model.qk_norm=true").model, 2, 1, (8, 8, 8), False)
+    assert isinstance(off.mid_block.attn.q_norm, torch.nn.Identity)
+    assert isinstance(on.mid_block.attn.q_norm, torch.nn.LayerNorm)

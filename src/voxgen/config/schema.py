@@ -30,6 +30,9 @@ class ModelConfig:
     # null = the variant's; set to shrink a variant (tiny CPU tests, ablations). Heads stay the variant's.
     hidden_size: Optional[int] = None
     depth: Optional[int] = None
+    # LayerNorm on queries and keys per head. null = the family's: on for dit/sit/hdit (as the
+    # seeds' profiled DiT and HDiT), off for uvit (as the U-ViT paper).
+    qk_norm: Optional[bool] = None
 
 
 @dataclass

@@ -79,10 +79,10 @@ class DiTBlock(nn.Module):
     which the DiT paper found to train best of its conditioning variants.
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, attention: str):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, attention: str, qk_norm: bool):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, heads, kind=attention)
+        self.attn = Attention(dim, heads, kind=attention, qk_norm=qk_norm)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -123,6 +123,7 @@ class DiT3D(nn.Module):
         patch: int,
         size: DiTSize,
         attention: str = "sdpa",
+        qk_norm: bool = True,
     ):
         super().__init__()
         self.out_channels = out_channels
@@ -132,7 +133,9 @@ class DiT3D(nn.Module):
         self.x_embedder = PatchEmbed(in_channels, size.hidden, patch)
         self.t_embedder = TimestepEmbedder(size.hidden)
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens, size.hidden))
-        self.blocks = nn.ModuleList(DiTBlock(size.hidden, size.heads, size.mlp_ratio, attention) for _ in range(size.depth))
+        self.blocks = nn.ModuleList(
+            DiTBlock(size.hidden, size.heads, size.mlp_ratio, attention, qk_norm) for _ in range(size.depth)
+        )
         self.final_layer = FinalLayer(size.hidden, patch, out_channels)
         self.initialize_weights()
 
@@ -185,6 +188,7 @@ def _build(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int], gr
         patch=cfg.patch_size,
         size=dit_size(cfg.variant, cfg.hidden_size, cfg.depth),
         attention=cfg.attention,
+        qk_norm=True if cfg.qk_norm is None else cfg.qk_norm,  # null: on, as in the profiled seed DiT
     )
     if grad_checkpointing:
         for block in model.blocks:

@@ -116,6 +116,7 @@ class HDiT(nn.Module):
         size: DiTSize,
         level_depths: Sequence[int],
         attention: str = "sdpa",
+        qk_norm: bool = True,
     ):
         super().__init__()
         dim, levels = size.hidden, len(level_depths) // 2
@@ -124,7 +125,7 @@ class HDiT(nn.Module):
         self.grids = [tuple(g // 2**level for g in grid0) for level in range(levels + 1)]
 
         def stage(depth: int) -> nn.ModuleList:
-            return nn.ModuleList(DiTBlock(dim, size.heads, size.mlp_ratio, attention) for _ in range(depth))
+            return nn.ModuleList(DiTBlock(dim, size.heads, size.mlp_ratio, attention, qk_norm) for _ in range(depth))
 
         self.patch_embed = PatchEmbed(in_channels, dim, patch)
         self.t_embedder = TimestepEmbedder(dim)
@@ -226,6 +227,7 @@ def build_hdit(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int]
         size=dit_size(cfg.variant, cfg.hidden_size),  # DiT's S/B/L/XL, width overridable by model.hidden_size
         level_depths=list(cfg.level_depths),
         attention=cfg.attention,
+        qk_norm=True if cfg.qk_norm is None else cfg.qk_norm,  # null: on, as DiT's blocks
     )
     if grad_checkpointing:
         for block in model.blocks():

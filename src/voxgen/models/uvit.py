@@ -83,11 +83,11 @@ class UViTBlock(nn.Module):
     adding the two (its Table 6 / Figure 2 ablation).
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, attention: str, skip: bool = False):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, attention: str, qk_norm: bool, skip: bool = False):
         super().__init__()
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, kind=attention, qkv_bias=False)
+        self.attn = Attention(dim, heads, kind=attention, qkv_bias=False, qk_norm=qk_norm)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
 
@@ -116,6 +116,7 @@ class UViT3D(nn.Module):
         patch: int,
         size: UViTSize,
         attention: str = "sdpa",
+        qk_norm: bool = False,
     ):
         super().__init__()
         self.in_channels = in_channels
@@ -127,10 +128,10 @@ class UViT3D(nn.Module):
         self.time_embed = TimestepEmbedder(hidden)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + tokens, hidden))
         half = size.depth // 2
-        self.in_blocks = nn.ModuleList(UViTBlock(hidden, size.heads, size.mlp_ratio, attention) for _ in range(half))
-        self.mid_block = UViTBlock(hidden, size.heads, size.mlp_ratio, attention)
+        self.in_blocks = nn.ModuleList(UViTBlock(hidden, size.heads, size.mlp_ratio, attention, qk_norm) for _ in range(half))
+        self.mid_block = UViTBlock(hidden, size.heads, size.mlp_ratio, attention, qk_norm)
         self.out_blocks = nn.ModuleList(
-            UViTBlock(hidden, size.heads, size.mlp_ratio, attention, skip=True) for _ in range(half)
+            UViTBlock(hidden, size.heads, size.mlp_ratio, attention, qk_norm, skip=True) for _ in range(half)
         )
         self.norm = nn.LayerNorm(hidden)
         self.decoder_pred = nn.Linear(hidden, patch**3 * in_channels)
@@ -188,6 +189,7 @@ def build_uvit(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int]
         patch=cfg.patch_size,
         size=uvit_size(cfg.variant, cfg.hidden_size, cfg.depth),
         attention=cfg.attention,
+        qk_norm=False if cfg.qk_norm is None else cfg.qk_norm,  # null: off, as in the U-ViT paper
     )
     if grad_checkpointing:
         for block in model.blocks():
