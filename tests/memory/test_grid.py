@@ -165,3 +165,13 @@ def test_describe_counts_tokens_of_transformers_only():
     unet = describe(compose([], [*TINY_UNET, "data.shape=[8,16,16]"]))
     assert dit.patch == 4 and dit.tokens == 2 * 4 * 4 and dit.size == 32
     assert unet.patch is None and unet.tokens is None and unet.size == 8 * 16 * 16
+
+
+def test_shipped_gpu_validation_grid_covers_every_family_with_and_without_checkpointing():
+    grid, items = load_grid(REPO / "configs" / "grids" / "gpu_validation.yaml")
+    resolved = resolve(grid, items)
+    assert len(resolved) >= 12
+    settings = {(r.cfg.model.name, r.cfg.training.grad_checkpointing) for r in resolved}
+    for family in ("unet", "dit", "hdit", "uvit"):
+        assert {(family, False), (family, True)} <= settings, family
+    assert {r.cfg.training.precision for r in resolved} == {"bf16-mixed", "fp32"}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from voxgen.config.schema import Config
@@ -228,6 +228,7 @@ def validate(cfg: DictConfig) -> None:
         f"model.attention_levels has {len(cfg.model.attention_levels)} entries but model.channels has "
         f"{len(channels)}: give one per level",
     )
+    _check_res_blocks(cfg.model.num_res_blocks, len(channels))
     for key in ("in_channels", "out_channels"):
         value = cfg.model[key]
         _require(value is None or value >= 1, f"model.{key}={value} must be at least 1 (or null: derived from mode and space)")
@@ -246,7 +247,6 @@ def _check_counts(cfg: DictConfig) -> None:
             "training.checkpoint_every": t.checkpoint_every,
             "training.log_every": t.log_every,
             "sample.steps": cfg.sample.steps,
-            "model.num_res_blocks": cfg.model.num_res_blocks,
             "model.num_head_channels": cfg.model.num_head_channels,
             "model.norm_num_groups": cfg.model.norm_num_groups,
             "model.patch_size": cfg.model.patch_size,
@@ -307,6 +307,19 @@ def _check_ranges(cfg: DictConfig) -> None:
     _require(s.guidance_scale >= 0, f"sample.guidance_scale={s.guidance_scale} must be at least 0 (1 = no guidance)")
     _require(s.shift > 0, f"sample.shift={s.shift} must be positive (1 = uniform grid)")
     _interval("sample.eta", s.eta, 0, 1, closed_high=True)
+
+
+def _check_res_blocks(value, levels: int) -> None:
+    """`model.num_res_blocks`: a whole number >= 1, or a list of them with one per level (MONAI's meaning)."""
+    counts = list(value) if isinstance(value, ListConfig) else [value]
+    _require(
+        all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts),
+        f"model.num_res_blocks={OmegaConf.to_object(value) if isinstance(value, ListConfig) else value!r} must be a whole number >= 1 or a list of them, one per level",
+    )
+    _require(
+        not isinstance(value, ListConfig) or len(counts) == levels,
+        f"model.num_res_blocks has {len(counts)} entries but model.channels has {levels}: give one per level",
+    )
 
 
 def _check_network(cfg: DictConfig) -> None:

@@ -6,7 +6,7 @@ Defaults live here and nowhere else; code reads `cfg.section.key`, never `get(ke
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 
 @dataclass
@@ -18,7 +18,8 @@ class ModelConfig:
     # UNet knobs, with MONAI's DiffusionModelUNet meaning.
     channels: List[int] = field(default_factory=lambda: [32, 64, 64])
     attention_levels: List[bool] = field(default_factory=lambda: [False, False, True])
-    num_res_blocks: int = 1
+    # One count for every level, or a list with one per level (e.g. [1, 2, 2, 2]).
+    num_res_blocks: Any = 1
     num_head_channels: int = 32
     norm_num_groups: int = 16
     # sdpa: fused attention kernels; naive: materialised attention matrix (MONAI's default).

@@ -215,7 +215,9 @@ def default_series(cfg, network: Network) -> str:
     if network.patch is not None:
         return f"{cfg.model.variant} p{network.patch}"
     channels = list(cfg.model.channels)
-    return f"{len(channels)}L ch{channels[0]}-{channels[-1]} r{cfg.model.num_res_blocks}"
+    blocks = cfg.model.num_res_blocks
+    blocks = blocks if isinstance(blocks, int) else ",".join(str(b) for b in blocks)
+    return f"{len(channels)}L ch{channels[0]}-{channels[-1]} r{blocks}"
 
 
 @dataclass

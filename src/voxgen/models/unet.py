@@ -24,6 +24,11 @@ def check_unet_shape(channels: Sequence[int], shape: Sequence[int]) -> None:
             )
 
 
+def res_blocks(value) -> int | list[int]:
+    """`model.num_res_blocks` as MONAI takes it: one count for every level, or a list per level."""
+    return value if isinstance(value, int) else [int(v) for v in value]
+
+
 class UNet(nn.Module):
     """f(x, t): x (B, C_in, D, H, W), t (B,) model time -> (B, C_out, D, H, W)."""
 
@@ -51,7 +56,7 @@ def build_unet(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int]
         out_channels=out_channels,
         channels=channels,
         attention_levels=list(cfg.attention_levels),
-        num_res_blocks=cfg.num_res_blocks,
+        num_res_blocks=res_blocks(cfg.num_res_blocks),
         num_head_channels=cfg.num_head_channels,
         norm_num_groups=cfg.norm_num_groups,
         use_flash_attention=cfg.attention == "sdpa",
