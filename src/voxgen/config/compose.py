@@ -311,13 +311,15 @@ def _check_ranges(cfg: DictConfig) -> None:
 
 def _check_res_blocks(value, levels: int) -> None:
     """`model.num_res_blocks`: a whole number >= 1, or a list of them with one per level (MONAI's meaning)."""
-    counts = list(value) if isinstance(value, ListConfig) else [value]
+    per_level = isinstance(value, ListConfig)
+    counts = list(value) if per_level else [value]
+    shown = OmegaConf.to_object(value) if per_level else repr(value)
     _require(
         all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts),
-        f"model.num_res_blocks={OmegaConf.to_object(value) if isinstance(value, ListConfig) else value!r} must be a whole number >= 1 or a list of them, one per level",
+        f"model.num_res_blocks={shown} must be a whole number >= 1 or a list of them, one per level",
     )
     _require(
-        not isinstance(value, ListConfig) or len(counts) == levels,
+        not per_level or len(counts) == levels,
         f"model.num_res_blocks has {len(counts)} entries but model.channels has {levels}: give one per level",
     )
 
