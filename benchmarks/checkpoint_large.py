@@ -35,7 +35,8 @@ from voxgen.config import compose
 from voxgen.training import checkpoint as store
 from voxgen.training.ema import EMA
 from voxgen.training.state import optimizer_to_checkpoint
-from voxgen.training.step import build_parts, make_optimizer
+from voxgen.diffusion.parts import build_parts
+from voxgen.training.step import make_optimizer
 
 GiB = 2**30
 OVERRIDES = ["model.name=dit", "model.variant=XL", "model.patch_size=4", "data.shape=[80,64,64]"]

@@ -6,9 +6,8 @@ User errors (VoxgenError) print `error: ...` to stderr and exit 2; `--debug` sho
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
-from pathlib import Path
 
 from voxgen.errors import VoxgenError
 
@@ -117,83 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args) -> int:
-    import signal
-
-    # A scheduler's SIGTERM or SIGUSR1 can come while torch is still importing; note it here and
-    # let the trainer act on it (checkpoint, exit 75) instead of dying without one.
-    pending: list[int] = []
-    previous = {s: signal.signal(s, lambda received, frame: pending.append(received)) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        return _train_run(args, pending)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def _train_run(args, pending: list[int]) -> int:
-    from rich.console import Console
-
-    from voxgen.config import compose, to_yaml
-    from voxgen.training.trainer import train
-
-    files = list(args.config)
-    saved = _saved_config(args.overrides)
-    if saved is not None:
-        files.insert(0, saved)
-    cfg = compose(files, args.overrides)
-    if args.dry_run:
-        print(to_yaml(cfg))
-        return 0
-    result = train(cfg, Console(stderr=True), stop_at=args.stop_at, pending_signals=pending)
-    if result.interrupted:
-        return result.exit_code
-    last = result.history[-1] if result.history else {}
-    print(f"trained {result.step} steps in {result.run_dir}; val loss {last.get('val_loss', float('nan')):.4f}")
-    return 0
-
-
-def _slurm(args) -> int:
-    from voxgen.slurm import TEMPLATE, SlurmJob, write_script
-
-    job = SlurmJob(time=args.time, segments=args.segments, signal_lead=args.signal_lead, partition=args.partition,
-                   gpus=args.gpus, sbatch_options=args.sbatch, setup=args.setup)
-    path = write_script(args.overrides, args.config, job, args.out, Path(args.template) if args.template else TEMPLATE)
-    print(f"wrote {path}: up to {job.segments} jobs of {job.time}, each warned {job.signal_lead} s before its limit; "
-          f"submit it with: sbatch {path}")
-    return 0
-
-
-def _saved_config(overrides) -> Path | None:
-    """A run folder's own config is the base when training resumes in it."""
-    for text in overrides:
-        if text.startswith("run.dir="):
-            path = Path(text.split("=", 1)[1]) / "config.yaml"
-            return path if path.is_file() else None
-    return None
-
-
-def _sample(args) -> int:
-    from dataclasses import replace
-
-    from voxgen.diffusion.generate import solver_from_config
-    from voxgen.diffusion.sample_run import reference_affine, sample_volumes, write_samples
-    from voxgen.diffusion.samplers import parse_solver
-    from voxgen.training.runs import load_run
-
-    cfg, parts, step = load_run(args.run, weights=args.weights)
-    solver = parse_solver(args.solver, cfg.sample) if args.solver else solver_from_config(cfg)
-    if args.shift is not None:
-        solver = replace(solver, shift=args.shift)
-    samples = sample_volumes(cfg, parts, args.num, args.seed, args.steps, split=args.split, solver=solver,
-                             guidance_scale=args.guidance_scale)
-    out = Path(args.out) if args.out else Path(args.run) / "samples"
-    paths, mosaic = write_samples(samples, out, reference_affine(cfg, parts.mode))
-    print(f"{args.num} samples (step {step}, {samples.solver}, NFE {samples.nfe}, {samples.seconds_per_volume:.2f} s/volume) "
-          f"in {out}; mosaic {mosaic}")
-    return 0
-
-
 def _models(args) -> int:
     from voxgen.models.registry import MODELS
 
@@ -203,222 +125,47 @@ def _models(args) -> int:
 
 
 def _data(args) -> int:
-    if args.data_command == "check":
-        from voxgen.data.dataset import check_folder
+    from voxgen.data.commands import run_data
 
+    if args.data_command == "check" and args.mode is not None:
+        # Modes belong to a higher layer than data: the command line names the modalities.
         from voxgen.diffusion.modes import MODES
 
-        if args.mode is not None and args.mode not in MODES:
+        if args.mode not in MODES:
             raise VoxgenError(f"--mode {args.mode!r} is not one of {', '.join(sorted(MODES))}")
-        problems = check_folder(args.root, MODES[args.mode].modalities) if args.mode else check_folder(args.root)
-        for line in problems:
-            print(line)
-        if problems:
-            raise VoxgenError(f"{args.root}: {len(problems)} problem(s) found")
-        print(f"{args.root}: no problems found")
-        return 0
-    if args.data_command == "cohort":
-        from voxgen.data.cohort import make_cohort as make
-    else:
-        from voxgen.data.phantoms import make_phantoms as make
-    root = make(args.out, cases=args.cases, shape=tuple(args.shape), seed=args.seed)
-    print(f"{args.cases} {args.data_command} cases at {args.shape} in {root}")
-    return 0
+        return run_data(args, MODES[args.mode].modalities)
+    return run_data(args)
 
 
-def _quickstart(args) -> int:
-    from voxgen.quickstart import quickstart
-
-    summary = quickstart(args.out, args.overrides)
-    if summary.get("interrupted"):
-        return summary["exit_code"]
-    print(
-        f"quickstart done in {summary['minutes']:.1f} min: val loss {summary['val_loss_ratio']:.2f}x of step 0, "
-        f"samples {summary['distance_ratio']:.1f}x closer to held-out cases than untrained ({summary['metric']})"
-    )
-    return 0
-
-
-def _plan(args) -> int:
-    from voxgen.config import compose
-    from voxgen.memory.planner import GiB, parse_memory, plan
-
-    if args.grid:
-        if args.factory:
-            raise VoxgenError("--grid and --factory cannot be combined")
-        return _plan_grid(args)
-    if args.factory:
-        from voxgen.memory.factory import parse_input_shape, plan_factory
-
-        if not args.input_shape:
-            raise VoxgenError("--factory needs --input-shape C,D,H,W")
-        result = plan_factory(args.factory, parse_input_shape(args.input_shape), args.output_channels,
-                              args.overrides, args.config, parse_memory(args.gpu_memory))
-    elif args.input_shape or args.output_channels is not None:
-        raise VoxgenError("--input-shape and --output-channels go with --factory")
-    else:
-        result = plan(compose(args.config, args.overrides), parse_memory(args.gpu_memory))
-    if args.json:
-        print(json.dumps(result.to_json()))
-        return 0
-    print(f"{result.model}: {result.params:,} parameters ({result.params / 1e6:.1f} M), "
-          f"{result.in_channels} -> {result.out_channels} channels at {result.shape}, "
-          f"batch {result.batch_size}, {result.precision}")
-    for part, nbytes in result.breakdown.items():
-        print(f"  {part:12s} {nbytes / GiB:8.2f} GiB")
-    print(f"  {'peak':12s} {result.peak_bytes / GiB:8.2f} GiB  ({result.peak_phase}: {result.peak_module or '-'}); "
-          f"first step {result.peak_bytes_first_step / GiB:.2f} GiB")
-    print(f"  {'reserved':12s} {result.reserved_bytes / GiB:8.2f} GiB  (caching allocator with fragmentation)")
-    verdict = "fits" if result.fits else "does NOT fit"
-    print(f"{verdict} in {result.gpu_memory_bytes / GiB:.1f} GiB")
-    if result.fits and result.allocator_oom:
-        print("warning: the caching allocator's fragmentation may still run out of memory; "
-              "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True avoids most of it")
-    return 0
+# Each command's body lives with its package, imported only when the command runs, so
+# `voxgen --help` stays fast.
+COMMANDS = {
+    "quickstart": "voxgen.quickstart:run_quickstart",
+    "train": "voxgen.training.commands:run_train",
+    "slurm": "voxgen.slurm:run_slurm",
+    "sample": "voxgen.sample:run_sample",
+    "evaluate": "voxgen.evaluation.commands:run_evaluate",
+    "find-steps": "voxgen.evaluation.commands:run_find_steps",
+    "plan": "voxgen.memory.commands:run_plan",
+    "fit": "voxgen.memory.commands:run_fit",
+    "profile": "voxgen.memory.commands:run_profile",
+    "models": _models,
+    "data": _data,
+}
 
 
-def _grid_out(args) -> Path:
-    return Path(args.out) if args.out else Path("runs") / "memory" / Path(args.grid).stem
-
-
-def _plan_grid(args) -> int:
-    from voxgen.memory.grid import load_grid, plan_row, resolve, run_grid
-    from voxgen.memory.planner import GiB, parse_memory
-    from voxgen.memory.tables import PLAN_COLUMNS, write_tables
-    from voxgen.reports.memory_chart import save_memory_chart
-
-    gpu = parse_memory(args.gpu_memory)
-    grid, items = load_grid(args.grid)
-    resolved = resolve(grid, items, args.overrides)
-    rows, seconds = run_grid(resolved, lambda item: plan_row(item, gpu), "planning", str(grid.path))
-    out = _grid_out(args)
-    notes = [f"Predicted by `voxgen plan --grid {args.grid}` (no GPU): peak GPU memory of one training step; "
-             f"first step = fresh optimiser, steady = optimiser state alive (what `fits` uses, {gpu / GiB:.0f} GiB)."]
-    notes += [f"Skipped (invalid): {'; '.join(grid.skipped)}."] if grid.skipped else []
-    csv_path, md_path = write_tables(rows, out, "plan", PLAN_COLUMNS, grid.title, notes)
-    chart = save_memory_chart(out / "plan.png", rows, gpu, f"{grid.title} (predicted)")
-    fitting = sum(bool(r.fits) for r in rows)
-    skipped = f", {len(grid.skipped)} invalid skipped" if grid.skipped else ""
-    print(f"planned {len(rows)} configurations in {seconds:.1f} s{skipped}: {fitting} fit in {gpu / GiB:.0f} GiB; "
-          f"{md_path}, {csv_path}, {chart}")
-    return 0
-
-
-def _fit(args) -> int:
-    from rich.console import Console
-
-    from voxgen.memory.fit import fit, format_table, parse_vary
-    from voxgen.memory.planner import GiB, parse_memory
-
-    axes = parse_vary(args.vary)
-    console = Console(stderr=True)
-    with console.status("planning") as status:
-        result = fit(axes, parse_memory(args.gpu_memory), args.margin, args.config, args.overrides, args.all,
-                     on_plan=lambda c: status.update(f"planning {c.label}"))
-    if args.json:
-        print(json.dumps(result.to_json()))
-    else:
-        print("\n".join(format_table(result)))
-    if result.best is None:
-        planned = [c for c in result.candidates if c.peak_bytes is not None]
-        smallest = f"; the smallest needs {planned[-1].peak_bytes / GiB:.2f} GiB" if planned else ""
-        raise VoxgenError(f"no candidate fits in {result.budget_bytes / GiB:.2f} GiB "
-                          f"({result.gpu_memory_bytes / GiB:.0f} GiB - {100 * result.margin:.0f}% margin){smallest}")
-    if not args.json:
-        best = result.best
-        print(f"largest that fits: {best.label} ({best.network.params / 1e6:.1f} M parameters, "
-              f"{best.peak_bytes / GiB:.2f} GiB of {result.budget_bytes / GiB:.2f} GiB budget); {result.why_not_next()}")
-    return 0
-
-
-def _profile(args) -> int:
-    from voxgen.memory.profiler import require_cuda
-
-    if args.grid:
-        return _profile_grid(args)
-    from voxgen.config import compose
-    from voxgen.memory.planner import GiB, plan
-    from voxgen.memory.profiler import profile
-
-    cfg = compose(args.config, args.overrides)
-    require_cuda()
-    planned = None if args.no_plan else plan(cfg)
-    m = profile(cfg)
-    if args.json:
-        out = m.to_json()
-        out["params"] = planned.params if planned else None
-        out["planned_peak_bytes"] = planned.peak_bytes if planned else None
-        out["planned_peak_bytes_first_step"] = planned.peak_bytes_first_step if planned else None
-        print(json.dumps(out))
-        return 0
-    env = m.environment
-    print(f"{cfg.model.name} on {env['gpu']} (torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}): {m.status}")
-    for label, alloc, reserved, pred in (("first step", m.first_allocated, m.first_reserved,
-                                          planned and planned.peak_bytes_first_step),
-                                         ("steady step", m.steady_allocated, m.steady_reserved,
-                                          planned and planned.peak_bytes)):
-        if alloc is None:
-            print(f"  {label:12s} -")
-            continue
-        vs = f"; planned {pred / GiB:.2f} GiB ({100 * (pred - alloc) / alloc:+.1f}%)" if pred else ""
-        print(f"  {label:12s} {alloc / GiB:8.2f} GiB allocated, {reserved / GiB:.2f} GiB reserved{vs}")
-    return 0
-
-
-def _profile_grid(args) -> int:
-    from voxgen.memory.grid import load_grid, resolve, run_grid
-    from voxgen.memory.planner import GiB, plan
-    from voxgen.memory.profiler import profile, require_cuda
-    from voxgen.memory.tables import PROFILE_COLUMNS, Row, write_tables
-    from voxgen.reports.memory_chart import save_memory_chart
-
-    grid, items = load_grid(args.grid)
-    resolved = resolve(grid, items, args.overrides)
-    require_cuda()
-
-    def work(item) -> Row:
-        planned = None if args.no_plan else plan(item.cfg)
-        m = profile(item.cfg)
-        return Row(config=item.entry.name, network=item.network, series=item.series,
-                   gpu_memory_bytes=m.environment.get("gpu_memory_bytes"),
-                   planned_first=planned and planned.peak_bytes_first_step, planned_steady=planned and planned.peak_bytes,
-                   measured_first=m.first_allocated, measured_steady=m.steady_allocated,
-                   reserved_first=m.first_reserved, reserved_steady=m.steady_reserved, status=m.status,
-                   environment=m.environment)
-
-    rows, seconds = run_grid(resolved, work, "profiling", str(grid.path))
-    env = rows[0].environment
-    out = _grid_out(args)
-    notes = [f"Measured by `voxgen profile --grid {args.grid}` on {env['gpu']} ({env['gpu_memory_bytes'] / GiB:.1f} GiB), "
-             f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, cudnn.benchmark={env['cudnn_benchmark']}: "
-             "max_memory_allocated / max_memory_reserved of the first (fresh optimiser) and the steady step; "
-             "error = planned vs measured."]
-    csv_path, md_path = write_tables(rows, out, "profile", PROFILE_COLUMNS, grid.title, notes)
-    chart = save_memory_chart(out / "profile.png", rows, env["gpu_memory_bytes"], f"{grid.title} (measured)")
-    ooms = sum(r.status != "OK" for r in rows)
-    print(f"profiled {len(rows)} configurations in {seconds:.1f} s ({ooms} OOM) on {env['gpu']}; {md_path}, {csv_path}, {chart}")
-    return 0
-
-
-def _evaluate(args) -> int:
-    from voxgen.evaluation.commands import run_evaluate
-
-    return run_evaluate(args)
-
-
-def _find_steps(args) -> int:
-    from voxgen.evaluation.commands import run_find_steps
-
-    return run_find_steps(args)
-
-
-COMMANDS = {"evaluate": _evaluate, "find-steps": _find_steps, "fit": _fit, "profile": _profile, "plan": _plan, "train": _train, "slurm": _slurm, "sample": _sample, "models": _models, "data": _data, "quickstart": _quickstart}
+def _command(name: str):
+    target = COMMANDS[name]
+    if callable(target):
+        return target
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return _command(args.command)(args)
     except VoxgenError as exc:
         if args.debug:
             raise

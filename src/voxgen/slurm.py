@@ -148,3 +148,13 @@ def write_script(overrides: list[str], config_files: list[str], job: SlurmJob, o
     except OSError as exc:
         raise VoxgenError(f"{script}: cannot write the sbatch script ({exc.strerror or exc})") from None
     return script
+
+
+def run_slurm(args) -> int:
+    """The body of `voxgen slurm`."""
+    job = SlurmJob(time=args.time, segments=args.segments, signal_lead=args.signal_lead, partition=args.partition,
+                   gpus=args.gpus, sbatch_options=args.sbatch, setup=args.setup)
+    path = write_script(args.overrides, args.config, job, args.out, Path(args.template) if args.template else TEMPLATE)
+    print(f"wrote {path}: up to {job.segments} jobs of {job.time}, each warned {job.signal_lead} s before its limit; "
+          f"submit it with: sbatch {path}")
+    return 0

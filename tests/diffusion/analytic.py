@@ -26,7 +26,8 @@ from voxgen.diffusion.modes import MODES
 from voxgen.diffusion.shapes import append_dims
 from voxgen.diffusion.spaces import PixelSpace
 from voxgen.diffusion.strategies import DDPM, RectifiedFlow
-from voxgen.training.step import Parts
+from voxgen.diffusion.parts import NetworkShape, Parts
+from voxgen.precision import autocast_policy
 
 
 class GaussianFlow:
@@ -88,9 +89,12 @@ class AnalyticNetwork(nn.Module):
         return self.fn(x, self.to_time(model_time.double()))
 
 
-def analytic_parts(fn, strategy=None, to_time=None) -> Parts:
-    """Parts for `generate` around an analytic prediction, unconditional (mode seg)."""
+def analytic_parts(fn, strategy=None, to_time=None, sample_shape=(1, 2, 2, 2)) -> Parts:
+    """Parts for `generate` around an analytic prediction, unconditional (mode seg), sampling
+    volumes of `sample_shape` (C, D, H, W)."""
     strategy = strategy if strategy is not None else RectifiedFlow()
     if to_time is None:
         to_time = (lambda m: m) if isinstance(strategy, DDPM) else (lambda m: m / 1000.0)
-    return Parts(AnalyticNetwork(fn, to_time), strategy, MODES["seg"], PixelSpace(), "fp32")
+    channels, *shape = sample_shape
+    network = NetworkShape(channels, channels, tuple(shape), channels, channels)
+    return Parts(AnalyticNetwork(fn, to_time), strategy, MODES["seg"], PixelSpace(), network, autocast_policy("fp32"))

@@ -8,6 +8,7 @@ import torch
 
 from voxgen.diffusion.ddpm_samplers import ddim, ddpm, ddpm_grid, dpmpp_2m
 from voxgen.diffusion.generate import generate
+from voxgen.diffusion.samplers import parse_solver
 from voxgen.diffusion.strategies import DDPM, build_strategy, ddpm_betas
 from voxgen.errors import ConfigError
 
@@ -124,18 +125,28 @@ def test_generate_samples_a_ddpm_model_with_one_evaluation_per_step():
     cfg = tiny_cfg("strategy=ddpm", "ddpm.num_timesteps=50")
     strategy = build_strategy(cfg)
     eps = GaussianEps(strategy.alphas_cumprod)
-    parts = analytic_parts(eps, strategy)
+    parts = analytic_parts(eps, strategy, sample_shape=(1, 4, 4, 4))
     for text in ("ddpm:10", "ddim:10,eta=0.5", "dpmpp2m:10"):
-        result = generate(parts, [0, 1], (1, 4, 4, 4), solver=text)
+        result = generate(parts, [0, 1], solver=parse_solver(text))
         assert result.nfe == 10 and result.volumes.shape == (2, 1, 4, 4, 4)
         assert torch.isfinite(result.volumes).all()
     with pytest.raises(ConfigError, match="at most ddpm.num_timesteps=50"):
-        generate(parts, [0], (1, 4, 4, 4), solver="ddim:51")
+        generate(parts, [0], solver=parse_solver("ddim:51"))
     with pytest.raises(ConfigError, match="strategy=ddpm"):
-        generate(parts, [0], (1, 4, 4, 4), solver="euler:5")
+        generate(parts, [0], solver=parse_solver("euler:5"))
 
 
 def test_a_tiny_unet_trains_with_ddpm_and_condition_dropout():
     losses = train_losses(tiny_cfg("strategy=ddpm", "training.cond_dropout=0.3"), steps=12)
     assert all(math.isfinite(x) for x in losses)
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+def test_the_ddpm_grid_is_lin_et_al_linspace_spacing_not_trailing():
+    """docs/sampling.md names the spacing: Lin et al. 2024, Table 2 (1-based t; here 0-based)."""
+    T, S = 1000, 10
+    linspace = np.round(np.linspace(1, T, S))[::-1] - 1
+    trailing = np.round(np.arange(T, 0, -T / S)) - 1
+    grid = ddpm_grid(S, T).numpy()
+    assert np.array_equal(grid[:-1], linspace) and grid[-1] == -1
+    assert not np.array_equal(grid[:-1], trailing)

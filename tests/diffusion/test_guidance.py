@@ -6,11 +6,14 @@ from torch import nn
 
 from voxgen.diffusion.generate import generate, prediction_fn
 from voxgen.diffusion.modes import MODES, drop_conditions
-from voxgen.diffusion.samplers import euler, time_grid
+from voxgen.diffusion.rflow_samplers import euler, time_grid
+from voxgen.diffusion.samplers import parse_solver
 from voxgen.diffusion.spaces import PixelSpace
 from voxgen.diffusion.strategies import RectifiedFlow
 from voxgen.errors import ConfigError
-from voxgen.training.step import Parts, build_parts, compute_loss
+from voxgen.diffusion.parts import NetworkShape, Parts, build_parts
+from voxgen.precision import autocast_policy
+from voxgen.training.step import compute_loss
 
 from .tiny import SHAPE, learnable_batch, tiny_cfg
 
@@ -40,7 +43,9 @@ class ConditionSpy(nn.Module):
 
 
 def _spy_parts(cond_dropout):
-    return Parts(ConditionSpy(), RectifiedFlow(cond_dropout=cond_dropout), MODES["bravo"], PixelSpace(), "fp32")
+    network = NetworkShape(2, 1, (2, 2, 2), 2, 1)
+    return Parts(ConditionSpy(), RectifiedFlow(cond_dropout=cond_dropout), MODES["bravo"], PixelSpace(), network,
+                 autocast_policy("fp32"))
 
 
 def test_compute_loss_drops_conditions_in_training_only_and_reproducibly():
@@ -84,7 +89,7 @@ def conditional_parts():
 def test_guidance_scale_one_is_the_plain_conditional_sample(conditional_parts):
     parts = conditional_parts
     cond = learnable_batch(2)["seg"]
-    result = generate(parts, [3, 4], (1, *SHAPE), cond, solver="euler:3", guidance_scale=1.0, batch_size=2)
+    result = generate(parts, [3, 4], cond, solver=parse_solver("euler:3"), guidance_scale=1.0, batch_size=2)
     noise = torch.stack([torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(s)) for s in (3, 4)])
     with torch.no_grad():
         plain = euler(prediction_fn(parts), noise, time_grid(3), cond=cond)
@@ -96,12 +101,12 @@ def test_guidance_costs_two_calls_per_step_and_is_affine_in_the_scale(conditiona
     parts = conditional_parts
     cond = learnable_batch(2)["seg"]
 
-    def sample(scale, condition=cond, solver="euler:1"):
-        return generate(parts, [3, 4], (1, *SHAPE), condition, solver=solver, guidance_scale=scale, batch_size=2)
+    def sample(scale, condition=cond, solver=parse_solver("euler:1")):
+        return generate(parts, [3, 4], condition, solver=solver, guidance_scale=scale, batch_size=2)
 
-    guided = sample(3.0, solver="euler:3")
+    guided = sample(3.0, solver=parse_solver("euler:3"))
     assert guided.nfe == 6
-    assert not torch.allclose(guided.volumes, sample(1.0, solver="euler:3").volumes, atol=1e-4)
+    assert not torch.allclose(guided.volumes, sample(1.0, solver=parse_solver("euler:3")).volumes, atol=1e-4)
     # Scale 0 is the model under the null condition, exactly.
     assert torch.equal(sample(0.0).volumes, sample(1.0, condition=torch.zeros_like(cond)).volumes)
     # One Euler step is affine in the guided prediction, hence in the scale.
@@ -114,4 +119,4 @@ def test_guidance_needs_a_conditional_mode():
     torch.manual_seed(0)
     parts = build_parts(tiny_cfg("mode=seg"))
     with pytest.raises(ConfigError, match="needs a conditional mode"):
-        generate(parts, [0], (1, *SHAPE), None, solver="euler:2", guidance_scale=2.0)
+        generate(parts, [0], None, solver=parse_solver("euler:2"), guidance_scale=2.0)

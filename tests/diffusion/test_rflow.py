@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from voxgen.diffusion.modes import MODES
-from voxgen.diffusion.samplers import euler, time_grid
+from voxgen.diffusion.rflow_samplers import euler, time_grid
 from voxgen.diffusion.shapes import append_dims
 from voxgen.diffusion.strategies import RectifiedFlow, logit_normal_density
 
@@ -83,3 +83,29 @@ def test_modes_split_and_channels():
     x0, cond = MODES["seg"].split(batch)
     assert cond is None and torch.equal(x0, batch["seg"])
     assert MODES["seg"].channels(PixelSpace()) == (1, 1)
+
+
+def test_monai_rectified_flow_uses_the_same_interpolant_and_the_opposite_velocity():
+    """docs/conventions.md: MONAI's RFlowScheduler noises as voxgen does but its network is
+    trained on x0 - noise, so its velocity is minus voxgen's; with the sign flipped, one of its
+    steps is voxgen's Euler step."""
+    from monai.networks.schedulers import RFlowScheduler
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 1, 4, 4, 4, generator=g), torch.randn(2, 1, 4, 4, 4, generator=g)
+    scheduler = RFlowScheduler(num_train_timesteps=1000, use_discrete_timesteps=True)
+    t = torch.tensor([250, 700])
+    noisy = scheduler.add_noise(x0, noise, t)
+    assert torch.allclose(noisy, RectifiedFlow().interpolate(x0, noise, t / 1000.0), atol=1e-6)
+
+    scheduler.set_timesteps(num_inference_steps=4)
+    start, end = int(scheduler.timesteps[1]), int(scheduler.timesteps[2])  # 750 -> 500
+
+    def velocity(x, time, cond=None):  # voxgen's: noise - x0 along the straight path through x
+        return noise - x0
+
+    ours = euler(velocity, noisy, torch.tensor([start / 1000.0, end / 1000.0], dtype=torch.float64))
+    theirs, _ = scheduler.step(-(noise - x0), start, noisy, end)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    flipped, _ = scheduler.step(noise - x0, start, noisy, end)
+    assert not torch.allclose(ours, flipped, atol=1e-2)

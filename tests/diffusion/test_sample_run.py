@@ -41,6 +41,7 @@ def test_a_sample_depends_on_its_seed_not_on_the_batch(phantom_root, tmp_path):
     import torch
 
     from voxgen.diffusion.generate import generate
+    from voxgen.diffusion.samplers import parse_solver
     from voxgen.training.runs import load_run
 
     run = tmp_path / "run"
@@ -50,7 +51,7 @@ def test_a_sample_depends_on_its_seed_not_on_the_batch(phantom_root, tmp_path):
         for p in parts.model.parameters():
             p.add_(0.01)
     cond = torch.cat([torch.ones(1, 1, 16, 16, 16), -torch.ones(2, 1, 16, 16, 16)])
-    three = generate(parts, [5, 6, 7], (1, 16, 16, 16), cond, solver="euler:3", batch_size=3).volumes
-    alone = generate(parts, [6], (1, 16, 16, 16), cond[1:2], solver="euler:3", batch_size=1).volumes
+    three = generate(parts, [5, 6, 7], cond, solver=parse_solver("euler:3"), batch_size=3).volumes
+    alone = generate(parts, [6], cond[1:2], solver=parse_solver("euler:3"), batch_size=1).volumes
     assert torch.allclose(three[1], alone[0], atol=1e-5)
     assert not torch.allclose(three[1], three[2], atol=1e-3)

@@ -8,15 +8,8 @@ import pytest
 import torch
 
 from voxgen.diffusion.generate import generate
-from voxgen.diffusion.samplers import (
-    SAMPLERS,
-    SolverSpec,
-    heun2,
-    parse_solver,
-    restart,
-    restart_jump,
-    time_grid,
-)
+from voxgen.diffusion.rflow_samplers import heun2, restart, restart_jump, time_grid
+from voxgen.diffusion.samplers import SAMPLERS, SolverSpec, parse_solver
 from voxgen.errors import ConfigError
 
 from .analytic import GaussianFlow, analytic_parts
@@ -58,7 +51,7 @@ def test_second_order_beats_first_order_at_equal_cost():
 def test_adaptive_solvers_meet_their_tolerance_and_count_every_evaluation(name, tolerance):
     parts = analytic_parts(FLOW.velocity)
     seeds = list(range(6))
-    result = generate(parts, seeds, (1, 2, 2, 2), solver=SolverSpec(name, tolerance=tolerance), batch_size=6)
+    result = generate(parts, seeds, solver=SolverSpec(name, tolerance=tolerance), batch_size=6)
     x1 = torch.stack([torch.randn(1, 2, 2, 2, generator=torch.Generator().manual_seed(s)) for s in seeds])
     exact = FLOW.solution(x1.double())
     # rtol = atol = tol bounds |error| / (tol (1 + |x|)) per step; globally it stays within ~10x
@@ -70,14 +63,14 @@ def test_adaptive_solvers_meet_their_tolerance_and_count_every_evaluation(name, 
 
 
 def test_adaptive_solvers_spend_more_evaluations_on_tighter_tolerances():
-    nfe = [generate(analytic_parts(FLOW.velocity), [0, 1], (1, 2, 2, 2), solver=f"dopri5:{tol}").nfe for tol in (1e-2, 1e-6)]
+    nfe = [generate(analytic_parts(FLOW.velocity), [0, 1], solver=parse_solver(f"dopri5:{tol}")).nfe for tol in (1e-2, 1e-6)]
     assert nfe[1] > nfe[0] + 12
 
 
 @pytest.mark.parametrize("text, per_step", [("euler:5", 1), ("midpoint:5", 2), ("heun2:5", 2), ("heun3:5", 3), ("rk4:5", 4)])
 def test_nfe_is_steps_times_evaluations_per_step(text, per_step):
     parts = analytic_parts(FLOW.velocity)
-    result = generate(parts, [0, 1, 2], (1, 2, 2, 2), solver=text, batch_size=2)  # two batches
+    result = generate(parts, [0, 1, 2], solver=parse_solver(text), batch_size=2)  # two batches
     assert result.nfe == 5 * per_step == SAMPLERS[text.split(":")[0]].evals_per_step * 5
     assert parts.model.calls == 2 * result.nfe
     assert result.seconds_per_volume > 0
@@ -116,10 +109,10 @@ def test_restart_without_cycles_is_heun_on_the_grid_with_t_min():
 
 
 def test_restart_is_reproducible_per_sample_and_counts_its_evaluations():
-    parts = analytic_parts(FLOW.velocity)
+    parts = analytic_parts(FLOW.velocity, sample_shape=(1, 4, 4, 4))
     spec = parse_solver("restart:6,k=2,tmin=0.2,tmax=0.5,rsteps=3")
-    both = generate(parts, [7, 8], (1, 4, 4, 4), solver=spec, batch_size=2)
-    alone = generate(analytic_parts(FLOW.velocity), [8], (1, 4, 4, 4), solver=spec)
+    both = generate(parts, [7, 8], solver=spec, batch_size=2)
+    alone = generate(analytic_parts(FLOW.velocity, sample_shape=(1, 4, 4, 4)), [8], solver=spec)
     assert torch.allclose(both.volumes[1], alone.volumes[0], atol=1e-6)
     # Heun: 2 evaluations per step; the grid gains t_min = 0.2 as an extra point (6 -> 7 steps).
     assert both.nfe == 2 * (7 + 2 * 3)
@@ -162,9 +155,9 @@ def test_parse_solver_rejects_bad_text_with_a_config_error(text, message):
 def test_a_spec_without_steps_is_refused_when_sampling_and_ddpm_solvers_refuse_flow_models():
     parts = analytic_parts(FLOW.velocity)
     with pytest.raises(ConfigError, match="needs a number of steps"):
-        generate(parts, [0], (1, 2, 2, 2), solver=parse_solver("euler"))
+        generate(parts, [0], solver=parse_solver("euler"))
     with pytest.raises(ConfigError, match="strategy=rflow"):
-        generate(parts, [0], (1, 2, 2, 2), solver="ddim:5")
+        generate(parts, [0], solver=parse_solver("ddim:5"))
 
 
 def test_the_sample_command_offers_solver_shift_and_guidance(capsys):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from voxgen.config import compose
-from voxgen.training.step import build_parts, make_optimizer, train_step
+from voxgen.diffusion.parts import build_parts
+from voxgen.training.step import make_optimizer, train_step
 
 SHAPE = (8, 8, 8)
 TINY_UNET = ["model.channels=[8,16]", "model.attention_levels=[false,false]", "model.num_head_channels=8",

@@ -1,4 +1,5 @@
-"""3D PSNR, SSIM and MS-SSIM against scikit-image, the formula and an independent MS-SSIM."""
+"""3D PSNR, SSIM and MS-SSIM against scikit-image, the formula, an independent MS-SSIM and MONAI's
+per-scale SSIM (MS-SSIM with fewer scales on volumes below 176 voxels per axis)."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ import torch
 from scipy import ndimage
 
 from voxgen.errors import VoxgenError
-from voxgen.evaluation.pixel import MS_SSIM_WEIGHTS, VolumeTooSmall, ms_ssim, ms_ssim_min_size, psnr, ssim
+from voxgen.evaluation.pixel import MS_SSIM_WEIGHTS, VolumeTooSmall, ms_ssim, ms_ssim_min_size, ms_ssim_scales, psnr, ssim
 
 skimage_metrics = pytest.importorskip("skimage.metrics")
 
@@ -105,5 +106,57 @@ def test_ms_ssim_minimum_size_is_the_window_after_all_halvings():
     assert ours == pytest.approx(_reference_ms_ssim(b[0, 0].numpy(), a[0, 0].numpy(), 3, 1.5, weights, 2.0), abs=1e-4)
     with pytest.raises(VolumeTooSmall, match=r"volumes \[23, 24, 24\] are too small for 4 scales .* at least 24 voxels"):
         ms_ssim(b[..., :23, :, :], a[..., :23, :, :], data_range=2.0, win_size=3, weights=weights)
-    with pytest.raises(VolumeTooSmall, match="at least 176 voxels"):
-        ms_ssim(b, a, data_range=2.0)
+    # The default weights use the scales that fit; only a volume below the window itself is refused.
+    with pytest.raises(VolumeTooSmall, match=r"volumes \[10, 24, 24\] are smaller than the 11-voxel window"):
+        ms_ssim(b[..., :10, :, :], a[..., :10, :, :], data_range=2.0)
+
+
+def test_ms_ssim_scales_is_the_largest_count_whose_window_fits():
+    assert ms_ssim_scales((176, 176, 176)) == 5
+    assert ms_ssim_scales((4096, 4096, 4096)) == 5  # never more than the five weights
+    assert ms_ssim_scales((160, 256, 256)) == 4  # the seeds' volumes
+    assert ms_ssim_scales((256, 175, 256)) == 4  # the shortest axis decides, wherever it is
+    assert ms_ssim_scales((87, 256, 256)) == 3
+    assert ms_ssim_scales((22, 22, 22)) == 2
+    assert ms_ssim_scales((21, 64, 64)) == 1
+    assert ms_ssim_scales((11, 11, 11)) == 1
+    assert ms_ssim_scales((80, 128, 128), win_size=7) == 4
+    for s in range(1, 6):  # consistent with the size each count needs
+        assert ms_ssim_scales((ms_ssim_min_size(11, s),) * 3) == s
+    with pytest.raises(VolumeTooSmall, match=r"volumes \[10, 64, 64\] are smaller than the 11-voxel window"):
+        ms_ssim_scales((10, 64, 64))
+
+
+def _monai_ms_ssim(x, y, win, scales, data_range=2.0):
+    """MS-SSIM of one pair (1, 1, D, H, W) from MONAI's per-scale `compute_ssim_and_cs`: contrast-
+    structure at the first scales - 1 scales, SSIM at the last, to the powers of the first `scales`
+    Wang et al. weights renormalised to sum to 1."""
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    weights = np.asarray(MS_SSIM_WEIGHTS[:scales]) / sum(MS_SSIM_WEIGHTS[:scales])
+    x, y = x.float(), y.float()
+    value = 1.0
+    for scale, w in enumerate(weights):
+        ssim_map, cs_map = compute_ssim_and_cs(x, y, spatial_dims=3, kernel_size=(win,) * 3, kernel_sigma=(1.5,) * 3,
+                                               data_range=data_range)
+        value *= max(float((ssim_map if scale == scales - 1 else cs_map).mean()), 0.0) ** w
+        x, y = torch.nn.functional.avg_pool3d(x, 2), torch.nn.functional.avg_pool3d(y, 2)
+    return value
+
+
+def test_ms_ssim_below_176_voxels_uses_fewer_scales_with_renormalised_weights():
+    # The seeds' 160 x 256 x 256 volumes (4 scales of the 11-voxel window) take ~25 s per scale-1
+    # SSIM on one CPU thread; half and quarter size with a 7-voxel window keep the shape and give 4
+    # and 3 scales.
+    for shape, win, scales in (((80, 128, 128), 7, 4), ((40, 64, 64), 7, 3)):
+        a, b = _pair(shape, noise=0.4)
+        assert ms_ssim_scales(shape, win) == scales
+        ours = ms_ssim(b, a, data_range=2.0, win_size=win)
+        assert ours.shape == (1,)
+        assert ours[0] == pytest.approx(_monai_ms_ssim(b, a, win, scales), abs=1e-6)
+        assert 0.1 < ours[0] < 0.99  # a pair that tests something
+    # Per volume in a batch, and the default window: 40 voxels give it 2 scales.
+    a, b = _pair((40, 64, 64), noise=0.4)
+    values = ms_ssim(torch.cat([b, a]), torch.cat([a, a]), data_range=2.0)
+    assert values[0] == pytest.approx(_monai_ms_ssim(b, a, 11, 2), abs=1e-6)
+    assert values[1] == pytest.approx(1.0, abs=1e-6)

@@ -82,3 +82,14 @@ def test_parse_input_shape():
     assert parse_input_shape("2,160,256,256") == (2, 160, 256, 256)
     with pytest.raises(ConfigError):
         parse_input_shape("2,0,8,8")
+
+
+def test_planning_a_factory_leaves_the_registry_alone(factories, monkeypatch):
+    import types
+
+    import voxgen.models.registry as registry
+
+    # A read-only registry: any registration during the plan raises TypeError.
+    monkeypatch.setattr(registry, "MODELS", types.MappingProxyType(dict(registry.MODELS)))
+    result = plan_factory(f"{factories}:plain", (2, 8, 8, 8), 1, ["training.batch_size=1"])
+    assert result.model == "my_nets:plain" and result.params == (2 * 27 * 8 + 8) + 16 + (8 * 27 + 1)

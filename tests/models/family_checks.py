@@ -12,8 +12,10 @@ import torch
 
 from voxgen.config import compose
 from voxgen.diffusion.generate import generate
+from voxgen.diffusion.samplers import parse_solver
 from voxgen.models.registry import build_model
-from voxgen.training.step import build_parts, make_optimizer, train_step
+from voxgen.diffusion.parts import build_parts
+from voxgen.training.step import make_optimizer, train_step
 
 
 # The seeds' measured tables, in shared/ beside the repository.
@@ -58,7 +60,7 @@ def check_trains_and_samples(overrides, shape=(8, 8, 8), steps=20, extra=()):
     losses = [train_step(parts, optimizer, batch, generator, grad_clip=1.0).loss for _ in range(steps)]
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.8 * first, losses
-    out = generate(parts, [0], (1, *shape), batch["seg"][:1], solver="euler:3").volumes
+    out = generate(parts, [0], batch["seg"][:1], solver=parse_solver("euler:3")).volumes
     assert out.shape == (1, 1, *shape) and torch.isfinite(out).all()
     return losses
 

@@ -118,6 +118,6 @@ def test_bad_configs_are_clear_errors(overrides, message):
 
 def test_blocks_use_qk_norm_by_default_as_dit():
     model = build_model(_cfg(*TINY), 2, 1, (8, 8, 8), False)
-    assert all(isinstance(block.attn.q_norm, torch.nn.LayerNorm) for block in model.blocks())
+    assert all(isinstance(block.attn.q_norm, torch.nn.LayerNorm) for block in model.transformer_blocks())
     model = build_model(_cfg(*TINY, "model.qk_norm=false"), 2, 1, (8, 8, 8), False)
-    assert not any(isinstance(block.attn.q_norm, torch.nn.LayerNorm) for block in model.blocks())
+    assert not any(isinstance(block.attn.q_norm, torch.nn.LayerNorm) for block in model.transformer_blocks())

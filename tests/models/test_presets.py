@@ -7,9 +7,9 @@ import pytest
 
 from voxgen.config import compose
 from voxgen.diffusion.modes import build_mode
+from voxgen.diffusion.parts import network_of
 from voxgen.diffusion.spaces import build_space
 from voxgen.models.registry import build_on_meta, count_parameters
-from voxgen.training.step import network_channels
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 from .family_checks import REFERENCE  # noqa: E402
@@ -32,9 +32,8 @@ SEED_COUNTS = {
 
 def _params(cfg) -> int:
     """All parameters of the preset's network, built on the meta device (no memory)."""
-    mode, space = build_mode(cfg), build_space(cfg)
-    in_ch, out_ch = network_channels(cfg, mode, space)
-    model = build_on_meta(cfg.model, in_ch, out_ch, space.shape(cfg.data.shape))
+    net = network_of(cfg, build_mode(cfg), build_space(cfg))
+    model = build_on_meta(cfg.model, net.in_channels, net.out_channels, net.shape)
     assert all(p.is_meta for p in model.parameters())
     return count_parameters(model)
 
@@ -84,5 +83,5 @@ def test_every_latent_unet_row_has_a_matching_preset():
         errors.append((abs(got - float(row["params_m"])) / float(row["params_m"]), row, got))
     worst, row, got = max(errors, key=lambda e: e[0])
     print(f"worst latent UNet row: {row['config']} {row['latent']}: {got:.3f}M vs {row['params_m']}M ({100 * worst:.3f}%)")
-    for err, row, got in errors:
+    for _, row, got in errors:
         assert _within(got, float(row["params_m"]), 0.1), f"{row['config']},{row['latent']}: {got:.3f}M vs {row['params_m']}M"

@@ -5,7 +5,8 @@ from voxgen.config import compose
 from voxgen.errors import ConfigError
 from voxgen.models.registry import MODELS, build_model, build_on_meta, count_parameters
 from voxgen.models.wdm import haar_dwt3d, haar_idwt3d
-from voxgen.training.step import build_parts, make_optimizer, train_step
+from voxgen.diffusion.parts import build_parts
+from voxgen.training.step import make_optimizer, train_step
 
 from .family_checks import synthetic_batch, tiny_cfg
 

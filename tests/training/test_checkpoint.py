@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from voxgen.errors import CheckpointError
 from voxgen.training import checkpoint as store
+from voxgen.training.checkpoint import write as store_write
 
 MiB = 2**20
 
@@ -101,7 +102,7 @@ def _failing_write(monkeypatch, code: int, fail_on):
     Shards fail as safetensors reports it (SafetensorError with the OS error number), JSON
     files and pointers with the OSError of os.write.
     """
-    real_bytes, real_shard = store._write_bytes, store.save_file
+    real_bytes, real_shard = store_write._write_bytes, store_write.save_file
     calls = []
 
     def fails(path) -> bool:
@@ -120,8 +121,8 @@ def _failing_write(monkeypatch, code: int, fail_on):
             os.truncate(path, os.path.getsize(path) // 2)
             raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code}) at path {path!r}")
 
-    monkeypatch.setattr(store, "_write_bytes", write_bytes)
-    monkeypatch.setattr(store, "save_file", save_file)
+    monkeypatch.setattr(store_write, "_write_bytes", write_bytes)
+    monkeypatch.setattr(store_write, "save_file", save_file)
     return calls
 
 
@@ -162,7 +163,7 @@ def test_failed_resave_of_the_same_step_keeps_the_old_one(tmp_path, monkeypatch,
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
             real_replace(src, dst)
 
-        monkeypatch.setattr(store.os, "replace", replace)
+        monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(CheckpointError, match="Input/output error .* step_00000004 is intact$"):
         store.save_checkpoint(tmp_path, 4, _multi_shard(2), {"step": 4, "again": True}, max_shard_bytes=MiB)
     monkeypatch.undo()
@@ -181,7 +182,7 @@ def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     written = _failing_write(monkeypatch, errno.EIO, "never")
     big = {"model/w": torch.empty(100 * MiB, dtype=torch.uint8)}
     total = 10 * 2**30
-    monkeypatch.setattr(store.shutil, "disk_usage", lambda path: _usage(total, 150 * MiB))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: _usage(total, 150 * MiB))
     with pytest.raises(CheckpointError) as info:
         store.save_checkpoint(tmp_path, 2, big, {"step": 2})
     message = str(info.value)
@@ -189,7 +190,7 @@ def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     assert message.endswith("step_00000001 is intact")
     assert written == [] and sorted(p.name for p in _root(tmp_path).iterdir()) == ["latest", "step_00000001"]
     # The same save with room for it (the margin included) goes through.
-    monkeypatch.setattr(store.shutil, "disk_usage", lambda path: _usage(total, 200 * MiB))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: _usage(total, 200 * MiB))
     store.save_checkpoint(tmp_path, 2, {"model/w": torch.zeros(100 * MiB, dtype=torch.uint8)}, {"step": 2})
     assert (_root(tmp_path) / "latest").read_text().strip() == "step_00000002"
 
@@ -352,5 +353,5 @@ def test_no_checkpoint_is_none(tmp_path):
 def test_safetensors_write_failures_become_os_errors(tmp_path):
     # A real failure inside safetensors (its folder is gone) keeps the OS error number.
     with pytest.raises(OSError) as info:
-        store._write_shard(tmp_path / "gone" / "tensors-00001-of-00001.safetensors", {"a": torch.zeros(3)})
+        store_write._write_shard(tmp_path / "gone" / "tensors-00001-of-00001.safetensors", {"a": torch.zeros(3)})
     assert info.value.errno == errno.ENOENT

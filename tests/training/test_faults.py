@@ -29,8 +29,10 @@ from voxgen.cli import main
 from voxgen.config import compose
 from voxgen.errors import TrainingCollapsed
 from voxgen.training import checkpoint as store
+from voxgen.training.checkpoint import write as store_write
 from voxgen.training.state import lr_at
-from voxgen.training.trainer import EXIT_PREEMPTED, Trainer, train
+from voxgen.training.signals import EXIT_PREEMPTED
+from voxgen.training.trainer import Trainer, train
 
 pytestmark = pytest.mark.slow
 
@@ -320,7 +322,7 @@ def test_a_failing_save_stops_with_one_line_and_the_previous_checkpoint_loads(
             f"data.root={phantom_root}", f"run.dir={run_dir}"]
     # The store's two writers: safetensors for shards, its own for JSON. Each fault strikes
     # the checkpoint of step 4 half-way through a file, as a filling disk would.
-    save_file, write_bytes, disk_usage = store.save_file, store._write_bytes, store.shutil.disk_usage
+    save_file, write_bytes, disk_usage = store_write.save_file, store_write._write_bytes, store_write.shutil.disk_usage
 
     def failing_shard(payload, path, metadata=None):
         save_file(payload, path, metadata=metadata)
@@ -341,10 +343,10 @@ def test_a_failing_save_stops_with_one_line_and_the_previous_checkpoint_loads(
         return usage._replace(free=2**20) if _latest_step(run_dir) == 2 else usage
 
     with monkeypatch.context() as patch:
-        patch.setattr(store, "save_file", failing_shard)
-        patch.setattr(store, "_write_bytes", failing_write)
+        patch.setattr(store_write, "save_file", failing_shard)
+        patch.setattr(store_write, "_write_bytes", failing_write)
         if fault == "free space":
-            patch.setattr(store.shutil, "disk_usage", full_disk)
+            patch.setattr(store_write.shutil, "disk_usage", full_disk)
         capsys.readouterr()
         assert main(argv) == 2
     err = capsys.readouterr().err

@@ -16,7 +16,8 @@ from voxgen.config import compose
 from voxgen.data.dataset import VolumeDataset
 from voxgen.training import checkpoint as store
 from voxgen.training.state import rng_from_checkpoint, rng_to_checkpoint
-from voxgen.training.trainer import EXIT_PREEMPTED, train
+from voxgen.training.signals import EXIT_PREEMPTED
+from voxgen.training.trainer import train
 
 VOXGEN = str(Path(sys.executable).with_name("voxgen"))
 # Every process of a comparison computes with the same number of threads: reductions split

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from voxgen.training.batches import epoch_batches
+from voxgen.data.batches import epoch_batches
 from voxgen.training.state import lr_at, optimizer_from_checkpoint, optimizer_to_checkpoint
 
 

@@ -12,7 +12,8 @@ from rich.console import Console
 
 from voxgen.config import compose
 from voxgen.training import checkpoint as store
-from voxgen.training.trainer import EXIT_INTERRUPTED, train
+from voxgen.training.signals import EXIT_INTERRUPTED
+from voxgen.training.trainer import train
 
 TINY = [
     "data.shape=[16,16,16]",

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from voxgen.config.schema import Config
-from voxgen.errors import ConfigError, VoxgenError
+from voxgen.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -142,8 +142,12 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def compose(files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> DictConfig:
-    """Return the resolved, validated config (an OmegaConf node typed by `Config`)."""
+def compose(files: Iterable[str | Path] = (), overrides: Iterable[str] = (), *, network: bool = True) -> DictConfig:
+    """Return the resolved, validated config (an OmegaConf node typed by `Config`).
+
+    network=False leaves out the check that the registry's network builds: for a config whose
+    network comes from elsewhere (`voxgen plan --factory`).
+    """
     cfg = OmegaConf.structured(Config)
     for path in files:
         cfg = _merge(cfg, OmegaConf.create(load_yaml(path)), str(path))
@@ -152,7 +156,7 @@ def compose(files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> 
         layer = OmegaConf.create()
         OmegaConf.update(layer, key, value, force_add=True)
         cfg = _merge(cfg, layer, f"override '{text}'")
-    validate(cfg)
+    validate(cfg, network=network)
     return cfg
 
 
@@ -190,32 +194,35 @@ MiB = 2**20
 DDPM_SCHEDULES = ("linear", "cosine")
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, network: bool = True) -> None:
     """Every check that needs more than the schema's types, before any work starts.
 
     Names against the registries (so new entries are accepted without edits here), ranges
     of single keys, and combinations: the network is built on the meta device (no memory)
     by its own factory, so every family's shape and width rules apply exactly as in training.
     """
-    # Imported here: the registries import torch and model code, config must stay light.
+    # Imported here: the registries import torch and model code, which `voxgen --help` and the
+    # data commands do without.
     from voxgen.diffusion.modes import MODES
     from voxgen.diffusion.samplers import SAMPLERS
     from voxgen.diffusion.spaces import SPACES
     from voxgen.diffusion.strategies import STRATEGIES
     from voxgen.models.registry import MODELS
+    from voxgen.precision import PRECISIONS
 
     _choice(cfg.mode, sorted(MODES), "mode")
     _choice(cfg.strategy, sorted(STRATEGIES), "strategy")
     _choice(cfg.space, sorted(SPACES), "space")
     _choice(cfg.model.name, sorted(MODELS), "model.name")
     _choice(cfg.model.attention, ["sdpa", "naive"], "model.attention")
-    _choice(cfg.training.precision, ["fp32", "bf16-mixed"], "training.precision")
+    _choice(cfg.training.precision, PRECISIONS, "training.precision")
     _choice(cfg.training.device, ["auto", "cpu", "cuda"], "training.device")
     _choice(cfg.rflow.time_sampling, ["uniform", "logit-normal"], "rflow.time_sampling")
     _choice(cfg.ddpm.schedule, DDPM_SCHEDULES, "ddpm.schedule")
-    # A solver may carry settings after its name (`heun2:25,shift=3`); its name is checked
-    # here, its settings by the sampler module when it parses them.
-    _choice(str(cfg.sample.solver).split(",")[0].partition(":")[0].strip(), sorted(SAMPLERS), "sample.solver")
+    if cfg.sample.solver is not None:
+        # A solver may carry settings after its name (`heun2:25,shift=3`); the name first, for
+        # the nearest-name hint; the whole spec against the strategy in _check_sampling.
+        _choice(str(cfg.sample.solver).split(",")[0].partition(":")[0].strip(), list(SAMPLERS), "sample.solver")
 
     shape = list(cfg.data.shape)
     _require(len(shape) == 3 and all(s >= 1 for s in shape), f"data.shape={shape} must be three positive sizes [D, H, W]")
@@ -232,7 +239,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("in_channels", "out_channels"):
         value = cfg.model[key]
         _require(value is None or value >= 1, f"model.{key}={value} must be at least 1 (or null: derived from mode and space)")
-    _check_network(cfg)
+    if network:
+        _check_network(cfg)
+    _check_sampling(cfg)
 
 
 def _check_counts(cfg: DictConfig) -> None:
@@ -325,25 +334,41 @@ def _check_res_blocks(value, levels: int) -> None:
 
 
 def _check_network(cfg: DictConfig) -> None:
-    """Build the network on the meta device: its factory's own checks (UNet depth against
+    """Build the parts on the meta device: the network factory's own checks (UNet depth against
     data.shape, patch size, head and group widths, ...) speak before any real work."""
-    from voxgen.diffusion.modes import build_mode
-    from voxgen.diffusion.spaces import build_space
-    from voxgen.models.registry import build_on_meta
-    from voxgen.training.step import network_channels
+    import torch
 
-    space = build_space(cfg)
-    in_ch, out_ch = network_channels(cfg, build_mode(cfg), space)
-    shape = space.shape(cfg.data.shape)
+    from voxgen.diffusion.modes import build_mode
+    from voxgen.diffusion.parts import build_parts, network_of
+    from voxgen.diffusion.spaces import build_space
+
+    net = network_of(cfg, build_mode(cfg), build_space(cfg))
     try:
-        build_on_meta(cfg.model, in_ch, out_ch, shape)
-    except VoxgenError:
-        raise
-    # A factory that fails with anything else (MONAI's ValueError, an AssertionError) has
-    # still found a config it cannot build: say which, in one line.
-    except Exception as exc:
+        with torch.device("meta"):
+            build_parts(cfg, "meta")
+    # MONAI's networks refuse impossible arguments with ValueError: a config that cannot be
+    # built, said in one line. Anything else a factory raises is a bug and comes out as one.
+    except ValueError as exc:
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise ConfigError(
             f"model.name={cfg.model.name!r} cannot be built for data.shape {list(cfg.data.shape)} "
-            f"({in_ch} -> {out_ch} channels): {reason}"
+            f"({net.in_channels} -> {net.out_channels} channels): {reason}"
         ) from None
+
+
+def _check_sampling(cfg: DictConfig) -> None:
+    """The run's solver, parsed whole and checked against the strategy now, not after training.
+
+    `sample.steps`, `sample.tolerance`, `sample.shift` and `sample.eta` are defaults for the
+    samplers that have such a setting (`voxgen evaluate` compares several with one config).
+    """
+    from voxgen.diffusion.modes import build_mode
+    from voxgen.diffusion.sampling import sampling_settings
+    from voxgen.diffusion.strategies import build_strategy
+
+    strategy = build_strategy(cfg)
+    solver = cfg.sample.solver if cfg.sample.solver is not None else strategy.default_sampler
+    try:
+        sampling_settings(cfg.sample, strategy, bool(build_mode(cfg).conditions))
+    except ConfigError as exc:
+        raise ConfigError(f"sample.solver={solver!r}: {exc}") from None

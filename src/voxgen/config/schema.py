@@ -122,7 +122,9 @@ class GuardsConfig:
 
 @dataclass
 class SampleConfig:
-    solver: str = "euler"
+    # A sampler name or spec text (`heun2:25,shift=3`); null = the strategy's default sampler
+    # (euler for rflow, ddim for ddpm).
+    solver: Optional[str] = None
     steps: int = 25
     # Time shift of the grid (Esser et al. 2024); 1 = uniform.
     shift: float = 1.0

@@ -2,8 +2,8 @@
 
 They keep voxgen's sampler signature `(model, x, timesteps, *, cond, generator, callback)`
 and take the noise schedule as one more keyword, `alphas_cumprod` ((T,) float64, from
-`voxgen.diffusion.strategies.DDPM`), bound with `functools.partial` by
-`voxgen.diffusion.samplers.prepare`. The schedule is data, not state: the samplers stay pure.
+`voxgen.diffusion.strategies.DDPM`), bound by `voxgen.diffusion.samplers.prepare` because
+it has no default (a sampler's keywords with defaults are its options). The schedule is data, not state: the samplers stay pure.
 
 - `model(x, t, cond)` returns the predicted noise eps for x (B, C, D, H, W) at timestep
   indices t (B,) (the network sees the index itself as its time).
@@ -28,9 +28,11 @@ from voxgen.diffusion.noise import randn_like
 def ddpm_grid(steps: int, num_timesteps: int) -> torch.Tensor:
     """(steps + 1,) float64 indices: `steps` evenly spaced from T - 1 down to 0, then -1 (data).
 
-    Starting at T - 1 (the "trailing" spacing of Lin et al. 2024, "Common Diffusion Noise
-    Schedules and Sample Steps are Flawed") makes the first step see the noise level the
-    model was trained on at the end of the schedule.
+    This is round(linspace(T - 1, 0, steps)), the "linspace" spacing of Lin et al. 2024
+    ("Common Diffusion Noise Schedules and Sample Steps are Flawed", Table 2). Like their
+    "trailing" spacing (and unlike "leading") it starts at the last timestep, so the first step
+    sees the noise level the model was trained on at the end of the schedule; the two differ
+    in where the remaining steps fall (as indices here, trailing ends at T / steps - 1, linspace at 0).
     """
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps={steps} must be in [1, {num_timesteps}] for a {num_timesteps}-step DDPM schedule")

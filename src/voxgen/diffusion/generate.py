@@ -16,7 +16,7 @@ import torch
 
 from voxgen.diffusion.modes import null_condition
 from voxgen.diffusion.noise import seeded_generators
-from voxgen.diffusion.samplers import SolverSpec, parse_solver, prepare
+from voxgen.diffusion.samplers import SolverSpec, prepare
 from voxgen.errors import ConfigError
 
 
@@ -39,9 +39,7 @@ def prediction_fn(parts) -> Callable:
     [0, 1]; ddpm: timestep index) to the network's time; returns float32 predictions."""
 
     def prediction(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        from voxgen.training.step import autocast
-
-        with autocast(parts.precision, x.device):
+        with parts.autocast(x.device):
             out = parts.model(parts.mode.model_input(x, cond), parts.strategy.model_time(t))
         return out.float()
 
@@ -75,35 +73,29 @@ def guided(fn: Callable, scale: float) -> Callable:
     return guided_fn
 
 
-def solver_from_config(cfg) -> SolverSpec:
-    """The run's sampler: `sample.solver` (a name, or a full spec text) completed by
-    `sample.steps`, `sample.tolerance`, `sample.shift` and `sample.eta`."""
-    return parse_solver(cfg.sample.solver, cfg.sample)
-
-
 @torch.no_grad()
 def generate(
     parts,
     seeds: Sequence[int],
-    latent_shape: Sequence[int],
     cond: torch.Tensor | None = None,
     *,
-    solver: SolverSpec | str,
+    solver: SolverSpec,
     batch_size: int = 4,
     guidance_scale: float = 1.0,
     progress: Callable[[int], None] | None = None,
 ) -> Generation:
-    """Sample len(seeds) volumes; `latent_shape` is (C, D, H, W) in the model's space and
-    `cond` (N, K, D, H, W) the conditions in model space. Sample i uses a CPU generator seeded
-    with seeds[i] for its initial noise and any noise the sampler adds, so it does not depend
-    on the batch it shares (except for adaptive solvers, whose step control sees the batch)."""
-    spec = parse_solver(solver) if isinstance(solver, str) else solver
+    """Sample len(seeds) volumes of `parts.network.sample_shape` (C, D, H, W) in the model's
+    space; `cond` (N, K, D, H, W) are the conditions in model space. Sample i uses a CPU
+    generator seeded with seeds[i] for its initial noise and any noise the sampler adds, so it
+    does not depend on the batch it shares (except for adaptive solvers, whose step control
+    sees the batch)."""
     if not seeds:
         raise ValueError("generate needs at least one seed")
     if guidance_scale != 1.0 and cond is None:
         raise ConfigError(f"guidance scale {guidance_scale:g} needs a conditional mode; mode "
                           f"{parts.mode.name!r} has no condition (use 1)")
-    sampler, grid = prepare(spec, parts.strategy)
+    sampler, grid = prepare(solver, parts.strategy)
+    latent_shape = parts.network.sample_shape
     parts.model.eval()
     device = next(parts.model.parameters()).device
     started = time.perf_counter()

@@ -1,208 +1,56 @@
-"""Samplers: pure functions `(model, x, timesteps, *, cond, generator, callback, **options) -> x`.
+"""The sampler registry and solver specs.
 
-Rectified-flow samplers (strategy `rflow`): `model(x, t, cond)` returns the velocity dx/dt
-for x (B, C, D, H, W) at times t (B,) in [0, 1]; `timesteps` is a float64 grid from 1 (noise)
-to 0 (data), built by `time_grid`. Fixed-step solvers (euler, midpoint, heun2, heun3, rk4)
-take one step per grid interval; adaptive solvers (bosh3, fehlberg2, dopri5, dopri8, through
-torchdiffeq) only use the grid's end points and choose their own steps; `restart` adds
-forward-noise/re-integrate cycles (Xu et al. 2023) to a Heun integration.
-
-DDPM samplers (strategy `ddpm`, see `voxgen.diffusion.ddpm_samplers`) keep the same
-signature: there `model` returns the noise eps and `timesteps` holds integer timestep indices.
-
-`callback(i, x)` is called after step i of the main grid. `generator` (see
-`voxgen.diffusion.noise`) feeds the stochastic samplers; deterministic ones ignore it.
-
-A solver is named on the command line and in configs as a `SolverSpec` text, parsed by
-`parse_solver`: `NAME[:VALUE][,KEY=VALUE...]`, VALUE being the number of steps (or the
-tolerance of adaptive solvers): `euler:25`, `heun2:25,shift=3`, `dopri5:1e-3`,
+A sampler is a pure function `(model, x, timesteps, *, cond, generator, callback, **settings)`
+(`voxgen.diffusion.rflow_samplers` for rectified flow, `voxgen.diffusion.ddpm_samplers` for
+DDPM); its keyword arguments with defaults are its settings. `SAMPLERS` names them, and a
+`SolverSpec` is one of them with the settings a user gave, written and parsed as
+`NAME[:VALUE][,KEY=VALUE...]`: `euler:25`, `heun2:25,shift=3`, `dopri5:1e-3`,
 `restart:18,k=2,tmin=0.1,tmax=0.3,rsteps=3`, `ddim:50,eta=0.5`.
 """
 
 from __future__ import annotations
 
 import functools
-import math
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from voxgen.diffusion import ddpm_samplers
-from voxgen.diffusion.noise import randn_like
+from voxgen.diffusion.rflow_samplers import (
+    bosh3,
+    dopri5,
+    dopri8,
+    euler,
+    fehlberg2,
+    heun2,
+    heun3,
+    midpoint,
+    restart,
+    rk4,
+    time_grid,
+)
 from voxgen.errors import ConfigError
 
-Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# ---- registry and specs ---------------------------------------------------------------------
 
-
-def time_grid(steps: int, shift: float = 1.0) -> torch.Tensor:
-    """(steps + 1,) float64 times from 1 to 0. shift > 1 spends more steps near t = 1
-    (the time shift of Esser et al. 2024: t' = s t / (1 + (s - 1) t))."""
-    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return shift * t / (1.0 + (shift - 1.0) * t)
-
-
-def _times(x: torch.Tensor, t: float) -> torch.Tensor:
-    """(B,) copies of time t; at least float32 so that bf16 volumes do not round the time."""
-    return torch.full((x.shape[0],), t, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-
-
-# ---- explicit Runge-Kutta methods ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Tableau:
-    """Butcher tableau of an explicit Runge-Kutta method: stage i evaluates at t + c[i] h
-    and x + h sum_j a[i][j] k_j; the step is x + h sum_i b[i] k_i."""
-
-    a: tuple[tuple[float, ...], ...]
-    b: tuple[float, ...]
-    c: tuple[float, ...]
-
-
-EULER = Tableau(a=((),), b=(1.0,), c=(0.0,))
-MIDPOINT = Tableau(a=((), (0.5,)), b=(0.0, 1.0), c=(0.0, 0.5))
-HEUN2 = Tableau(a=((), (1.0,)), b=(0.5, 0.5), c=(0.0, 1.0))
-# Heun's third-order method (Heun 1900; Butcher, "Numerical Methods for ODEs", table 233(I)).
-HEUN3 = Tableau(a=((), (1 / 3,), (0.0, 2 / 3)), b=(0.25, 0.0, 0.75), c=(0.0, 1 / 3, 2 / 3))
-RK4 = Tableau(a=((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), b=(1 / 6, 1 / 3, 1 / 3, 1 / 6), c=(0.0, 0.5, 0.5, 1.0))
-
-
-def _rk_step(model: Velocity, x: torch.Tensor, t: float, h: float, tableau: Tableau, cond) -> torch.Tensor:
-    """One step of `tableau` from t to t + h (h < 0 when integrating towards data)."""
-    ks: list[torch.Tensor] = []
-    for a_i, c_i in zip(tableau.a, tableau.c):
-        x_i = x
-        for a_ij, k in zip(a_i, ks):
-            if a_ij:  # zero coefficients cost no memory traffic
-                x_i = x_i + (h * a_ij) * k
-        ks.append(model(x_i, _times(x, t + c_i * h), cond).to(x.dtype))
-    for b_i, k in zip(tableau.b, ks):
-        if b_i:
-            x = x + (h * b_i) * k
-    return x
-
-
-def _integrate(model, x, timesteps, tableau, cond, callback, first_index: int = 0) -> torch.Tensor:
-    # Step sizes are taken from the float64 grid as Python floats, so the grid's precision
-    # (not the volume's) decides where the model is evaluated.
-    grid = timesteps.tolist()
-    for i in range(len(grid) - 1):
-        x = _rk_step(model, x, grid[i], grid[i + 1] - grid[i], tableau, cond)
-        if callback is not None:
-            callback(first_index + i, x)
-    return x
-
-
-def euler(model: Velocity, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generator=None, callback=None) -> torch.Tensor:
-    """First-order Euler integration of dx/dt = v(x, t) along `timesteps` (1 evaluation per step)."""
-    return _integrate(model, x, timesteps, EULER, cond, callback)
-
-
-def midpoint(model: Velocity, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generator=None, callback=None) -> torch.Tensor:
-    """Explicit midpoint method: second order, 2 evaluations per step."""
-    return _integrate(model, x, timesteps, MIDPOINT, cond, callback)
-
-
-def heun2(model: Velocity, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generator=None, callback=None) -> torch.Tensor:
-    """Heun's method (explicit trapezoid; EDM's deterministic sampler): second order, 2 evaluations per step."""
-    return _integrate(model, x, timesteps, HEUN2, cond, callback)
-
-
-def heun3(model: Velocity, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generator=None, callback=None) -> torch.Tensor:
-    """Heun's third-order Runge-Kutta method: 3 evaluations per step."""
-    return _integrate(model, x, timesteps, HEUN3, cond, callback)
-
-
-def rk4(model: Velocity, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generator=None, callback=None) -> torch.Tensor:
-    """The classical fourth-order Runge-Kutta method: 4 evaluations per step."""
-    return _integrate(model, x, timesteps, RK4, cond, callback)
-
-
-# ---- adaptive solvers (torchdiffeq) -------------------------------------------------------
-
-
-def _adaptive(method: str, model: Velocity, x: torch.Tensor, timesteps: torch.Tensor, cond, callback, tolerance: float):
-    from torchdiffeq import odeint
-
-    def velocity(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return model(y, _times(y, float(t)), cond).to(y.dtype)
-
-    # Only the end points: the solver picks its own steps, and asking for the grid's inner
-    # times would keep one volume per grid point in memory.
-    ends = torch.stack([timesteps[0], timesteps[-1]]).to(torch.promote_types(x.dtype, torch.float32))
-    # The error norm (torchdiffeq's RMS) runs over the whole batch, so the accepted steps
-    # depend on which samples share a batch (to within the tolerance).
-    out = odeint(velocity, x, ends, method=method, rtol=tolerance, atol=tolerance, options={"step_t": ends})[-1]
-    if callback is not None:
-        callback(0, out)
-    return out
-
-
-def _adaptive_sampler(method: str, order: int) -> Callable:
-    def sampler(model: Velocity, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generator=None, callback=None,
-                tolerance: float = 1e-3) -> torch.Tensor:
-        return _adaptive(method, model, x, timesteps, cond, callback, tolerance)
-
-    sampler.__name__ = method
-    sampler.__doc__ = (f"torchdiffeq's adaptive `{method}` (order {order}) from timesteps[0] to timesteps[-1] "
-                       "with rtol = atol = tolerance.")
-    return sampler
-
-
-bosh3 = _adaptive_sampler("bosh3", 3)
-fehlberg2 = _adaptive_sampler("fehlberg2", 2)
-dopri5 = _adaptive_sampler("dopri5", 5)
-dopri8 = _adaptive_sampler("dopri8", 8)
-
-
-# ---- restart sampling ---------------------------------------------------------------------
-
-
-def restart_jump(x: torch.Tensor, t_min: float, t_max: float, noise: torch.Tensor) -> torch.Tensor:
-    """Forward-noise x_{t_min} to x_{t_max} of the same x0 (t_max > t_min), as the linear
-    interpolant's forward process would.
-
-    With x_{t_min} = (1 - t_min) x0 + t_min n, scaling by c = (1 - t_max) / (1 - t_min) gives
-    (1 - t_max) x0 + c t_min n; adding independent noise of variance t_max^2 - (c t_min)^2
-    (>= 0 because t / (1 - t) grows with t) makes the noise part N(0, t_max^2), so
-        x_{t_max} = c x_{t_min} + sqrt(t_max^2 - (c t_min)^2) eps
-    has exactly the law of (1 - t_max) x0 + t_max n'.
-    """
-    c = (1.0 - t_max) / (1.0 - t_min)
-    std = math.sqrt(max(t_max**2 - (c * t_min) ** 2, 0.0))
-    return c * x + std * noise
-
-
-def restart(model: Velocity, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generator=None, callback=None,
-            restarts: int = 2, t_min: float = 0.1, t_max: float = 0.3, restart_steps: int = 3) -> torch.Tensor:
-    """Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes").
-
-    Heun integrates the grid down to t_min (inserted into the grid); then `restarts` times,
-    x is forward-noised back to t_max (`restart_jump`, fresh noise from `generator`) and
-    re-integrated to t_min with `restart_steps` Heun steps; then the grid is finished to 0.
-    The added noise contracts errors accumulated above t_min, at 2 * restart_steps
-    evaluations per restart.
-    """
-    grid = timesteps.to(torch.float64)
-    t_low = torch.tensor([t_min], dtype=torch.float64)
-    before = torch.cat([grid[grid > t_min], t_low])
-    after = torch.cat([t_low, grid[grid < t_min]])
-    x = _integrate(model, x, before, HEUN2, cond, callback)
-    inner = torch.linspace(t_max, t_min, restart_steps + 1, dtype=torch.float64)
-    for _ in range(restarts):
-        x = restart_jump(x, t_min, t_max, randn_like(x, generator))
-        x = _integrate(model, x, inner, HEUN2, cond, None)
-    return _integrate(model, x, after, HEUN2, cond, callback, first_index=len(before) - 1)
-
-
-# ---- registry -----------------------------------------------------------------------------
+# Keywords every sampler takes that are not settings a user chooses.
+_CALL_KEYWORDS = ("cond", "generator", "callback")
 
 
 @dataclass(frozen=True)
 class Sampler:
-    """A registry entry. `value` is what `NAME:VALUE` sets (steps or tolerance); `evals_per_step`
-    is model evaluations per step without guidance (None: chosen by the adaptive solver)."""
+    """A registry entry: the function, the strategy it samples and how `NAME:VALUE` reads.
+
+    The sampler's settings are its keyword arguments with defaults (k-diffusion's convention),
+    read from its signature; keywords without a default are bound from the strategy by
+    `prepare` (the DDPM schedule). `value` names what `NAME:VALUE` sets: `steps` (the grid's
+    intervals) or `tolerance` (adaptive solvers, a keyword of theirs). `aliases` gives short
+    text names to keywords (`k` for `restarts`). `check(settings)` returns what is wrong with a
+    combination of settings, or None. `evals_per_step`: network evaluations per step without
+    guidance (None: chosen by the adaptive solver).
+    """
 
     name: str
     fn: Callable
@@ -210,74 +58,152 @@ class Sampler:
     value: str  # steps | tolerance
     order: int
     evals_per_step: int | None
-    options: tuple[str, ...]  # keys accepted after the value
     summary: str
+    aliases: tuple[tuple[str, str], ...] = ()  # (text key, keyword)
+    check: Callable[[dict], str | None] | None = None
+
+    @functools.cached_property
+    def settings(self) -> dict[str, float | int | None]:
+        """Every setting and its default: the grid's, then the function's keywords."""
+        grid: dict[str, float | int | None] = {}
+        if self.value == "steps":
+            grid["steps"] = None  # no default: given in the text or by `sample.steps`
+            if self.strategy == "rflow":
+                grid["shift"] = 1.0  # the time grid's shift; DDPM's index grid has none
+        keywords = {
+            p.name: p.default
+            for p in inspect.signature(self.fn).parameters.values()
+            if p.kind is p.KEYWORD_ONLY and p.name not in _CALL_KEYWORDS and p.default is not p.empty
+        }
+        return {**grid, **keywords}
+
+    def text_key(self, keyword: str) -> str:
+        return next((text for text, kw in self.aliases if kw == keyword), keyword)
+
+    def keyword(self, text_key: str) -> str:
+        return dict(self.aliases).get(text_key, text_key)
+
+    def option_names(self) -> str:
+        """The settings that follow the value in a spec text, as the text writes them."""
+        return ", ".join(self.text_key(k) for k in self.settings if k != self.value) or "none"
 
 
-_GRID = ("shift",)
-_RESTART = ("shift", "k", "tmin", "tmax", "rsteps")
+def _restart_check(s: dict) -> str | None:
+    if not 0.0 < s["t_min"] < s["t_max"] <= 1.0:
+        return "the restart interval needs 0 < tmin < tmax <= 1"
+    if s["restarts"] < 0 or s["restart_steps"] < 1:
+        return "k must be >= 0 and rsteps >= 1"
+    return None
+
+
+def _eta_check(s: dict) -> str | None:
+    return None if 0.0 <= s["eta"] <= 1.0 else "eta must be in [0, 1]"
+
+
+_RESTART_ALIASES = (("k", "restarts"), ("tmin", "t_min"), ("tmax", "t_max"), ("rsteps", "restart_steps"))
 SAMPLERS: dict[str, Sampler] = {
     s.name: s
     for s in (
-        Sampler("euler", euler, "rflow", "steps", 1, 1, _GRID, "Euler, first order"),
-        Sampler("midpoint", midpoint, "rflow", "steps", 2, 2, _GRID, "explicit midpoint, second order"),
-        Sampler("heun2", heun2, "rflow", "steps", 2, 2, _GRID, "Heun (trapezoid), second order"),
-        Sampler("heun3", heun3, "rflow", "steps", 3, 3, _GRID, "Heun's third-order Runge-Kutta"),
-        Sampler("rk4", rk4, "rflow", "steps", 4, 4, _GRID, "classical Runge-Kutta, fourth order"),
-        Sampler("bosh3", bosh3, "rflow", "tolerance", 3, None, (), "adaptive Bogacki-Shampine 3(2)"),
-        Sampler("fehlberg2", fehlberg2, "rflow", "tolerance", 2, None, (), "adaptive Runge-Kutta-Fehlberg 2(1)"),
-        Sampler("dopri5", dopri5, "rflow", "tolerance", 5, None, (), "adaptive Dormand-Prince 5(4)"),
-        Sampler("dopri8", dopri8, "rflow", "tolerance", 8, None, (), "adaptive Dormand-Prince 8(5,3)"),
-        Sampler("restart", restart, "rflow", "steps", 2, 2, _RESTART, "Heun with restart cycles (Xu et al. 2023)"),
-        Sampler("ddpm", ddpm_samplers.ddpm, "ddpm", "steps", 1, 1, (), "ancestral DDPM (Ho et al. 2020)"),
-        Sampler("ddim", ddpm_samplers.ddim, "ddpm", "steps", 1, 1, ("eta",), "DDIM with eta (Song et al. 2021)"),
-        Sampler("dpmpp2m", ddpm_samplers.dpmpp_2m, "ddpm", "steps", 2, 1, (), "DPM-Solver++(2M) (Lu et al. 2022)"),
+        Sampler("euler", euler, "rflow", "steps", 1, 1, "Euler, first order"),
+        Sampler("midpoint", midpoint, "rflow", "steps", 2, 2, "explicit midpoint, second order"),
+        Sampler("heun2", heun2, "rflow", "steps", 2, 2, "Heun (trapezoid), second order"),
+        Sampler("heun3", heun3, "rflow", "steps", 3, 3, "Heun's third-order Runge-Kutta"),
+        Sampler("rk4", rk4, "rflow", "steps", 4, 4, "classical Runge-Kutta, fourth order"),
+        Sampler("bosh3", bosh3, "rflow", "tolerance", 3, None, "adaptive Bogacki-Shampine 3(2)"),
+        Sampler("fehlberg2", fehlberg2, "rflow", "tolerance", 2, None, "adaptive Runge-Kutta-Fehlberg 2(1)"),
+        Sampler("dopri5", dopri5, "rflow", "tolerance", 5, None, "adaptive Dormand-Prince 5(4)"),
+        Sampler("dopri8", dopri8, "rflow", "tolerance", 8, None, "adaptive Dormand-Prince 8(5,3)"),
+        Sampler("restart", restart, "rflow", "steps", 2, 2, "Heun with restart cycles (Xu et al. 2023)",
+                _RESTART_ALIASES, _restart_check),
+        Sampler("ddpm", ddpm_samplers.ddpm, "ddpm", "steps", 1, 1, "ancestral DDPM (Ho et al. 2020)"),
+        Sampler("ddim", ddpm_samplers.ddim, "ddpm", "steps", 1, 1, "DDIM with eta (Song et al. 2021)",
+                check=_eta_check),
+        Sampler("dpmpp2m", ddpm_samplers.dpmpp_2m, "ddpm", "steps", 2, 1, "DPM-Solver++(2M) (Lu et al. 2022)"),
     )
 }
 
 
-@dataclass(frozen=True)
-class SolverSpec:
-    """A sampler with its settings; `str(spec)` is its `parse_solver` text.
+def _entry(name: str, whole: str) -> Sampler:
+    if name not in SAMPLERS:
+        raise ConfigError(f"solver '{whole}': unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
 
-    steps: grid intervals (fixed-step, restart and DDPM samplers); tolerance: rtol = atol of
-    adaptive solvers; shift: time shift of the grid; eta: DDIM's noise (0 = deterministic);
-    restarts, t_min, t_max, restart_steps: the restart interval and its cycles.
+
+class SolverSpec:
+    """A sampler with the settings it was given; `str(spec)` is its `parse_solver` text.
+
+    `SolverSpec("heun2", steps=25, shift=3.0)`: keywords are the sampler's settings
+    (`Sampler.settings`); what is not given keeps the sampler's default. Settings are read as
+    attributes (`spec.steps`, `spec.eta`); a setting the sampler does not have reads None.
+    Immutable: `with_settings` returns a new spec.
     """
 
-    name: str
-    steps: int | None = None
-    tolerance: float | None = None
-    shift: float = 1.0
-    eta: float = 0.0
-    restarts: int = 2
-    t_min: float = 0.1
-    t_max: float = 0.3
-    restart_steps: int = 3
+    __slots__ = ("name", "_given")
+
+    def __init__(self, name: str, **given):
+        entry = _entry(name, name)
+        for key in given:
+            if key not in entry.settings:
+                raise ConfigError(f"solver '{name}': '{key}' is not an option of {name} (options: {entry.option_names()})")
+        object.__setattr__(self, "name", name)
+        # Settings equal to their default are dropped: a spec is equal to its text's parse.
+        object.__setattr__(self, "_given", {k: v for k, v in given.items() if v is not None and v != entry.settings[k]})
+
+    def __setattr__(self, key, value):
+        raise AttributeError("SolverSpec is immutable; use with_settings")
+
+    @property
+    def entry(self) -> Sampler:
+        return SAMPLERS[self.name]
+
+    @property
+    def settings(self) -> dict:
+        """Every setting of the sampler with its value in this spec."""
+        return {**self.entry.settings, **self._given}
+
+    def __getattr__(self, key: str):
+        if key.startswith("_"):
+            raise AttributeError(key)
+        return self.settings.get(key)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, SolverSpec) and (self.name, self._given) == (other.name, other._given)
+
+    def __hash__(self) -> int:
+        return hash((self.name, tuple(sorted(self._given.items()))))
+
+    def __repr__(self) -> str:
+        return f"SolverSpec({self.name!r}, {', '.join(f'{k}={v!r}' for k, v in self._given.items())})"
 
     def __str__(self) -> str:
-        entry = SAMPLERS.get(self.name)
-        value = self.tolerance if entry is not None and entry.value == "tolerance" else self.steps
+        entry, settings = self.entry, self.settings
+        value = settings.get(entry.value)
         text = self.name if value is None else f"{self.name}:{value:g}"
-        default = SolverSpec(self.name)
-        for key, attr in _OPTION_FIELDS.items():
-            if entry is not None and key in entry.options and getattr(self, attr) != getattr(default, attr):
-                text += f",{key}={getattr(self, attr):g}"
+        for key, setting in self._given.items():
+            if key != entry.value:
+                text += f",{entry.text_key(key)}={setting:g}"
         return text
 
+    def with_settings(self, **given) -> SolverSpec:
+        """A copy with `given` settings replaced (None values are left out); ConfigError, naming
+        the spec, for a setting this sampler does not have: `--shift` on a DDPM sampler is
+        refused exactly as `ddim:10,shift=3` is."""
+        given = {k: v for k, v in given.items() if v is not None}
+        for key, value in given.items():
+            if key not in self.entry.settings:
+                raise ConfigError(f"solver '{self}': '{self.entry.text_key(key)}={value:g}' is not an option of "
+                                  f"{self.name} (options: {self.entry.option_names()})")
+        return SolverSpec(self.name, **{**self._given, **given})
 
-_OPTION_FIELDS = {"shift": "shift", "eta": "eta", "k": "restarts", "tmin": "t_min", "tmax": "t_max", "rsteps": "restart_steps"}
-_INTEGER_FIELDS = {"steps", "restarts", "restart_steps"}
 
-
-def _number(text: str, attr: str, whole: str):
+def _number(text: str, default, key: str, whole: str):
     try:
         value = float(text)
     except ValueError:
         raise ConfigError(f"solver '{whole}': '{text}' is not a number") from None
-    if attr in _INTEGER_FIELDS:
+    if key == "steps" or isinstance(default, int) and not isinstance(default, bool):
         if value != int(value):
-            raise ConfigError(f"solver '{whole}': {attr} must be a whole number, got '{text}'")
+            raise ConfigError(f"solver '{whole}': {key} must be a whole number, got '{text}'")
         return int(value)
     return value
 
@@ -285,79 +211,73 @@ def _number(text: str, attr: str, whole: str):
 def parse_solver(text: str, sample=None) -> SolverSpec:
     """`NAME[:VALUE][,KEY=VALUE...]` -> SolverSpec; ConfigError for unknown names, keys or values.
 
-    `sample` (the config's `sample` section) fills what the text leaves out: steps, tolerance,
-    shift and eta; without it they keep SolverSpec's defaults (steps/tolerance None).
+    `sample` (the config's `sample` section) fills what the text leaves out, for the settings
+    the sampler has: steps, tolerance, shift and eta; without it steps/tolerance stay unset.
     """
     whole = str(text).strip()
     head, *pairs = whole.split(",")
     name, _, value = head.partition(":")
-    name = name.strip()
-    if name not in SAMPLERS:
-        raise ConfigError(f"solver '{whole}': unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)}")
-    entry = SAMPLERS[name]
+    entry = _entry(name.strip(), whole)
     given: dict = {}
     if value.strip():
-        given[entry.value] = _number(value.strip(), entry.value, whole)
+        given[entry.value] = _number(value.strip(), entry.settings[entry.value], entry.value, whole)
     for pair in pairs:
         key, sep, val = pair.partition("=")
-        key = key.strip()
-        if not sep or key not in entry.options:
-            accepted = ", ".join(entry.options) or "none"
-            raise ConfigError(f"solver '{whole}': '{pair.strip()}' is not an option of {name} (options: {accepted})")
-        given[_OPTION_FIELDS[key]] = _number(val.strip(), _OPTION_FIELDS[key], whole)
+        keyword = entry.keyword(key.strip())
+        if not sep or keyword not in entry.settings or keyword == entry.value:
+            raise ConfigError(f"solver '{whole}': '{pair.strip()}' is not an option of {entry.name} "
+                              f"(options: {entry.option_names()})")
+        given[keyword] = _number(val.strip(), entry.settings[keyword], keyword, whole)
     if sample is not None:
         defaults = {"steps": sample.steps, "tolerance": sample.tolerance, "shift": sample.shift, "eta": sample.eta}
-        given = {**{k: v for k, v in defaults.items() if k in _applicable(entry)}, **given}
-    spec = SolverSpec(name, **given)
+        given = {**{k: v for k, v in defaults.items() if k in entry.settings}, **given}
+    spec = SolverSpec(entry.name, **given)
     check_solver(spec, complete=False)
     return spec
 
 
-def _applicable(entry: Sampler) -> set[str]:
-    return {entry.value} | {_OPTION_FIELDS[k] for k in entry.options}
-
-
 def check_solver(spec: SolverSpec, complete: bool = True) -> None:
-    """ConfigError unless the spec names a sampler and its settings are usable; with
-    complete=False a missing number of steps or tolerance is allowed (filled in later)."""
-    if spec.name not in SAMPLERS:
-        raise ConfigError(f"solver '{spec.name}' is not one of {', '.join(SAMPLERS)}")
-    entry = SAMPLERS[spec.name]
-    value = spec.steps if entry.value == "steps" else spec.tolerance
-    if value is None and not complete:
-        pass
-    elif entry.value == "steps" and (spec.steps is None or spec.steps < 1):
+    """ConfigError unless the spec's settings are usable; with complete=False a missing number
+    of steps or tolerance is allowed (filled in later)."""
+    entry, s = spec.entry, spec.settings
+    if entry.value == "steps" and s["steps"] is None:
+        if complete:
+            raise ConfigError(f"solver '{spec}' needs a number of steps >= 1, e.g. {spec.name}:25")
+    elif entry.value == "steps" and s["steps"] < 1:
         raise ConfigError(f"solver '{spec}' needs a number of steps >= 1, e.g. {spec.name}:25")
-    elif entry.value == "tolerance" and (spec.tolerance is None or not 0.0 < spec.tolerance < 1.0):
+    if entry.value == "tolerance" and (s["tolerance"] is None and complete or
+                                       s["tolerance"] is not None and not 0.0 < s["tolerance"] < 1.0):
         raise ConfigError(f"solver '{spec}' needs a tolerance in (0, 1), e.g. {spec.name}:1e-3")
-    if spec.shift <= 0:
+    if s.get("shift", 1.0) <= 0:
         raise ConfigError(f"solver '{spec}': shift must be positive")
-    if not 0.0 <= spec.eta <= 1.0:
-        raise ConfigError(f"solver '{spec}': eta must be in [0, 1]")
-    if spec.name == "restart":
-        if not 0.0 < spec.t_min < spec.t_max <= 1.0:
-            raise ConfigError(f"solver '{spec}': the restart interval needs 0 < tmin < tmax <= 1")
-        if spec.restarts < 0 or spec.restart_steps < 1:
-            raise ConfigError(f"solver '{spec}': k must be >= 0 and rsteps >= 1")
+    problem = entry.check(s) if entry.check is not None else None
+    if problem:
+        raise ConfigError(f"solver '{spec}': {problem}")
+
+
+def check_strategy(spec: SolverSpec, strategy) -> None:
+    """ConfigError unless `spec` samples models trained with `strategy` (and fits its schedule)."""
+    entry = spec.entry
+    if entry.strategy != strategy.name:
+        fitting = ", ".join(n for n, s in SAMPLERS.items() if s.strategy == strategy.name)
+        raise ConfigError(f"solver '{spec}' samples strategy={entry.strategy} models, not strategy={strategy.name} "
+                          f"ones; choose one of {fitting}")
+    steps = spec.settings.get("steps")
+    if entry.strategy == "ddpm" and steps is not None and steps > strategy.num_timesteps:
+        raise ConfigError(f"solver '{spec}': at most ddpm.num_timesteps={strategy.num_timesteps} steps")
 
 
 def prepare(spec: SolverSpec, strategy) -> tuple[Callable, torch.Tensor]:
-    """(sampler with the spec's options bound, its float64 grid) for a model trained with `strategy`."""
+    """(sampler with the spec's settings bound, its float64 grid) for a model trained with `strategy`."""
     check_solver(spec)
-    entry = SAMPLERS[spec.name]
-    if entry.strategy != strategy.name:
-        fitting = ", ".join(n for n, s in SAMPLERS.items() if s.strategy == strategy.name)
-        raise ConfigError(f"solver '{spec}' samples {entry.strategy} models but this model was trained with "
-                          f"strategy={strategy.name}; choose one of {fitting}")
-    if entry.value == "tolerance":
-        return functools.partial(entry.fn, tolerance=spec.tolerance), time_grid(1)
+    check_strategy(spec, strategy)
+    entry, settings = spec.entry, spec.settings
+    keywords = {k: v for k, v in settings.items() if k not in ("steps", "shift")}
     if entry.strategy == "ddpm":
-        if spec.steps > strategy.num_timesteps:
-            raise ConfigError(f"solver '{spec}': at most ddpm.num_timesteps={strategy.num_timesteps} steps")
-        options = {"eta": spec.eta} if "eta" in entry.options else {}
-        grid = ddpm_samplers.ddpm_grid(spec.steps, strategy.num_timesteps)
-        return functools.partial(entry.fn, alphas_cumprod=strategy.alphas_cumprod, **options), grid
-    if spec.name == "restart":
-        options = {"restarts": spec.restarts, "t_min": spec.t_min, "t_max": spec.t_max, "restart_steps": spec.restart_steps}
-        return functools.partial(entry.fn, **options), time_grid(spec.steps, spec.shift)
-    return entry.fn, time_grid(spec.steps, spec.shift)
+        keywords["alphas_cumprod"] = strategy.alphas_cumprod
+        grid = ddpm_samplers.ddpm_grid(settings["steps"], strategy.num_timesteps)
+    elif entry.value == "tolerance":
+        grid = time_grid(1)  # adaptive solvers use only the end points
+    else:
+        grid = time_grid(settings["steps"], settings["shift"])
+    return functools.partial(entry.fn, **keywords), grid

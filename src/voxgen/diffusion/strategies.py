@@ -1,9 +1,6 @@
 """Training strategies: how data is noised, what the model predicts, how time is drawn.
 
-Every strategy has the interface `compute_loss` (voxgen.training.step) relies on:
-`sample_time(batch, generator, device)`, `interpolate(x0, noise, t)`, `target(x0, noise)`,
-`model_time(t)`, `loss(prediction, target)`, and `cond_dropout`, the probability per sample
-of training with the null (all-zero) condition, for classifier-free guidance.
+Every strategy has the `Strategy` interface the training step and the samplers rely on.
 
 Rectified flow (voxgen's convention, never flipped; see docs/conventions.md):
     x_t = (1 - t) x0 + t * noise,  t in [0, 1], t = 0 is data,
@@ -14,6 +11,7 @@ Rectified flow (voxgen's convention, never flipped; see docs/conventions.md):
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 
@@ -21,10 +19,36 @@ from voxgen.diffusion.shapes import append_dims
 from voxgen.errors import ConfigError
 
 
+class Strategy(Protocol):
+    """How data is noised, what the network predicts and how time is drawn."""
+
+    name: str
+    # Probability per sample of training with the null (all-zero) condition (classifier-free guidance).
+    cond_dropout: float
+    # The sampler `sample.solver: null` stands for (voxgen.diffusion.samplers).
+    default_sampler: str
+
+    def sample_time(self, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
+        """(B,) training times."""
+
+    def interpolate(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t of data x0 (B, C, D, H, W) and noise of the same shape at times t (B,)."""
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to predict."""
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) times as the network sees them."""
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Scalar loss."""
+
+
 class RectifiedFlow:
     """Rectified flow / linear interpolant (Liu et al. 2022; Lipman et al. 2022)."""
 
     name = "rflow"
+    default_sampler = "euler"
     model_time_scale = 1000.0
 
     def __init__(self, time_sampling: str = "logit-normal", logit_mean: float = 0.0, logit_std: float = 1.0,
@@ -75,6 +99,8 @@ class DDPM:
     the index t as its time; the loss is the MSE on eps with t drawn uniformly ("L_simple")."""
 
     name = "ddpm"
+    # Deterministic DDIM (eta 0): the DDPM counterpart of the flow's Euler default.
+    default_sampler = "ddim"
 
     def __init__(self, num_timesteps: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
                  beta_end: float = 0.02, cond_dropout: float = 0.0):
@@ -115,9 +141,7 @@ def ddpm(cfg) -> DDPM:
 STRATEGIES = {"rflow": rectified_flow, "ddpm": ddpm}
 
 
-def build_strategy(cfg) -> RectifiedFlow | DDPM:
-    if not 0.0 <= cfg.training.cond_dropout < 1.0:
-        raise ConfigError(f"training.cond_dropout={cfg.training.cond_dropout} must be in [0, 1)")
+def build_strategy(cfg) -> Strategy:
     return STRATEGIES[cfg.strategy](cfg)
 
 

@@ -88,13 +88,13 @@ def run_evaluate(args) -> int:
     began = time.perf_counter()
     ev = _evaluator(args, _metric_list(args.metrics))
     texts = expand_solvers(args.solvers) if args.solvers else [ev.cfg.sample.solver]
-    specs = [ev.solver(t) for t in texts]  # every spec checked before any sampling starts
+    settings = [ev.solver(t) for t in texts]  # every spec checked before any sampling starts
     headers = ev.headers()
     rows = []
-    for i, spec in enumerate(specs, 1):
-        _say(f"[{i}/{len(specs)}] {spec}: sampling {ev.samples} volumes")
-        row = ev.evaluate(spec)
-        _say(f"[{i}/{len(specs)}] {spec}: {_line(row, headers)}")
+    for i, sampling in enumerate(settings, 1):
+        _say(f"[{i}/{len(settings)}] {sampling.solver}: sampling {ev.samples} volumes")
+        row = ev.evaluate(sampling)
+        _say(f"[{i}/{len(settings)}] {sampling.solver}: {_line(row, headers)}")
         rows.append(row)
     out = Path(args.out) if args.out else ev.run_dir / "evaluation"
     title = _title(ev, "Evaluation")
@@ -128,8 +128,7 @@ def run_find_steps(args) -> int:
     rows = {}
 
     def objective(steps: int) -> float:
-        spec = ev.solver(f"{args.solver}:{steps}")
-        row = ev.evaluate(spec)
+        row = ev.evaluate(ev.solver(f"{args.solver}:{steps}"))
         rows[steps] = row
         _say(f"{args.solver}:{steps}: {_line(row, [head])}")
         return sign * row.values[head]

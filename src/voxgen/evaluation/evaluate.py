@@ -21,7 +21,7 @@ from voxgen.errors import DataError, VoxgenError
 from voxgen.evaluation import metrics as registry
 from voxgen.evaluation.features import EXTRACTORS, Extractor, build_extractor
 from voxgen.evaluation.masks import lesion_stats
-from voxgen.evaluation.pixel import ms_ssim_min_size
+from voxgen.evaluation.pixel import MS_SSIM_WEIGHTS, VolumeTooSmall, ms_ssim_scales
 
 
 
@@ -133,13 +133,21 @@ class RunEvaluator:
                         raise VoxgenError(f"metric '{metric.name}' needs {need}; this run generates {modality} "
                                           f"({what}{', unconditioned' if not self.paired else ''})")
                     continue
-                if metric.name == "ms_ssim" and min(shape) < ms_ssim_min_size():
-                    message = (f"MS-SSIM: volumes {shape} are too small for 5 scales with an 11-voxel window: "
-                               f"every axis needs at least {ms_ssim_min_size()} voxels")
-                    if explicit:
-                        raise VoxgenError(message)
-                    self.notes.append(f"{message}; left out.")
-                    continue
+                if metric.name == "ms_ssim":
+                    # The registry's MS-SSIM uses pixel.ms_ssim's defaults: the 11-voxel window and
+                    # as many of the five scales as fit, with renormalised weights.
+                    try:
+                        scales = ms_ssim_scales(shape)
+                    except VolumeTooSmall as error:
+                        if explicit:
+                            raise
+                        self.notes.append(f"{error}; left out.")
+                        continue
+                    note = (f"MS-SSIM: volumes {shape} use {scales} of {len(MS_SSIM_WEIGHTS)} scales "
+                            f"(11-voxel window; weights renormalised).")
+                    # Fewer scales give values not comparable with five-scale MS-SSIM: say so once.
+                    if scales < len(MS_SSIM_WEIGHTS) and note not in self.notes:
+                        self.notes.append(note)
                 columns.append(Column(modality, metric, metric.name))
         if not columns:
             raise VoxgenError("no metric applies to this run")
@@ -155,36 +163,33 @@ class RunEvaluator:
         return out
 
     def solver(self, text: str):
-        """The SolverSpec of `text`, completed by the run's sample settings (shift, eta)."""
-        from voxgen.diffusion.samplers import check_solver, parse_solver
+        """How to sample with `text`: the SolverSpec completed by the run's sample settings
+        (shift, eta), checked against the run's strategy, with the run's guidance scale."""
+        from voxgen.diffusion.sampling import sampling_settings
 
-        spec = parse_solver(text, self.cfg.sample)
-        check_solver(spec)
-        return spec
+        return sampling_settings(self.cfg.sample, self.parts.strategy, self.paired, solver=text)
 
     def warm_up(self) -> None:
         """One untimed single-step batch: the first network calls pay one-time start-up (kernel
         selection, allocations; ~9 s on the quickstart run on a CPU) that would otherwise inflate
         the first row's seconds per volume."""
-        from voxgen.diffusion.sample_run import sample_volumes
-        from voxgen.diffusion.samplers import SAMPLERS, SolverSpec
+        from voxgen.diffusion.sampling import sample_volumes
 
-        name = next(n for n, s in SAMPLERS.items() if s.strategy == self.parts.strategy.name and s.value == "steps")
-        sample_volumes(self.cfg, self.parts, min(self.batch_size, self.samples), self.seed, split=self.split,
-                       batch_size=self.batch_size, solver=SolverSpec(name, steps=1))
+        sampling = self.solver(f"{self.parts.strategy.default_sampler}:1")
+        sample_volumes(self.cfg, self.parts, min(self.batch_size, self.samples), self.seed, sampling, split=self.split,
+                       batch_size=self.batch_size)
         self._warm = True
 
-    def evaluate(self, spec, progress: Callable[[int], None] | None = None) -> Row:
-        """Sample with `spec` and compute every column."""
-        from voxgen.diffusion.sample_run import sample_volumes
-        from voxgen.diffusion.samplers import SAMPLERS
+    def evaluate(self, sampling, progress: Callable[[int], None] | None = None) -> Row:
+        """Sample with `sampling` (from `solver`) and compute every column."""
+        from voxgen.diffusion.sampling import sample_volumes
 
         if not self._warm:
             self.warm_up()
-        result = sample_volumes(self.cfg, self.parts, self.samples, self.seed, split=self.split,
-                                batch_size=self.batch_size, progress=progress, solver=spec)
-        entry = SAMPLERS[spec.name]
-        setting = f"{spec.steps} steps" if entry.value == "steps" else f"tol {spec.tolerance:g}"
+        result = sample_volumes(self.cfg, self.parts, self.samples, self.seed, sampling, split=self.split,
+                                batch_size=self.batch_size, progress=progress)
+        spec = sampling.solver
+        setting = f"{spec.steps} steps" if spec.entry.value == "steps" else f"tol {spec.tolerance:g}"
         row = Row(str(spec), spec.name, setting, int(result.nfe), float(result.seconds_per_volume))
         targets_index = [self.case_index[c] for c in result.case_ids] if self.paired else None
         inputs: dict[str, registry.Inputs] = {}

@@ -149,7 +149,7 @@ class Metric:
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("psnr", "PSNR (dB)", psnr, "pairs", "image", "higher", "peak signal-to-noise ratio vs the paired case, data range 2"),
     Metric("ssim", "SSIM", ssim, "pairs", "image", "higher", "3D SSIM, Gaussian window 11, sigma 1.5, vs the paired case"),
-    Metric("ms_ssim", "MS-SSIM", ms_ssim, "pairs", "image", "higher", "3D MS-SSIM, 5 scales, window 11 (volumes >= 176 voxels per axis)"),
+    Metric("ms_ssim", "MS-SSIM", ms_ssim, "pairs", "image", "higher", "3D MS-SSIM, window 11, 5 scales; fewer below 176 voxels per axis (weights renormalised)"),
     Metric("fid", "FID", fid, "features", "any", "lower", "Fréchet distance of Gaussians fitted to features"),
     Metric("kid", "KID", kid, "features", "any", "lower", "unbiased MMD^2, cubic polynomial kernel, 100 subsets"),
     Metric("mmd", "MMD", mmd, "features", "any", "lower", "unbiased MMD^2, RBF kernel, median-distance bandwidth"),

@@ -82,29 +82,63 @@ def ms_ssim_min_size(win_size: int = 11, scales: int = len(MS_SSIM_WEIGHTS)) -> 
     return int(win_size) * 2 ** (int(scales) - 1)
 
 
+def ms_ssim_scales(shape: Sequence[int], win_size: int = 11) -> int:
+    """Number of scales (1..5) MS-SSIM uses on volumes of spatial `shape` (D, H, W) with its default
+    weights: the largest s for which min(shape) >= win_size * 2^(s - 1), so that the window still fits
+    after s - 1 halvings (floor halving keeps that true: n >= w 2^k implies floor(n / 2^k) >= w).
+    176 voxels give 5 scales with the 11-voxel window, 160 give 4, 11 give 1.
+
+    Raises VolumeTooSmall when not even one scale fits (min(shape) < win_size).
+    """
+    shape = [int(n) for n in shape]
+    if min(shape) < win_size:
+        raise VolumeTooSmall(f"MS-SSIM: volumes {shape} are smaller than the {win_size}-voxel window: "
+                             f"every axis needs at least {win_size} voxels for one scale")
+    scales = 1
+    while scales < len(MS_SSIM_WEIGHTS) and min(shape) >= ms_ssim_min_size(win_size, scales + 1):
+        scales += 1
+    return scales
+
+
 def ms_ssim(pred: torch.Tensor, target: torch.Tensor, *, data_range: float, win_size: int = 11, sigma: float = 1.5,
-            weights: Sequence[float] = MS_SSIM_WEIGHTS, k1: float = 0.01, k2: float = 0.03) -> np.ndarray:
+            weights: Sequence[float] | None = None, k1: float = 0.01, k2: float = 0.03) -> np.ndarray:
     """(B,) multi-scale SSIM (Wang et al. 2003) with 3D windows: contrast-structure at every scale,
     full SSIM at the coarsest, each to the power of its weight; volumes are halved by 2x2x2
     average pooling between scales.
 
+    Without `weights`, the scales are the first `ms_ssim_scales(shape, win_size)` of the five, with
+    the Wang et al. weights (0.0448, 0.2856, 0.3001, 0.2363, 0.1333) cut to that many and
+    renormalised to sum to 1 (what users of MONAI and pytorch-msssim do by passing fewer weights):
+    all five, as published, on volumes of at least 176 voxels per axis with the 11-voxel window, 4 on the seeds'
+    160 x 256 x 256 volumes, and a single one (the mean SSIM, floored at 0) down to the window itself. Values with
+    fewer scales are not comparable with five-scale values. Explicit `weights` are used as given,
+    one scale each, without renormalisation, and volumes too small for that many scales raise
+    VolumeTooSmall naming the minimum size (`ms_ssim_min_size`).
+
     MONAI's `compute_ms_ssim` computes the same thing, but its size check divides by
     (scales - 1)^2 instead of 2^(scales - 1) and so rejects volumes that fit (or accepts ones that
     do not) unless there are exactly 3 or 5 scales; hence the loop here over MONAI's per-scale
-    `compute_ssim_and_cs`, which is exact. Raises VolumeTooSmall naming the minimum size.
+    `compute_ssim_and_cs`, which is exact.
     """
     from monai.metrics.regression import compute_ssim_and_cs
 
     pred, target = _check_pair(pred, target, "MS-SSIM")
     data_range = _check_range(data_range, "MS-SSIM")
+    size, sigmas = _window(win_size, sigma)
+    shape = list(pred.shape[2:])
+    if weights is None:
+        scales = ms_ssim_scales(shape, win_size)
+        weights = MS_SSIM_WEIGHTS[:scales]
+        if scales < len(MS_SSIM_WEIGHTS):
+            # Only when cut: the published five sum to 1.0001, and five scales must give the value
+            # MONAI's and pytorch-msssim's defaults give.
+            weights = [w / sum(weights) for w in weights]
     if len(weights) < 1:
         raise VoxgenError("MS-SSIM: needs at least one scale weight")
     minimum = ms_ssim_min_size(win_size, len(weights))
-    shape = list(pred.shape[2:])
     if min(shape) < minimum:
         raise VolumeTooSmall(f"MS-SSIM: volumes {shape} are too small for {len(weights)} scales with a "
                              f"{win_size}-voxel window: every axis needs at least {minimum} voxels")
-    size, sigmas = _window(win_size, sigma)
     x, y = pred.float(), target.float()  # MONAI computes in float32 whatever it is given
     factors = []
     for scale in range(len(weights)):

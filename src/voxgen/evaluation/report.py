@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from voxgen.evaluation.evaluate import Row
-from voxgen.memory.tables import write_atomic
+from voxgen.files import write_atomic
 from voxgen.reports import save_png
 
 FIXED = ("solver", "steps / tolerance", "NFE")

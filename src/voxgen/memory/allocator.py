@@ -144,7 +144,7 @@ class AllocatorReplay:
         return _Block(nbytes, self._segments, 0, small)
 
     def _release_cached_segments(self) -> None:
-        for small, pool in self._pools.items():
+        for pool in self._pools.values():
             whole = [entry for entry in pool if entry[2].prev is None and entry[2].next is None]
             for entry in whole:
                 pool.remove(entry)

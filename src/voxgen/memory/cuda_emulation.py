@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from voxgen.precision import autocast_policy
+
 T = torch.Tensor
 
 # CUDA autocast's "lower precision" list (PyTorch autocast op reference, CUDA section).
@@ -74,7 +76,7 @@ _STATE = _AutocastState()
 
 @contextlib.contextmanager
 def cuda_autocast(dtype: torch.dtype):
-    """The autocast region of a step traced on meta tensors (used by `training.step.autocast`)."""
+    """The autocast region of a step traced on meta tensors (see `emulated_autocast_policy`)."""
     previous, cache = _STATE.dtype, _STATE.cache
     _STATE.dtype, _STATE.forward_dtype, _STATE.cache = dtype, dtype, {}
     try:
@@ -82,6 +84,13 @@ def cuda_autocast(dtype: torch.dtype):
     finally:
         # Leaving the region frees the cached weight casts, as torch.autocast's cache clear does.
         _STATE.dtype, _STATE.cache = previous, cache
+
+
+def emulated_autocast_policy(precision: str):
+    """The planner's precision policy (`voxgen.precision`): CUDA's casting rules for meta tensors."""
+    if precision == "bf16-mixed":
+        return lambda device: cuda_autocast(torch.bfloat16)
+    return autocast_policy(precision)
 
 
 def set_backward(flag: bool) -> None:

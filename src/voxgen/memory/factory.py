@@ -1,9 +1,9 @@
 """Plan any importable `nn.Module` factory: `voxgen plan --factory MODULE:FUNCTION --input-shape C,D,H,W`.
 
-The network is planned through the same path as every registered family: it is registered for the
-duration of the call under a private registry name, so `plan()` traces the real `train_step`
-(rectified-flow loss, backward, AdamW) around it with the CUDA emulation and the allocation
-tracker unchanged. The factory is called with no arguments under the meta device and must
+The network is planned through the same path as every registered family: `plan()` builds the
+parts of the config with this network in place of the registry's and traces the real
+`train_step` (rectified-flow loss, backward, AdamW) around it with the CUDA emulation and the
+allocation tracker unchanged; the registry is not touched. The factory is called with no arguments under the meta device and must
 return a module computing f(x) or f(x, t) for x of shape (B, C, D, H, W) and t of shape (B,),
 with an output of shape (B, N, D, H, W). With C > N the last C - N input channels are the
 condition (mode `bravo`), with C == N there is none (mode `seg`).
@@ -22,9 +22,6 @@ import torch
 from torch import nn
 
 from voxgen.errors import ConfigError
-
-_REGISTRY_NAME = "factory"
-
 
 def parse_input_shape(text: str) -> tuple[int, int, int, int]:
     """'2,160,256,256' -> (C, D, H, W)."""
@@ -111,8 +108,8 @@ def factory_overrides(input_shape: Sequence[int], out_channels: int) -> list[str
         raise ConfigError(f"--output-channels {out_channels} is more than the {c} input channels: the training step "
                           "feeds the noised target (N channels) plus conditions (C - N) to the network")
     mode = "seg" if out_channels == c else "bravo"
-    return [f"model.name={_REGISTRY_NAME}", "space=pixel", f"mode={mode}", f"model.in_channels={c}",
-            f"model.out_channels={out_channels}", f"data.shape=[{d},{h},{w}]"]
+    return ["space=pixel", f"mode={mode}", f"model.in_channels={c}", f"model.out_channels={out_channels}",
+            f"data.shape=[{d},{h},{w}]"]
 
 
 def plan_factory(spec: str, input_shape: Sequence[int], out_channels: int | None = None,
@@ -120,21 +117,10 @@ def plan_factory(spec: str, input_shape: Sequence[int], out_channels: int | None
     """Plan of one training step of the factory's network; `overrides` set batch size, precision..."""
     from voxgen.config import compose
     from voxgen.memory.planner import DEFAULT_GPU_MEMORY, plan
-    from voxgen.models.registry import MODELS, register
 
     out_channels = input_shape[0] if out_channels is None else out_channels
     channel_overrides = factory_overrides(input_shape, out_channels)  # checks the channels first
     model = build_factory_module(spec, input_shape, out_channels)
-    if _REGISTRY_NAME in MODELS:
-        raise ConfigError(f"model.name={_REGISTRY_NAME!r} is already registered")
-
-    def build(cfg, *, in_channels, out_channels, shape, grad_checkpointing):
-        return model
-
-    register(_REGISTRY_NAME, f"--factory {spec}")(build)
-    try:
-        cfg = compose(files, [*overrides, *channel_overrides])
-        result = plan(cfg, DEFAULT_GPU_MEMORY if gpu_memory_bytes is None else gpu_memory_bytes)
-    finally:
-        MODELS.pop(_REGISTRY_NAME, None)
+    cfg = compose(files, [*overrides, *channel_overrides], network=False)
+    result = plan(cfg, DEFAULT_GPU_MEMORY if gpu_memory_bytes is None else gpu_memory_bytes, model=model)
     return dataclasses.replace(result, model=spec)

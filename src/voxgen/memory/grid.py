@@ -194,15 +194,15 @@ def describe(cfg) -> Network:
     Raises the model's ConfigError for configs it cannot build (shape not divisible, ...).
     """
     from voxgen.models.transformer import PatchEmbed
-    from voxgen.training.step import build_parts, network_channels
+    from voxgen.diffusion.parts import build_parts
 
     with torch.device("meta"):
         parts = build_parts(cfg, "meta")
-    in_ch, out_ch = network_channels(cfg, parts.mode, parts.space)
+    net = parts.network
     patch = next((m.proj.kernel_size[0] for m in parts.model.modules() if isinstance(m, PatchEmbed)), None)
     return Network(
-        model=cfg.model.name, shape=tuple(int(s) for s in parts.space.shape(cfg.data.shape)),
-        in_channels=in_ch, out_channels=out_ch, params=sum(p.numel() for p in parts.model.parameters()),
+        model=cfg.model.name, shape=net.shape,
+        in_channels=net.in_channels, out_channels=net.out_channels, params=sum(p.numel() for p in parts.model.parameters()),
         patch=patch, batch_size=cfg.training.batch_size, precision=cfg.training.precision,
     )
 

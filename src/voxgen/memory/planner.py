@@ -15,6 +15,7 @@ starts with the state alive: that is what every later step needs, `peak_bytes`, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -22,10 +23,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from voxgen.errors import ConfigError
+from voxgen.diffusion.parts import build_parts
 from voxgen.memory.allocator import replay
-from voxgen.memory.cuda_emulation import CudaSemantics
+from voxgen.memory.cuda_emulation import CudaSemantics, emulated_autocast_policy
 from voxgen.memory.tracker import AllocationTracker, track_modules
-from voxgen.training.step import build_parts, make_optimizer, network_channels, train_step
+from voxgen.training.step import make_optimizer, train_step
 
 GiB = 2**30
 DEFAULT_GPU_MEMORY = 80 * GiB
@@ -180,12 +182,16 @@ def _run_step(tracker, parts, optimizer, batch, cfg, ids) -> tuple:
     return peak, _breakdown(tracker, ids)
 
 
-def plan(cfg, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY) -> Plan:
-    """Trace two training steps of `cfg` on meta tensors; see the module docstring."""
-    in_ch, out_ch = network_channels(cfg, *_mode_space(cfg))
+def plan(cfg, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY, model: torch.nn.Module | None = None) -> Plan:
+    """Trace two training steps of `cfg` on meta tensors; see the module docstring. `model`
+    (on the meta device) replaces the registry's network."""
     with torch.device("meta"):
-        parts = build_parts(cfg, "meta")
-    shape = list(parts.space.shape(cfg.data.shape))
+        parts = build_parts(cfg, "meta", model)
+    # torch.autocast has no meta device: the step runs under CUDA's casting rules instead.
+    parts = dataclasses.replace(parts, autocast=emulated_autocast_policy(cfg.training.precision))
+    net = parts.network
+    shape = list(net.shape)
+    in_ch, out_ch = net.in_channels, net.out_channels
     batch = fake_batch(parts.mode, in_ch, out_ch, cfg.training.batch_size, shape)
     optimizer = make_optimizer(parts.model, cfg)
     for group in optimizer.param_groups:
@@ -217,7 +223,7 @@ def plan(cfg, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY) -> Plan:
     first_replay = replay(events[: 2 + first_step_events], gpu_memory_bytes)
     full_replay = replay(events, gpu_memory_bytes)
     return Plan(
-        model=cfg.model.name,
+        model=cfg.model.name if model is None else type(model).__name__,
         params=sum(p.numel() for p in parts.model.parameters()),
         in_channels=in_ch,
         out_channels=out_ch,
@@ -237,9 +243,3 @@ def plan(cfg, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY) -> Plan:
         allocator_oom=full_replay.oom,
     )
 
-
-def _mode_space(cfg):
-    from voxgen.diffusion.modes import build_mode
-    from voxgen.diffusion.spaces import build_space
-
-    return build_mode(cfg), build_space(cfg)

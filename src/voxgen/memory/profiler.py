@@ -106,10 +106,9 @@ def measure(stages: Sequence[tuple[str, Callable[[], None], bool]], memory) -> t
 
 def profile(cfg, device: torch.device | str = "cuda", memory=None) -> Measurement:
     """Measure the first and the steady training step of `cfg` on `device`; see the module docstring."""
-    from voxgen.diffusion.modes import build_mode
-    from voxgen.diffusion.spaces import build_space
+    from voxgen.diffusion.parts import build_parts
     from voxgen.memory.planner import fake_batch
-    from voxgen.training.step import build_parts, make_optimizer, network_channels, train_step
+    from voxgen.training.step import make_optimizer, train_step
 
     device = torch.device(device)
     if device.type == "cuda":
@@ -120,16 +119,14 @@ def profile(cfg, device: torch.device | str = "cuda", memory=None) -> Measuremen
 
     def build():
         torch.manual_seed(cfg.run.seed)
-        mode, space = build_mode(cfg), build_space(cfg)
-        in_ch, out_ch = network_channels(cfg, mode, space)
-        shape = space.shape(cfg.data.shape)
         with device:  # weights are created on the GPU, not copied there from host memory
             state["parts"] = parts = build_parts(cfg, device)
         parts.model.train()
         state["optimizer"] = make_optimizer(parts.model, cfg)
         state["generator"] = torch.Generator(device=device).manual_seed(cfg.run.seed)
         # The planner's batch shapes (one source of truth for channels per modality), filled for real.
-        shapes = fake_batch(parts.mode, in_ch, out_ch, cfg.training.batch_size, shape)
+        net = parts.network
+        shapes = fake_batch(parts.mode, net.in_channels, net.out_channels, cfg.training.batch_size, net.shape)
         state["batch"] = {k: torch.randn(v.shape, device=device, generator=state["generator"]) for k, v in shapes.items()}
 
     def step():

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from voxgen.files import write_atomic
+
 GiB = 2**30
 
 # Columns of a planner table and of a profiler table; the first ones are shared so the two
@@ -162,19 +164,6 @@ def to_markdown(rows: Iterable[Row], columns: Sequence[str], title: str = "", no
             rec[key] = f"{rec[key]}%" if rec[key] else "-"
         lines.append("| " + " | ".join(rec[c].replace("|", "/") or "-" for c in cols) + " |")
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: str | Path, text: str | bytes) -> Path:
-    """Write `path` whole or not at all (a temporary file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(text, bytes):
-        tmp.write_bytes(text)
-    else:
-        tmp.write_text(text)
-    tmp.replace(path)
-    return path
 
 
 def write_tables(rows: Sequence[Row], out_dir: str | Path, stem: str, columns: Sequence[str], title: str,

@@ -1,15 +1,35 @@
-"""Pieces shared by model families."""
+"""Pieces shared by every model family: shape checks and gradient checkpointing."""
 
 from __future__ import annotations
 
 import contextlib
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 from torch.overrides import _get_current_function_mode_stack
 from torch.utils.checkpoint import checkpoint
 
+from voxgen.errors import ConfigError
+
 _CHECKPOINTED: dict[type, type] = {}
+
+
+def check_divisible(shape: Sequence[int], factor: int, why: str = "", *, by: str | None = None, what: str = "data.shape") -> None:
+    """ConfigError naming the first axis of `shape` [D, H, W] whose size `factor` does not divide.
+
+    The message is "{what} {axis}={size} is not divisible by {by}{why}": `by` says where the
+    factor comes from (default: its value, e.g. "model.patch_size=8" or "2^3"), and `why`
+    is appended as written, so it brings its own separator (" for a 4-level UNet",
+    ": wdm halves it ...", " (HDiT ...)"). Every family checks its shape here, before any
+    layer is built, so a bad shape is one line naming the key rather than a reshape error
+    deep inside a forward pass.
+    """
+    if factor < 1:
+        raise ValueError(f"factor {factor} must be at least 1")  # callers check their config first
+    for axis, size in zip("DHW", shape):
+        if size % factor:
+            raise ConfigError(f"{what} {axis}={size} is not divisible by {factor if by is None else by}{why}")
 
 
 def _replay_function_modes():
@@ -56,3 +76,13 @@ def enable_checkpointing(module: nn.Module) -> None:
     if cls not in _CHECKPOINTED:
         _CHECKPOINTED[cls] = _checkpointed_class(cls)
     module.__class__ = _CHECKPOINTED[cls]
+
+
+def checkpoint_each(modules: Iterable[nn.Module]) -> None:
+    """`enable_checkpointing` on every module: each one is a recompute unit of its own.
+
+    Families pass their repeated blocks (transformer blocks, UNet levels), so backward keeps
+    the activations between blocks and recomputes one block at a time.
+    """
+    for module in modules:
+        enable_checkpointing(module)

@@ -23,16 +23,15 @@ import torch
 from torch import nn
 
 from voxgen.errors import ConfigError
-from voxgen.models.blocks import enable_checkpointing
-from voxgen.models.registry import register
+from voxgen.models.blocks import checkpoint_each
 from voxgen.models.transformer import (
     Attention,
     Mlp,
-    PatchEmbed,
-    TimestepEmbedder,
+    fill_sincos_3d,
+    init_dit_weights,
     modulate,
-    sincos_embedding_3d,
-    token_grid,
+    token_stem,
+    transformer_options,
     unpatchify,
 )
 
@@ -128,46 +127,28 @@ class DiT3D(nn.Module):
         super().__init__()
         self.out_channels = out_channels
         self.patch = patch
-        self.grid = token_grid(shape, patch)
+        self.grid, self.x_embedder, self.t_embedder = token_stem(in_channels, size.hidden, shape, patch)
         tokens = self.grid[0] * self.grid[1] * self.grid[2]
-        self.x_embedder = PatchEmbed(in_channels, size.hidden, patch)
-        self.t_embedder = TimestepEmbedder(size.hidden)
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens, size.hidden))
+        # `blocks` is the ModuleList itself (not an accessor): parameter names such as
+        # blocks.0.attn.qkv.weight key checkpoints and the seeds' tables.
         self.blocks = nn.ModuleList(
             DiTBlock(size.hidden, size.heads, size.mlp_ratio, attention, qk_norm) for _ in range(size.depth)
         )
         self.final_layer = FinalLayer(size.hidden, patch, out_channels)
         self.initialize_weights()
 
+    def transformer_blocks(self) -> list[DiTBlock]:
+        """Every transformer block, input side first."""
+        return list(self.blocks)
+
     @torch.no_grad()
     def initialize_weights(self) -> None:
-        """DiT's initialisation; parameters on the meta device are skipped.
-
-        Skipping meta tensors keeps `build_on_meta` of the largest models (tens of
-        thousands of tokens) instantaneous: there is no data to initialise there.
-        """
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and not module.weight.is_meta:
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        if not self.pos_embed.is_meta:
-            self.pos_embed.copy_(sincos_embedding_3d(self.pos_embed.shape[-1], self.grid)[None])
-        proj = self.x_embedder.proj
-        if not proj.weight.is_meta:
-            # Like a linear layer over the flattened patch (DiT initialises it so).
-            nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-            nn.init.zeros_(proj.bias)
-        for layer in self.t_embedder.mlp:
-            if isinstance(layer, nn.Linear) and not layer.weight.is_meta:
-                nn.init.normal_(layer.weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity and the network predicts 0.
-        zeroed = [self.final_layer.linear, self.final_layer.adaLN_modulation[-1]]
-        zeroed += [block.adaLN_modulation[-1] for block in self.blocks]
-        for layer in zeroed:
-            if not layer.weight.is_meta:
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
+        """DiT's initialisation (`init_dit_weights`); positions start at 3D sin-cos features."""
+        init_dit_weights(
+            self, patch_embed=self.x_embedder, time_embedder=self.t_embedder, blocks=self.blocks, final=self.final_layer
+        )
+        fill_sincos_3d(self.pos_embed, self.grid)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         h = self.x_embedder(x) + self.pos_embed  # (B, N, C)
@@ -178,23 +159,11 @@ class DiT3D(nn.Module):
         return unpatchify(h, self.grid, self.patch, self.out_channels)  # (B, C_out, D, H, W)
 
 
-def _build(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool) -> nn.Module:
-    if cfg.patch_size < 1:
-        raise ConfigError(f"model.patch_size={cfg.patch_size} must be at least 1")
-    model = DiT3D(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        shape=shape,
-        patch=cfg.patch_size,
-        size=dit_size(cfg.variant, cfg.hidden_size, cfg.depth),
-        attention=cfg.attention,
-        qk_norm=True if cfg.qk_norm is None else cfg.qk_norm,  # null: on, as in the profiled seed DiT
-    )
+def build_dit(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool) -> nn.Module:
+    """The factory of `dit` and `sit` (registered in `voxgen.models`)."""
+    options = transformer_options(cfg, qk_norm_default=True)  # null: on, as in the profiled seed DiT
+    size = dit_size(cfg.variant, cfg.hidden_size, cfg.depth)
+    model = DiT3D(in_channels=in_channels, out_channels=out_channels, shape=shape, size=size, **options)
     if grad_checkpointing:
-        for block in model.blocks:
-            enable_checkpointing(block)
+        checkpoint_each(model.transformer_blocks())
     return model
-
-
-build_dit = register("dit", "3D DiT (adaLN-Zero), variant S/B/L/XL, patch_size 1/2/4/8, learnable positions")(_build)
-build_sit = register("sit", "3D SiT: the DiT network for interpolant (rectified-flow) training; same keys as dit")(_build)

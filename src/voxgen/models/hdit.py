@@ -28,10 +28,16 @@ import torch
 from torch import nn
 
 from voxgen.errors import ConfigError
-from voxgen.models.blocks import enable_checkpointing
+from voxgen.models.blocks import check_divisible, checkpoint_each
 from voxgen.models.dit import VARIANTS, DiTBlock, DiTSize, FinalLayer, dit_size
-from voxgen.models.registry import register
-from voxgen.models.transformer import PatchEmbed, TimestepEmbedder, sincos_embedding_3d, token_grid, unpatchify
+from voxgen.models.transformer import (
+    check_patch_size,
+    fill_sincos_3d,
+    init_dit_weights,
+    token_stem,
+    transformer_options,
+    unpatchify,
+)
 
 
 def group_2x2x2(x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
@@ -80,26 +86,6 @@ class TokenSplit(nn.Module):
         return self.skip(torch.cat([x, skip], dim=-1))  # (B, N, 2C) -> (B, N, C)
 
 
-@torch.no_grad()
-def fill_sincos_3d(table: torch.Tensor, grid: Sequence[int]) -> None:
-    """Write `sincos_embedding_3d(dim, grid)` into `table` (1, N, dim) one axis at a time.
-
-    The full float64 computation holds several (N, dim / 6) temporaries: GBs at patch 2
-    (N = 1.3M). Each axis's features depend on one coordinate, so a (size, dim) table per
-    axis, broadcast over the other two axes, gives the same values in O(N dim) float32.
-    """
-    dim = table.shape[-1]
-    per_axis = (dim // 3) // 2 * 2  # sincos_embedding_3d's split: D, H, W chunks, then zeros
-    view = table.view(*grid, dim)  # (d, h, w, dim)
-    view.zero_()
-    for axis, size in enumerate(grid):
-        one_axis = [1, 1, 1]
-        one_axis[axis] = size
-        chunk = slice(axis * per_axis, (axis + 1) * per_axis)
-        features = sincos_embedding_3d(dim, one_axis)[:, chunk]  # (size, per_axis)
-        view[..., chunk] = features.view(*one_axis, per_axis).to(table.dtype)
-
-
 class HDiT(nn.Module):
     """f(x, t): x (B, C_in, D, H, W), t (B,) model time -> (B, C_out, D, H, W).
 
@@ -121,14 +107,12 @@ class HDiT(nn.Module):
         super().__init__()
         dim, levels = size.hidden, len(level_depths) // 2
         self.patch, self.out_channels = patch, out_channels
-        grid0 = token_grid(shape, patch)
+        grid0, self.patch_embed, self.t_embedder = token_stem(in_channels, dim, shape, patch)
         self.grids = [tuple(g // 2**level for g in grid0) for level in range(levels + 1)]
 
         def stage(depth: int) -> nn.ModuleList:
             return nn.ModuleList(DiTBlock(dim, size.heads, size.mlp_ratio, attention, qk_norm) for _ in range(depth))
 
-        self.patch_embed = PatchEmbed(in_channels, dim, patch)
-        self.t_embedder = TimestepEmbedder(dim)
         # One learned absolute position table per resolution: merged tokens mix 8 positions,
         # so each level is told again where its (coarser) tokens sit.
         self.pos_embeds = nn.ParameterList(nn.Parameter(torch.zeros(1, g[0] * g[1] * g[2], dim)) for g in self.grids)
@@ -141,34 +125,19 @@ class HDiT(nn.Module):
         self.final = FinalLayer(dim, patch, out_channels)
         self.initialize_weights()
 
-    def blocks(self) -> list[DiTBlock]:
+    def transformer_blocks(self) -> list[DiTBlock]:
+        """Every transformer block: encoder levels, middle, decoder levels (each by level index, finest first)."""
         return [b for s in [*self.down, self.middle, *self.up] for b in s]
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
-        """DiT's initialisation; skipped on the meta device (nothing to fill, and 1M-token tables)."""
-        if any(p.is_meta for p in self.parameters()):
-            return
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over the p^3 C_in patch
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        """DiT's initialisation (`init_dit_weights`); meta tensors are skipped (1M-token tables)."""
+        init_dit_weights(
+            self, patch_embed=self.patch_embed, time_embedder=self.t_embedder, blocks=self.transformer_blocks(), final=self.final
+        )
         # Learned tables start at the fixed sin-cos features, as dit.py's: neighbours start alike.
         for table, grid in zip(self.pos_embeds, self.grids):
             fill_sincos_3d(table, grid)
-        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(layer.weight, std=0.02)
-        # adaLN-Zero: blocks start as the identity and the output as zero.
-        for block in self.blocks():
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final.adaLN_modulation[-1], self.final.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         c = self.t_embedder(t)  # (B, C)
@@ -204,32 +173,25 @@ def check_hdit_config(cfg, shape: Sequence[int]) -> None:
         )
     if any(d < 0 for d in depths):
         raise ConfigError(f"model.level_depths={depths} has a negative depth")
-    if patch < 1:
-        raise ConfigError(f"model.patch_size={patch} must be at least 1")
+    check_patch_size(patch)
     levels = len(depths) // 2
-    factor = patch * 2**levels
-    for axis, size in zip("DHW", shape):
-        if size % factor:
-            raise ConfigError(
-                f"data.shape {axis}={size} is not divisible by model.patch_size * 2^{levels} = {factor} "
-                f"(HDiT with model.level_depths={depths} merges tokens {levels} times)"
-            )
+    # Each of the `levels` merges halves every axis of the patch grid, so the grid must halve that often.
+    check_divisible(
+        shape,
+        patch * 2**levels,
+        f" (HDiT with model.level_depths={depths} merges tokens {levels} times)",
+        by=f"model.patch_size * 2^{levels} = {patch * 2**levels}",
+    )
 
 
-@register("hdit", "hierarchical DiT: 3D patches, 2x2x2 token merge/split per level, adaLN-Zero blocks (S/B/L/XL)")
 def build_hdit(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool) -> nn.Module:
+    """The factory of `hdit` (registered in `voxgen.models`)."""
     check_hdit_config(cfg, shape)
+    options = transformer_options(cfg, qk_norm_default=True)  # null: on, as DiT's blocks
+    size = dit_size(cfg.variant, cfg.hidden_size)  # DiT's S/B/L/XL, width overridable by model.hidden_size
     model = HDiT(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        shape=shape,
-        patch=cfg.patch_size,
-        size=dit_size(cfg.variant, cfg.hidden_size),  # DiT's S/B/L/XL, width overridable by model.hidden_size
-        level_depths=list(cfg.level_depths),
-        attention=cfg.attention,
-        qk_norm=True if cfg.qk_norm is None else cfg.qk_norm,  # null: on, as DiT's blocks
+        in_channels=in_channels, out_channels=out_channels, shape=shape, size=size, level_depths=list(cfg.level_depths), **options
     )
     if grad_checkpointing:
-        for block in model.blocks():
-            enable_checkpointing(block)
+        checkpoint_each(model.transformer_blocks())
     return model

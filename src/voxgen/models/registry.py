@@ -3,6 +3,11 @@
 A factory takes the model section of the config, the channel counts and the spatial shape
 the network sees, and returns an `nn.Module` with `forward(x, t) -> prediction` where
 x is (B, C_in, D, H, W) and t is (B,) model time.
+
+This module imports no family, so families never import it back: the package
+`voxgen.models` (its `__init__`) imports the families and registers each with one line.
+Python runs that `__init__` before any `voxgen.models.*` module, so every importer of
+`voxgen.models.registry` sees all families.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ MODELS: dict[str, ModelEntry] = {}
 
 
 def register(name: str, summary: str) -> Callable[[Factory], Factory]:
+    """Decorator (or call `register(name, summary)(factory)`) adding `factory` under `name`."""
+
     def wrap(factory: Factory) -> Factory:
         MODELS[name] = ModelEntry(name, factory, summary)
         return factory
@@ -46,6 +53,7 @@ def build_model(model_cfg, in_channels: int, out_channels: int, shape: Sequence[
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Number of parameter values (shared parameters once), on any device including meta."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -53,11 +61,3 @@ def build_on_meta(model_cfg, in_channels: int, out_channels: int, shape: Sequenc
     """Build without allocating weights (parameter counts and memory plans of huge models)."""
     with torch.device("meta"):
         return build_model(model_cfg, in_channels, out_channels, shape, grad_checkpointing=False)
-
-
-# Families register themselves on import; one import line per family file.
-from voxgen.models import unet  # noqa: E402,F401
-from voxgen.models import dit  # noqa: E402,F401
-from voxgen.models import hdit  # noqa: E402,F401
-from voxgen.models import uvit  # noqa: E402,F401
-from voxgen.models import wdm  # noqa: E402,F401

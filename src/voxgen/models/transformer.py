@@ -2,18 +2,25 @@
 
 Tokens are (B, N, C). Volumes become tokens by 3D patches: (B, C, D, H, W) ->
 (B, D/p * H/p * W/p, C') in D-major order, and back.
+
+Besides the layers, the families share their set-up here: `transformer_options` reads the
+model section's common keys, `token_stem` checks the shape and builds the patch and time
+embedders, `init_dit_weights` / `fill_sincos_3d` initialise the adaLN-Zero families. Every
+family lists its blocks in `transformer_blocks()`, which its factory hands to
+`blocks.checkpoint_each` for `training.grad_checkpointing`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from voxgen.errors import ConfigError
+from voxgen.models.blocks import check_divisible
 
 
 class Attention(nn.Module):
@@ -80,11 +87,15 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t, self.frequency_dim))
 
 
+def check_patch_size(patch: int) -> None:
+    """ConfigError unless `model.patch_size` is at least 1 (a patch of 0 voxels tiles nothing)."""
+    if patch < 1:
+        raise ConfigError(f"model.patch_size={patch} must be at least 1")
+
+
 def token_grid(shape: Sequence[int], patch: int, what: str = "data.shape") -> tuple[int, int, int]:
     """(D/p, H/p, W/p), or a ConfigError naming the axis that does not divide."""
-    for axis, size in zip("DHW", shape):
-        if size % patch:
-            raise ConfigError(f"{what} {axis}={size} is not divisible by model.patch_size={patch}")
+    check_divisible(shape, patch, by=f"model.patch_size={patch}", what=what)
     return tuple(int(s) // patch for s in shape)
 
 
@@ -97,6 +108,36 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, dim)
+
+
+def token_stem(
+    in_channels: int, dim: int, shape: Sequence[int], patch: int
+) -> tuple[tuple[int, int, int], PatchEmbed, TimestepEmbedder]:
+    """The start of every token family: (grid, patch embedder, time embedder).
+
+    `grid` is (D/p, H/p, W/p) for `shape` [D, H, W] (a ConfigError if p does not divide);
+    the patch embedder maps (B, C_in, D, H, W) -> (B, N, dim) and the time embedder
+    (B,) -> (B, dim). They are built in this order, patch then time, as the families always
+    have: the default initialisation draws from the RNG, so the order fixes the weights a
+    seed gives.
+    """
+    grid = token_grid(shape, patch)
+    return grid, PatchEmbed(in_channels, dim, patch), TimestepEmbedder(dim)
+
+
+def transformer_options(cfg, *, qk_norm_default: bool) -> dict[str, Any]:
+    """Keyword arguments every token family takes from the model section: patch, attention, qk_norm.
+
+    `model.qk_norm` null means the family's own default (`qk_norm_default`): the families
+    differ because the models they reproduce differ. The patch size is checked first, so it
+    is the error a user sees before any other.
+    """
+    check_patch_size(cfg.patch_size)
+    return {
+        "patch": cfg.patch_size,
+        "attention": cfg.attention,
+        "qk_norm": qk_norm_default if cfg.qk_norm is None else cfg.qk_norm,
+    }
 
 
 def unpatchify(tokens: torch.Tensor, grid: Sequence[int], patch: int, channels: int) -> torch.Tensor:
@@ -130,3 +171,62 @@ def sincos_embedding_3d(dim: int, grid: Sequence[int]) -> torch.Tensor:
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: x (B, N, C) * (1 + scale) + shift, with (B, C) shift and scale."""
     return x * (1 + scale[:, None]) + shift[:, None]
+
+
+@torch.no_grad()
+def fill_sincos_3d(table: torch.Tensor, grid: Sequence[int]) -> None:
+    """Write `sincos_embedding_3d(dim, grid)` into `table` (1, N, dim) one axis at a time.
+
+    The full float64 computation holds several (N, dim / 6) temporaries: GBs at patch 2
+    (N = 1.3M). Each axis's features depend on one coordinate, so a (size, dim) table per
+    axis, broadcast over the other two axes, gives the same values in O(N dim) float32.
+    A table on the meta device holds no data and is left as it is.
+    """
+    if table.is_meta:
+        return
+    dim = table.shape[-1]
+    per_axis = (dim // 3) // 2 * 2  # sincos_embedding_3d's split: D, H, W chunks, then zeros
+    view = table.view(*grid, dim)  # (d, h, w, dim)
+    view.zero_()
+    for axis, size in enumerate(grid):
+        one_axis = [1, 1, 1]
+        one_axis[axis] = size
+        chunk = slice(axis * per_axis, (axis + 1) * per_axis)
+        features = sincos_embedding_3d(dim, one_axis)[:, chunk]  # (size, per_axis)
+        view[..., chunk] = features.view(*one_axis, per_axis).to(table.dtype)
+
+
+@torch.no_grad()
+def init_dit_weights(
+    model: nn.Module, *, patch_embed: PatchEmbed, time_embedder: TimestepEmbedder, blocks: Iterable[nn.Module], final: nn.Module
+) -> None:
+    """DiT's initialisation (Peebles & Xie 2023), for DiT/SiT and HDiT; position tables are the caller's.
+
+    Every Linear of `model` xavier-uniform with zero bias; the patch embedding likewise, as
+    a Linear over the flattened p^3 C_in patch; the time MLP's weights N(0, 0.02). adaLN-Zero:
+    the last Linear of each `adaLN_modulation` of `blocks` and `final` and `final.linear`
+    start at zero, so every block is the identity and the network predicts 0 at step 0,
+    which the DiT paper found to train best of its conditioning variants.
+
+    Parameters on the meta device are skipped: they hold no data, and skipping them keeps
+    `build_on_meta` of the largest models (over a million tokens) instantaneous. The order
+    of the random draws (Linears in module order, patch embedding, time MLP) fixes the
+    weights a seed gives.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not module.weight.is_meta:
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    proj = patch_embed.proj
+    if not proj.weight.is_meta:
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        nn.init.zeros_(proj.bias)
+    for layer in time_embedder.mlp:
+        if isinstance(layer, nn.Linear) and not layer.weight.is_meta:
+            nn.init.normal_(layer.weight, std=0.02)
+    zeroed = [final.linear, final.adaLN_modulation[-1], *(block.adaLN_modulation[-1] for block in blocks)]
+    for layer in zeroed:
+        if not layer.weight.is_meta:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)

@@ -9,19 +9,7 @@ from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
 from voxgen.errors import ConfigError
-from voxgen.models.blocks import enable_checkpointing
-from voxgen.models.registry import register
-
-
-def check_unet_shape(channels: Sequence[int], shape: Sequence[int]) -> None:
-    """Each of the len(channels) - 1 downsamplings halves every axis: sizes must divide."""
-    factor = 2 ** (len(channels) - 1)
-    for axis, size in zip("DHW", shape):
-        if size % factor:
-            raise ConfigError(
-                f"data.shape {axis}={size} is not divisible by 2^{len(channels) - 1} "
-                f"for a {len(channels)}-level UNet"
-            )
+from voxgen.models.blocks import check_divisible, checkpoint_each
 
 
 def res_blocks(value) -> int | list[int]:
@@ -40,10 +28,11 @@ class UNet(nn.Module):
         return self.net(x, timesteps=t)
 
 
-@register("unet", "MONAI DiffusionModelUNet (3D), channels/attention_levels/num_res_blocks per level")
 def build_unet(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool) -> nn.Module:
+    """The factory of `unet` (registered in `voxgen.models`); `wdm` builds its inner UNet with it too."""
     channels = list(cfg.channels)
-    check_unet_shape(channels, shape)
+    downsamplings = len(channels) - 1  # each halves every axis
+    check_divisible(shape, 2**downsamplings, f" for a {len(channels)}-level UNet", by=f"2^{downsamplings}")
     for c in channels:
         if c % cfg.norm_num_groups:
             raise ConfigError(f"model.channels entry {c} is not divisible by model.norm_num_groups={cfg.norm_num_groups}")
@@ -62,6 +51,5 @@ def build_unet(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int]
         use_flash_attention=cfg.attention == "sdpa",
     )
     if grad_checkpointing:
-        for block in [*net.down_blocks, net.middle_block, *net.up_blocks]:
-            enable_checkpointing(block)
+        checkpoint_each([*net.down_blocks, net.middle_block, *net.up_blocks])
     return UNet(net)

@@ -30,9 +30,8 @@ import torch
 from torch import nn
 
 from voxgen.errors import ConfigError
-from voxgen.models.blocks import enable_checkpointing
-from voxgen.models.registry import register
-from voxgen.models.transformer import Attention, Mlp, PatchEmbed, TimestepEmbedder, token_grid, unpatchify
+from voxgen.models.blocks import checkpoint_each
+from voxgen.models.transformer import Attention, Mlp, token_stem, transformer_options, unpatchify
 
 
 @dataclass(frozen=True)
@@ -121,11 +120,9 @@ class UViT3D(nn.Module):
         super().__init__()
         self.in_channels = in_channels
         self.patch = patch
-        self.grid = token_grid(shape, patch)
-        tokens = self.grid[0] * self.grid[1] * self.grid[2]
         hidden = size.hidden
-        self.patch_embed = PatchEmbed(in_channels, hidden, patch)
-        self.time_embed = TimestepEmbedder(hidden)
+        self.grid, self.patch_embed, self.time_embed = token_stem(in_channels, hidden, shape, patch)
+        tokens = self.grid[0] * self.grid[1] * self.grid[2]
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + tokens, hidden))
         half = size.depth // 2
         self.in_blocks = nn.ModuleList(UViTBlock(hidden, size.heads, size.mlp_ratio, attention, qk_norm) for _ in range(half))
@@ -138,7 +135,7 @@ class UViT3D(nn.Module):
         self.final_layer = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1)
         self.initialize_weights()
 
-    def blocks(self) -> list[nn.Module]:
+    def transformer_blocks(self) -> list[UViTBlock]:
         """Every transformer block, first half, middle, second half."""
         return [*self.in_blocks, self.mid_block, *self.out_blocks]
 
@@ -178,20 +175,11 @@ class UViT3D(nn.Module):
         return self.final_layer(volume)  # (B, C_out, D, H, W)
 
 
-@register("uvit", "3D U-ViT (time token, long skips, flat attention), variant S/S-Deep/M/L, patch_size 1/2/4/8")
 def build_uvit(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool) -> nn.Module:
-    if cfg.patch_size < 1:
-        raise ConfigError(f"model.patch_size={cfg.patch_size} must be at least 1")
-    model = UViT3D(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        shape=shape,
-        patch=cfg.patch_size,
-        size=uvit_size(cfg.variant, cfg.hidden_size, cfg.depth),
-        attention=cfg.attention,
-        qk_norm=False if cfg.qk_norm is None else cfg.qk_norm,  # null: off, as in the U-ViT paper
-    )
+    """The factory of `uvit` (registered in `voxgen.models`)."""
+    options = transformer_options(cfg, qk_norm_default=False)  # null: off, as in the U-ViT paper
+    size = uvit_size(cfg.variant, cfg.hidden_size, cfg.depth)
+    model = UViT3D(in_channels=in_channels, out_channels=out_channels, shape=shape, size=size, **options)
     if grad_checkpointing:
-        for block in model.blocks():
-            enable_checkpointing(block)
+        checkpoint_each(model.transformer_blocks())
     return model

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from voxgen.errors import ConfigError
-from voxgen.models.registry import register
+from voxgen.models.blocks import check_divisible
 from voxgen.models.unet import build_unet
 
 SUBBANDS = 8
@@ -78,12 +78,12 @@ def check_wdm_config(cfg, shape: Sequence[int]) -> None:
     """Shape divisible by the transform and the UNet; attention only at the two deepest levels."""
     levels = len(cfg.channels)
     factor = 2**levels  # one halving by the transform, levels - 1 inside the UNet
-    for axis, size in zip("DHW", shape):
-        if size % factor:
-            raise ConfigError(
-                f"data.shape {axis}={size} is not divisible by 2^{levels}={factor}: wdm halves it once by the "
-                f"Haar transform and {levels - 1} times in a {levels}-level UNet"
-            )
+    check_divisible(
+        shape,
+        factor,
+        f": wdm halves it once by the Haar transform and {levels - 1} times in a {levels}-level UNet",
+        by=f"2^{levels}={factor}",
+    )
     early = [i for i, on in enumerate(cfg.attention_levels) if on and i < levels - 2]
     if early:
         # The seeds' wavelet profiles: attention above the two deepest levels runs out of memory.
@@ -93,8 +93,8 @@ def check_wdm_config(cfg, shape: Sequence[int]) -> None:
         )
 
 
-@register("wdm", "WDM: MONAI DiffusionModelUNet on the 8 Haar sub-bands (in-network 3D Haar DWT/IDWT)")
 def build_wdm(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool) -> nn.Module:
+    """The factory of `wdm` (registered in `voxgen.models`)."""
     check_wdm_config(cfg, shape)
     half = tuple(int(s) // 2 for s in shape)  # [D/2, H/2, W/2]: the grid of the sub-bands
     unet = build_unet(

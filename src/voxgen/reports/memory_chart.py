@@ -79,7 +79,7 @@ def save_memory_chart(path: str | Path, rows: Sequence, gpu_memory_bytes: int | 
             if ooms and gpu_gib:
                 ax.plot(ooms, [gpu_gib] * len(ooms), "x", color="red", markersize=10, mew=2)
             if len(members) <= _MAX_LABELS:
-                for row, (x, s, f, _) in zip(srows, pts):
+                for row, (x, s, _, _) in zip(srows, pts):
                     y = s if s is not None else gpu_gib
                     if y:
                         labels.append((x, y, row.config))

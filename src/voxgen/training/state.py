@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
+
+from voxgen import __version__
+from voxgen.training.checkpoint import split_prefix
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -79,3 +84,50 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+@dataclass
+class Position:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def checkpoint_payload(model: nn.Module, ema, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                       position: Position, *, lr_scale: float, guards: dict, config: dict) -> tuple[dict, dict]:
+    """(tensors, state) of a checkpoint: weights, EMA, optimiser and RNG as tensors under the
+    prefixes model/, ema/, optimizer/, rng/; everything else as JSON-able state."""
+    optim_tensors, groups = optimizer_to_checkpoint(optimizer)
+    rng_tensors, rng_state = rng_to_checkpoint(generator)
+    prefixed = {"model/": model.state_dict(), "ema/": ema.module.state_dict(), "optimizer/": optim_tensors,
+                "rng/": rng_tensors}
+    tensors = {prefix + name: t for prefix, part in prefixed.items() for name, t in part.items()}
+    state = {
+        "step": position.step,
+        "epoch": position.epoch,
+        "batch_index": position.batch_index,
+        "history": position.history,
+        # The latest validation record: what `checkpoint.best_metric` is read from.
+        "metrics": position.history[-1] if position.history else {},
+        "ema_updates": ema.updates,
+        "lr_scale": lr_scale,
+        "guards": guards,
+        "rng": rng_state,
+        "optimizer_param_groups": groups,
+        "config": config,
+        "versions": {"voxgen": __version__, "torch": torch.__version__},
+    }
+    return tensors, state
+
+
+def restore_weights(tensors: dict[str, torch.Tensor], state: dict, model: nn.Module, ema,
+                    optimizer: torch.optim.Optimizer) -> Position:
+    """Load weights, EMA and optimiser of a checkpoint (what a rollback restores); its data position."""
+    model.load_state_dict(split_prefix(tensors, "model/"))
+    ema.module.load_state_dict(split_prefix(tensors, "ema/"))
+    ema.updates = state["ema_updates"]
+    optimizer_from_checkpoint(optimizer, split_prefix(tensors, "optimizer/"), state["optimizer_param_groups"])
+    return Position(state["step"], state["epoch"], state["batch_index"], state["history"])

@@ -1,13 +1,11 @@
 """The training step: ONE function used by the trainer and by the memory planner.
 
-`build_parts(cfg, device)` turns a config into the pieces a step needs; `train_step`
-runs forward under the configured precision, the loss, backward, clipping and the
-optimiser update.
+`train_step` runs forward under the parts' precision policy, the loss, backward, clipping and
+the optimiser update (`voxgen.diffusion.parts.build_parts` makes the parts).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,46 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from voxgen.diffusion.modes import Mode, build_mode, drop_conditions
-from voxgen.diffusion.spaces import build_space
-from voxgen.diffusion.strategies import build_strategy
-from voxgen.models.registry import build_model
-
-
-@dataclass
-class Parts:
-    model: nn.Module
-    strategy: object
-    mode: Mode
-    space: object
-    precision: str
-
-
-def network_channels(cfg, mode: Mode, space) -> tuple[int, int]:
-    """(in, out) channels: the config's when given, else derived from mode and space."""
-    derived_in, derived_out = mode.channels(space)
-    in_ch = cfg.model.in_channels if cfg.model.in_channels is not None else derived_in
-    out_ch = cfg.model.out_channels if cfg.model.out_channels is not None else derived_out
-    return in_ch, out_ch
-
-
-def build_parts(cfg, device: torch.device | str = "cpu") -> Parts:
-    mode, space, strategy = build_mode(cfg), build_space(cfg), build_strategy(cfg)
-    in_ch, out_ch = network_channels(cfg, mode, space)
-    model = build_model(cfg.model, in_ch, out_ch, space.shape(cfg.data.shape), cfg.training.grad_checkpointing)
-    return Parts(model.to(device), strategy, mode, space, cfg.training.precision)
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "bf16-mixed":
-        if device.type == "meta":
-            # The memory planner traces this step on meta tensors that stand for CUDA ones;
-            # torch.autocast has no meta device, so CUDA's casting policy is applied by the planner.
-            from voxgen.memory.cuda_emulation import cuda_autocast
-
-            return cuda_autocast(torch.bfloat16)
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from voxgen.diffusion.modes import drop_conditions
+from voxgen.diffusion.parts import Parts
 
 
 def prediction_and_target(parts: Parts, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +33,7 @@ def prediction_and_target(parts: Parts, batch: dict, generator: torch.Generator 
         # Drawn after noise and times: runs without dropout keep their random streams.
         cond = drop_conditions(cond, parts.strategy.cond_dropout, generator)
     x_t = parts.strategy.interpolate(z0, noise, t)
-    with autocast(parts.precision, z0.device):
+    with parts.autocast(z0.device):
         prediction = parts.model(parts.mode.model_input(x_t, cond), parts.strategy.model_time(t))
     return prediction, parts.strategy.target(z0, noise)
 

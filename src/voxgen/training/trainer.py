@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,31 +13,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from voxgen import __version__
 from voxgen.config import to_dict, to_yaml
+from voxgen.data.batches import collate, epoch_batches, to_device
 from voxgen.data.dataset import VolumeDataset
+from voxgen.diffusion.parts import Parts, build_parts, require_data_channels
 from voxgen.errors import CheckpointError, ConfigError
+from voxgen.files import write_atomic
 from voxgen.training import checkpoint as store
-from voxgen.training.batches import collate, epoch_batches, to_device
 from voxgen.training.ema import EMA
 from voxgen.training.guards import Guards, spread
-from voxgen.training.state import (
-    lr_at,
-    optimizer_from_checkpoint,
-    optimizer_to_checkpoint,
-    rng_from_checkpoint,
-    rng_to_checkpoint,
-    seed_everything,
-)
-from voxgen.training.step import Parts, build_parts, make_optimizer, prediction_and_target, train_step
+from voxgen.training.signals import EXIT_PREEMPTED, StopRequest
+from voxgen.training.state import Position, checkpoint_payload, lr_at, restore_weights, rng_from_checkpoint, seed_everything
+from voxgen.training.step import make_optimizer, prediction_and_target, train_step
 
-# Exit codes of `voxgen train` (docs/reliability.md). 0: training.steps reached.
-# Ctrl-C after the checkpoint is saved: 128 + SIGINT, what a shell reports for a program Ctrl-C ended.
-EXIT_INTERRUPTED = 130
-# SIGTERM/SIGUSR1 (a scheduler's warning) or --stop-at after the checkpoint is saved: EX_TEMPFAIL of
-# sysexits.h, "temporary failure, retry"; job scripts resubmit on it (voxgen/config/slurm/train.sbatch).
-EXIT_PREEMPTED = 75
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 VAL_SEED_OFFSET = 10_000
 
 
@@ -50,72 +35,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device=cuda but no CUDA device is available")
     return torch.device(name)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-class StopRequest:
-    """SIGINT, SIGTERM and SIGUSR1 ask the run to stop at the next step boundary and save.
-
-    The first signal is kept with the phase of the run it arrived in (`phase()` at that moment).
-    A later SIGINT aborts at once (a user who presses Ctrl-C twice means it); other repeats are
-    ignored, because SLURM follows its warning signal with SIGTERM at the time limit and that
-    must not cut the checkpoint short. `pending`: signals that arrived before the handlers were
-    installed (the command line records them from its start), read when they are installed.
-    """
-
-    def __init__(self, phase=lambda: "start-up", pending: list[int] | None = None) -> None:
-        self.signum: int | None = None
-        self.phase: str | None = None
-        self._phase_of = phase
-        self._pending = pending if pending is not None else []
-        self._previous: dict = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_INTERRUPTED if self.signum == signal.SIGINT else EXIT_PREEMPTED
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            return
-        self.signum, self.phase = signum, self._phase_of()
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        if self._pending and self.signum is None:
-            self.signum, self.phase = self._pending[0], "start-up"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous.clear()
-
-
-@dataclass
-class Position:
-    """Where training stands; saved in every checkpoint."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_index: int = 0
-    history: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -163,6 +82,7 @@ class Trainer:
         self.device = resolve_device(cfg.training.device)
         self.guards = Guards(cfg.guards)
         seed_everything(cfg.run.seed)
+        require_data_channels(cfg)
         self.parts = build_parts(cfg, self.device)
         modalities = self.parts.mode.modalities
         self.train_set = VolumeDataset(cfg.data.root, "train", modalities, cfg.data.shape, cache=cfg.data.cache)
@@ -193,51 +113,21 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------
     def _save(self) -> Path:
         """Checkpoint the whole training state; CheckpointError (disk full, I/O error) stops the run."""
-        optim_tensors, groups = optimizer_to_checkpoint(self.optimizer)
-        rng_tensors, rng_state = rng_to_checkpoint(self.generator)
-        tensors = {
-            **store.with_prefix(self.parts.model.state_dict(), "model/"),
-            **store.with_prefix(self.ema.module.state_dict(), "ema/"),
-            **store.with_prefix(optim_tensors, "optimizer/"),
-            **store.with_prefix(rng_tensors, "rng/"),
-        }
-        p = self.position
-        state = {
-            "step": p.step,
-            "epoch": p.epoch,
-            "batch_index": p.batch_index,
-            "history": p.history,
-            # The latest validation record: what `checkpoint.best_metric` is read from.
-            "metrics": p.history[-1] if p.history else {},
-            "ema_updates": self.ema.updates,
-            "lr_scale": self.lr_scale,
-            "guards": self.guards.state_dict(),
-            "rng": rng_state,
-            "optimizer_param_groups": groups,
-            "config": to_dict(self.cfg),
-            "versions": {"voxgen": __version__, "torch": torch.__version__},
-        }
-        c = self.cfg.checkpoint
-        with self._in_phase(f"checkpoint at step {p.step}"):
-            folder = store.save_checkpoint(self.run_dir, p.step, tensors, state, c.max_shard_bytes)
+        tensors, state = checkpoint_payload(self.parts.model, self.ema, self.optimizer, self.generator, self.position,
+                                            lr_scale=self.lr_scale, guards=self.guards.state_dict(), config=to_dict(self.cfg))
+        c, step = self.cfg.checkpoint, self.position.step
+        with self._in_phase(f"checkpoint at step {step}"):
+            folder = store.save_checkpoint(self.run_dir, step, tensors, state, c.max_shard_bytes)
             store.retain(self.run_dir, c.keep_last, c.best_metric)
-        self._saved = (p.step, folder)
+        self._saved = (step, folder)
         return folder
-
-    def _load_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
-        """Weights, EMA, optimiser and data position of a checkpoint (what a rollback restores)."""
-        self.parts.model.load_state_dict(store.split_prefix(tensors, "model/"))
-        self.ema.module.load_state_dict(store.split_prefix(tensors, "ema/"))
-        self.ema.updates = state["ema_updates"]
-        optimizer_from_checkpoint(self.optimizer, store.split_prefix(tensors, "optimizer/"), state["optimizer_param_groups"])
-        self.position = Position(state["step"], state["epoch"], state["batch_index"], state["history"])
 
     def _restore(self) -> int | None:
         found = store.load_latest(self.run_dir, warn=lambda m: self.console.print(f"[yellow]{m}"))
         if found is None:
             return None
         folder, tensors, state = found
-        self._load_state(tensors, state)
+        self.position = restore_weights(tensors, state, self.parts.model, self.ema, self.optimizer)
         # Checkpoints written before these entries existed resume with their defaults.
         rng_from_checkpoint(self.generator, store.split_prefix(tensors, "rng/"), state.get("rng"))
         self.lr_scale = state.get("lr_scale", 1.0)
@@ -275,7 +165,7 @@ class Trainer:
                                f"learning rate now {self.lr_scale:g}x")
             return False
         _, tensors, state = found
-        self._load_state(tensors, state)
+        self.position = restore_weights(tensors, state, self.parts.model, self.ema, self.optimizer)
         # The checkpoint has the old LR scale and guard counts: a stop now must save anew.
         self._saved = None
         self._purge_logs_after(state["step"])
@@ -331,7 +221,7 @@ class Trainer:
         self.writer.add_scalar("val/loss_ema", record["val_loss_ema"], record["step"])
         self.writer.add_scalar("val/prediction_std", raw.prediction_std, record["step"])
         self.writer.add_scalar("val/target_std", raw.target_std, record["step"])
-        write_text_atomic(self.run_dir / "history.json", json.dumps(p.history, indent=1))
+        write_atomic(self.run_dir / "history.json", json.dumps(p.history, indent=1))
         # The raw weights, not the EMA: they show a collapse first. Not during warm-up: output
         # layers initialised to zero (MONAI's UNet) predict a constant at first, which is where
         # training starts, not where it collapsed to. Raising here skips this step's checkpoint,
@@ -341,16 +231,14 @@ class Trainer:
         return record
 
     def _log_mosaic(self) -> None:
-        from voxgen.diffusion.generate import generate, solver_from_config
+        from voxgen.diffusion.generate import generate
+        from voxgen.diffusion.sampling import sampling_settings
         from voxgen.reports.mosaic import mosaic_array
 
-        item = self.val_set[0]
-        batch = collate([item])
-        x0, cond = self.parts.mode.split(batch)
-        latent = self.parts.space.encode(x0).shape[1:]
-        scale = self.cfg.sample.guidance_scale if cond is not None else 1.0
-        sample = generate(self.ema_parts, [self.cfg.run.seed], latent, cond, solver=solver_from_config(self.cfg),
-                          guidance_scale=scale).volumes
+        x0, cond = self.parts.mode.split(collate([self.val_set[0]]))
+        sampling = sampling_settings(self.cfg.sample, self.parts.strategy, cond is not None)
+        sample = generate(self.ema_parts, [self.cfg.run.seed], cond, solver=sampling.solver,
+                          guidance_scale=sampling.guidance_scale).volumes
         image = mosaic_array([sample[0, 0].numpy(), x0[0, 0].numpy()])
         self.writer.add_image("samples/ema_vs_real", image[None], self.position.step, dataformats="CHW")
 
@@ -368,7 +256,7 @@ class Trainer:
             self._check_data()
             # Only now that every case read back: bad data leaves no run folder behind.
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
+            write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
             resumed_from = self._restore()
             self._open_writer()
             try:

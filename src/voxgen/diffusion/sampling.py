@@ -1,20 +1,53 @@
-"""`voxgen sample`: volumes from a run's EMA weights, written as NIfTI plus a slice mosaic."""
+"""Sampling a trained run: its solver and guidance settings, conditions from a data split, and
+the samples written as NIfTI with a slice mosaic."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from voxgen.data.batches import collate
 from voxgen.data.dataset import VolumeDataset
 from voxgen.data.layout import MASK_MODALITIES
 from voxgen.data.nifti import save_volume
-from voxgen.diffusion.generate import generate, solver_from_config
-from voxgen.diffusion.samplers import SolverSpec
+from voxgen.diffusion.generate import generate
+from voxgen.diffusion.samplers import SolverSpec, check_solver, check_strategy, parse_solver
+from voxgen.errors import ConfigError
 from voxgen.reports.mosaic import save_mosaic
-from voxgen.training.batches import collate
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample a run: the solver and the classifier-free guidance scale."""
+
+    solver: SolverSpec
+    guidance_scale: float = 1.0
+
+
+def sampling_settings(sample, strategy, conditional: bool, *, solver: str | None = None, steps: int | None = None,
+                      shift: float | None = None, guidance_scale: float | None = None) -> Sampling:
+    """The one place where a run's `sample` section and the command line's overrides meet.
+
+    `solver` (a spec text) replaces `sample.solver`, which null makes the strategy's default
+    sampler; both are completed by `sample.steps`, `sample.tolerance`, `sample.shift` and
+    `sample.eta`. `steps` and `shift` then replace the spec's settings, refused (ConfigError)
+    for a sampler without them, as the same settings in the spec text are. `guidance_scale`
+    replaces `sample.guidance_scale`; the config's scale is for conditional modes and is not
+    applied to unconditional ones, an explicit scale there is refused. Every check runs here,
+    before any sampling: the solver against the strategy too.
+    """
+    text = solver or sample.solver or strategy.default_sampler
+    spec = parse_solver(text, sample).with_settings(steps=steps, shift=shift)
+    check_solver(spec)
+    check_strategy(spec, strategy)
+    if guidance_scale is not None and guidance_scale != 1.0 and not conditional:
+        raise ConfigError(f"guidance scale {guidance_scale:g} needs a conditional mode; this mode has no "
+                          "condition (use 1)")
+    scale = guidance_scale if guidance_scale is not None else sample.guidance_scale if conditional else 1.0
+    return Sampling(spec, scale)
 
 
 @dataclass
@@ -38,25 +71,16 @@ def conditions_for(mode, data_root, split: str, shape, num: int) -> tuple[torch.
     return cond, batch["case"], {m: batch[m][:, 0].numpy() for m in mode.conditions}
 
 
-def sample_volumes(cfg, parts, num: int, seed: int, steps: int | None = None, split: str = "test", batch_size: int = 4,
-                   progress=None, solver: SolverSpec | None = None, guidance_scale: float | None = None) -> Samples:
+def sample_volumes(cfg, parts, num: int, seed: int, sampling: Sampling, split: str = "test", batch_size: int = 4,
+                   progress=None) -> Samples:
     """Generate `num` volumes with per-sample seeds seed, seed + 1, ...; conditioned modes take
-    their conditions from the cases of `split`. `solver` defaults to the run's config
-    (`sample.*`); `steps` replaces its number of steps; `guidance_scale` defaults to
-    `sample.guidance_scale` and applies to conditional modes only."""
-    spec = solver if solver is not None else solver_from_config(cfg)
-    if steps is not None:
-        spec = replace(spec, steps=steps)
-    scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
+    their conditions from the cases of `split` (see `sampling_settings` for `sampling`)."""
     cond, case_ids, cond_volumes = conditions_for(parts.mode, cfg.data.root, split, cfg.data.shape, num)
-    if cond is None and guidance_scale is None:
-        scale = 1.0  # the config's scale is for conditional modes; an explicit one is checked by generate
-    latent_shape = (parts.space.channels(len(parts.mode.generated)), *parts.space.shape(cfg.data.shape))
-    result = generate(parts, list(range(seed, seed + num)), latent_shape, cond, solver=spec, batch_size=batch_size,
-                      guidance_scale=scale, progress=progress)
+    result = generate(parts, list(range(seed, seed + num)), cond, solver=sampling.solver, batch_size=batch_size,
+                      guidance_scale=sampling.guidance_scale, progress=progress)
     out = result.volumes  # (N, G, D, H, W)
     volumes = {m: out[:, i].numpy() for i, m in enumerate(parts.mode.generated)}
-    return Samples(volumes, cond_volumes, case_ids, result.seconds_per_volume, result.nfe, str(spec))
+    return Samples(volumes, cond_volumes, case_ids, result.seconds_per_volume, result.nfe, str(sampling.solver))
 
 
 def to_data_space(volume: np.ndarray, modality: str) -> tuple[np.ndarray, type]:

@@ -1,0 +1,28 @@
+"""The bodies of `voxgen data cohort / phantoms / check` (arguments as `voxgen.cli` parses them)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from voxgen.errors import VoxgenError
+
+
+def run_data(args, modalities: Sequence[str] | None = None) -> int:
+    """`check` reads `modalities` (default: every modality voxgen knows); the others make a data set."""
+    if args.data_command == "check":
+        from voxgen.data.dataset import check_folder
+
+        problems = check_folder(args.root, modalities) if modalities else check_folder(args.root)
+        for line in problems:
+            print(line)
+        if problems:
+            raise VoxgenError(f"{args.root}: {len(problems)} problem(s) found")
+        print(f"{args.root}: no problems found")
+        return 0
+    if args.data_command == "cohort":
+        from voxgen.data.cohort import make_cohort as make
+    else:
+        from voxgen.data.phantoms import make_phantoms as make
+    root = make(args.out, cases=args.cases, shape=tuple(args.shape), seed=args.seed)
+    print(f"{args.cases} {args.data_command} cases at {args.shape} in {root}")
+    return 0

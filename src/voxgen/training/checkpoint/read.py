@@ -1,0 +1,219 @@
+"""Reading a checkpoint back: verified shard by shard, whole or only the tensors under a prefix.
+
+Every file read is checked against the size and crc32 index.json records for it, so a
+truncated or bit-flipped file is reported as a CheckpointError, and `load_latest` falls back
+to the previous checkpoint. A prefix ('ema/') restricts a read to the shards holding tensors
+under it: the others are not opened, so their damage does not matter to that read.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from voxgen.errors import CheckpointError
+from voxgen.training.checkpoint.layout import (
+    _STEP_NAME,
+    BEST,
+    INDEX,
+    LATEST,
+    STATE,
+    _file_crc,
+    _read_pointer,
+    _step_of,
+    checkpoint_root,
+)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete-looking checkpoint folders, newest (highest step) first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_NAME.fullmatch(p.name) and p.is_dir() and (p / STATE).is_file()]
+    return sorted(found, key=_step_of, reverse=True)
+
+
+def _corrupt(folder: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{folder}: checkpoint is incomplete or corrupt ({why})")
+
+
+def _verify(folder: Path, filename: str, files: dict | None, size: int, crc: int) -> None:
+    if files is None:  # format 1 recorded no sizes or checksums
+        return
+    if filename not in files:
+        raise _corrupt(folder, f"{filename} is not listed in {INDEX}")
+    expected = files[filename]
+    if size != expected["bytes"]:
+        raise _corrupt(folder, f"{filename} has {size} bytes, {INDEX} says {expected['bytes']}")
+    if crc != expected["crc32"]:
+        raise _corrupt(folder, f"{filename} fails its crc32 check: its bytes changed after it was written")
+
+
+def _load_shard(folder: Path, filename: str, files: dict | None, keys: set[str]) -> dict[str, torch.Tensor]:
+    """The tensors named in `keys` of one shard, in memory of their own.
+
+    The whole file is verified first (its crc32 covers every byte, not only those of `keys`).
+    A key the file lacks is left out, for the caller to report.
+    """
+    if files is not None:
+        _verify(folder, filename, files, *_file_crc(folder / filename))
+    # safe_open maps the file; the copies detach the tensors from it, so a file deleted or
+    # truncated later cannot take them away. Tensors not asked for are never copied.
+    with safe_open(str(folder / filename), framework="pt") as f:
+        return {k: f.get_tensor(k).clone() for k in keys & set(f.keys())}
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def _read_index(folder: Path) -> dict:
+    index = json.loads((folder / INDEX).read_text())
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise TypeError(f"{INDEX} has no weight_map")
+    return index
+
+
+def iter_tensors(folder: str | Path, prefix: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of one checkpoint, read and verified one shard at a time.
+
+    prefix: only the tensors whose names start with it ('ema/'), full names yielded; only the
+    shards holding (pieces of) them are opened and verified. None: every tensor.
+
+    Holds at most one shard (and one split tensor being put back together) in memory, so a
+    checkpoint larger than the host's memory can be inspected or compared. Raises CheckpointError.
+    """
+    folder = Path(folder)
+
+    def wanted(name: str) -> bool:
+        return prefix is None or name.startswith(prefix)
+
+    try:
+        index = _read_index(folder)
+        files = index.get("files")
+        split = {name: spec for name, spec in index.get("split_tensors", {}).items() if wanted(name)}
+        by_file: dict[str, list[tuple[str, dict]]] = {}
+        for name, spec in split.items():
+            for piece in spec["pieces"]:
+                by_file.setdefault(piece["file"], []).append((name, piece))
+        whole_by_file: dict[str, list[str]] = {}
+        for name, filename in index["weight_map"].items():
+            if wanted(name):
+                whole_by_file.setdefault(filename, []).append(name)
+        expected = {name for names in whole_by_file.values() for name in names} | set(split)
+        seen: set[str] = set()
+        building: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (output, elements filled)
+        # Shard names are zero-padded, so sorted order is write order: the pieces of a split
+        # tensor arrive one after the other.
+        for filename in sorted(set(whole_by_file) | set(by_file)):
+            keys = set(whole_by_file.get(filename, [])) | {piece["key"] for _, piece in by_file.get(filename, [])}
+            loaded = _load_shard(folder, filename, files, keys)
+            for name in whole_by_file.get(filename, []):
+                if name not in loaded:
+                    raise _corrupt(folder, f"{filename} lacks tensor {name!r}")
+                seen.add(name)
+                yield name, loaded.pop(name)
+            for name, piece in by_file.get(filename, []):
+                spec = split[name]
+                if name not in building:
+                    out = torch.empty(spec["shape"], dtype=_dtype(spec["dtype"]))
+                    building[name] = (out, 0)
+                out, filled = building[name]
+                part = loaded.pop(piece["key"], None)
+                if part is None or piece["start"] != filled or part.numel() != piece["stop"] - piece["start"]:
+                    raise _corrupt(folder, f"{filename}: piece {piece['key']!r} of {name!r} is missing or out of place")
+                out.view(-1)[piece["start"] : piece["stop"]] = part
+                filled = piece["stop"]
+                if filled == out.numel():
+                    del building[name]
+                    seen.add(name)
+                    yield name, out
+                else:
+                    building[name] = (out, filled)
+            del loaded
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+        raise _corrupt(folder, f"{type(exc).__name__}: {exc}") from None
+    missing = expected - seen
+    if missing:
+        raise CheckpointError(f"{folder}: checkpoint lacks tensors {sorted(missing)[:3]}")
+
+
+def read_state(folder: str | Path) -> dict:
+    """state.json of one checkpoint, verified against index.json; raises CheckpointError."""
+    folder = Path(folder)
+    try:
+        files = _read_index(folder).get("files")
+        data = (folder / STATE).read_bytes()
+        _verify(folder, STATE, files, len(data), zlib.crc32(data))
+        return json.loads(data)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _corrupt(folder, f"{type(exc).__name__}: {exc}") from None
+
+
+def read_checkpoint(folder: Path, prefix: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors (those under `prefix`, or all) and state of one checkpoint folder.
+
+    CheckpointError if anything read is missing or corrupt.
+    """
+    state = read_state(folder)
+    return dict(iter_tensors(folder, prefix)), state
+
+
+def load_latest(
+    run_dir: str | Path, warn=print, prefix: str | None = None
+) -> tuple[Path, dict[str, torch.Tensor], dict] | None:
+    """(folder, tensors, state) of the newest checkpoint that reads back whole, or None when the run has none.
+
+    The `latest` pointer is tried first; a damaged checkpoint is reported through `warn` and
+    the previous complete one is used. prefix: read only the tensors under it (see
+    `iter_tensors`), e.g. 'ema/' for sampling, a quarter of the bytes of a training state of
+    weights, EMA and two Adam moments; "reads back whole" then means: state.json and the
+    shards holding those tensors.
+    """
+    candidates = list_checkpoints(run_dir)
+    named = _read_pointer(checkpoint_root(run_dir), LATEST)
+    if named is not None and checkpoint_root(run_dir) / named in candidates:
+        candidates.remove(checkpoint_root(run_dir) / named)
+        candidates.insert(0, checkpoint_root(run_dir) / named)
+    for folder in candidates:
+        try:
+            tensors, state = read_checkpoint(folder, prefix)
+        except CheckpointError as exc:
+            warn(f"warning: {exc}; trying the previous checkpoint")
+            continue
+        return folder, tensors, state
+    return None
+
+
+def load_named(run_dir: str | Path, name: str) -> tuple[Path, dict[str, torch.Tensor], dict]:
+    """(folder, tensors, state) of the checkpoint `name`: 'latest', 'best' or 'step_00000100'.
+
+    No fallback: a missing pointer, a missing folder or a damaged checkpoint raises CheckpointError.
+    """
+    root = checkpoint_root(run_dir)
+    if name in (LATEST, BEST):
+        target = _read_pointer(root, name)
+        if target is None:
+            raise CheckpointError(f"{root / name}: no {name} checkpoint recorded in this run")
+    elif _STEP_NAME.fullmatch(name):
+        target = name
+    else:
+        raise CheckpointError(f"{root}: unknown checkpoint name {name!r} (latest, best or step_NNNNNNNN)")
+    folder = root / target
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint {name!r} does not exist")
+    tensors, state = read_checkpoint(folder)
+    return folder, tensors, state

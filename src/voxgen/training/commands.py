@@ -1,0 +1,50 @@
+"""The body of `voxgen train` (arguments as `voxgen.cli` parses them)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+
+def run_train(args) -> int:
+    """The body of `voxgen train`."""
+    # A scheduler's SIGTERM or SIGUSR1 can come while torch is still importing; note it here and
+    # let the trainer act on it (checkpoint, exit 75) instead of dying without one.
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda received, frame: pending.append(received)) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return _train_run(args, pending)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _train_run(args, pending: list[int]) -> int:
+    from rich.console import Console
+
+    from voxgen.config import compose, to_yaml
+    from voxgen.training.trainer import train
+
+    files = list(args.config)
+    saved = saved_config(args.overrides)
+    if saved is not None:
+        files.insert(0, saved)
+    cfg = compose(files, args.overrides)
+    if args.dry_run:
+        print(to_yaml(cfg))
+        return 0
+    result = train(cfg, Console(stderr=True), stop_at=args.stop_at, pending_signals=pending)
+    if result.interrupted:
+        return result.exit_code
+    last = result.history[-1] if result.history else {}
+    print(f"trained {result.step} steps in {result.run_dir}; val loss {last.get('val_loss', float('nan')):.4f}")
+    return 0
+
+
+def saved_config(overrides) -> Path | None:
+    """A run folder's own config is the base when training resumes in it."""
+    for text in overrides:
+        if text.startswith("run.dir="):
+            path = Path(text.split("=", 1)[1]) / "config.yaml"
+            return path if path.is_file() else None
+    return None

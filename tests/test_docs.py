@@ -1,0 +1,63 @@
+"""The README and the packaging say only what is true today."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from voxgen.cli import build_parser
+
+ROOT = Path(__file__).parents[1]
+
+
+def _commands() -> set[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return set(sub.choices)
+
+
+def test_every_command_the_readme_shows_exists():
+    shown = set(re.findall(r"`voxgen ([a-z-]+)", (ROOT / "README.md").read_text()))
+    assert shown and shown <= _commands(), shown - _commands()
+
+
+@pytest.mark.parametrize("claim", ["CT enhancement", "X-ray to CT", "one to many GPUs"])
+def test_the_readme_does_not_claim_tasks_voxgen_does_not_have(claim):
+    # These are issues in progress; the README names them when a command runs them.
+    assert claim not in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("document, phrase", [
+    ("docs/sampling.md", '"trailing"\nspacing of Lin'),  # the DDPM grid is their "linspace" spacing
+    ("docs/sampling.md", "Heun / explicit trapezoid, EDM's deterministic sampler"),  # EDM takes Euler into t = 0
+])
+def test_docs_do_not_misname_what_the_code_does(document, phrase):
+    assert phrase not in (ROOT / document).read_text()
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_every_declared_dependency_is_imported():
+    import_names = {"nibabel": "nibabel", "nilearn": "nilearn", "omegaconf": "omegaconf", "safetensors": "safetensors",
+                    "torchdiffeq": "torchdiffeq", "tensorboard": "tensorboard", "rich": "rich", "matplotlib": "matplotlib",
+                    "numpy": "numpy", "scipy": "scipy", "pyyaml": "yaml", "torch": "torch", "monai": "monai"}
+    code = "\n".join(p.read_text() for p in (ROOT / "src").rglob("*.py"))
+    for requirement in _pyproject()["project"]["dependencies"]:
+        name = re.split(r"[<>=!\[ ]", requirement, maxsplit=1)[0].lower()
+        assert name in import_names, f"{name}: add its import name here"
+        module = import_names[name]
+        # nilearn is only located (find_spec), for the templates its wheel carries.
+        used = rf"^\s*(import|from) {module}\b|find_spec\(\"{module}\"\)"
+        assert re.search(used, code, re.MULTILINE), f"{requirement} is declared but never imported"
+
+
+def test_the_license_is_an_spdx_expression():
+    # The table form (`license = {text = ...}`) makes setuptools 77+ print a deprecation block on every install.
+    data = _pyproject()
+    assert isinstance(data["project"]["license"], str)
+    assert any(req.startswith("setuptools>=77") for req in data["build-system"]["requires"])
