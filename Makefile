@@ -20,6 +20,8 @@ quickstart: $(STAMP)
 	$(BIN)/voxgen quickstart --out runs/quickstart
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 
 from voxgen.config import compose
+from voxgen.diffusion.parts import build_parts
 from voxgen.training import checkpoint as store
 from voxgen.training.ema import EMA
 from voxgen.training.state import optimizer_to_checkpoint
-from voxgen.diffusion.parts import build_parts
 from voxgen.training.step import make_optimizer
 
 GiB = 2**30
@@ -132,11 +132,14 @@ def main() -> int:
         tensors, state, params = build_state(overrides, seed=0)
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         largest_tensor = max(t.numel() * t.element_size() for t in tensors.values())
-        rows += [("model", " ".join(overrides)), ("parameters", f"{params:,}"),
-                 ("tensors", f"{len(tensors)} (model, EMA, AdamW exp_avg/exp_avg_sq/step, RNG)"),
-                 ("tensor bytes", f"{total / GiB:.2f} GiB ({total:,} bytes)"),
-                 ("largest tensor", f"{largest_tensor / 2**20:.1f} MiB"),
-                 ("build (model, one AdamW step, EMA)", f"{time.perf_counter() - start:.1f} s")]
+        rows += [
+            ("model", " ".join(overrides)),
+            ("parameters", f"{params:,}"),
+            ("tensors", f"{len(tensors)} (model, EMA, AdamW exp_avg/exp_avg_sq/step, RNG)"),
+            ("tensor bytes", f"{total / GiB:.2f} GiB ({total:,} bytes)"),
+            ("largest tensor", f"{largest_tensor / 2**20:.1f} MiB"),
+            ("build (model, one AdamW step, EMA)", f"{time.perf_counter() - start:.1f} s"),
+        ]
         print(f"built {params:,} parameters, {total / GiB:.2f} GiB of tensors")
 
         start = time.perf_counter()
@@ -146,12 +149,14 @@ def main() -> int:
         largest = max(sizes, key=sizes.get)
         over = [name for name, size in sizes.items() if size > args.max_shard_bytes]
         on_disk = sum(sizes.values())
-        rows += [("save", f"{save_s:.1f} s ({on_disk / GiB / save_s:.2f} GiB/s, serialise + crc32 + write + fsync)"),
-                 ("files", f"{len(sizes)} ({sum(n.endswith('.safetensors') for n in sizes)} shards), {on_disk / GiB:.2f} GiB on disk"),
-                 ("cap", f"{args.max_shard_bytes:,} bytes ({args.max_shard_bytes / GiB:.3f} GiB)"),
-                 ("largest file", f"{largest}: {sizes[largest]:,} bytes ({sizes[largest] / GiB:.3f} GiB)"),
-                 ("files over the cap", str(len(over))),
-                 ("peak RSS after save", f"{peak_rss() / GiB:.1f} GiB")]
+        rows += [
+            ("save", f"{save_s:.1f} s ({on_disk / GiB / save_s:.2f} GiB/s, serialise + crc32 + write + fsync)"),
+            ("files", f"{len(sizes)} ({sum(n.endswith('.safetensors') for n in sizes)} shards), {on_disk / GiB:.2f} GiB on disk"),
+            ("cap", f"{args.max_shard_bytes:,} bytes ({args.max_shard_bytes / GiB:.3f} GiB)"),
+            ("largest file", f"{largest}: {sizes[largest]:,} bytes ({sizes[largest] / GiB:.3f} GiB)"),
+            ("files over the cap", str(len(over))),
+            ("peak RSS after save", f"{peak_rss() / GiB:.1f} GiB"),
+        ]
         print(f"saved in {save_s:.1f} s; largest file {sizes[largest]:,} bytes; over the cap: {over}")
 
         start = time.perf_counter()
@@ -163,8 +168,13 @@ def main() -> int:
             compared += 1
         verify_s = time.perf_counter() - start
         missing = len(tensors) - compared
-        rows += [("read + compare, shard by shard", f"{verify_s:.1f} s (files just written: read mostly from the page cache)"),
-                 ("tensors bit-equal", f"{compared - len(mismatched)} of {len(tensors)} ({len(mismatched)} differ, {missing} missing)")]
+        rows += [
+            ("read + compare, shard by shard", f"{verify_s:.1f} s (files just written: read mostly from the page cache)"),
+            (
+                "tensors bit-equal",
+                f"{compared - len(mismatched)} of {len(tensors)} ({len(mismatched)} differ, {missing} missing)",
+            ),
+        ]
         print(f"compared {compared} tensors in {verify_s:.1f} s; differ: {mismatched[:5]}; missing: {missing}")
 
         del tensors
@@ -175,10 +185,15 @@ def main() -> int:
         load_s = time.perf_counter() - start
         loaded_total = sum(t.numel() * t.element_size() for t in loaded_tensors.values())
         ok_load = found_folder == folder and loaded_total == total and loaded_state["step"] == 1
-        rows += [("load_latest (whole checkpoint)",
-                  f"{load_s:.1f} s ({loaded_total / GiB / load_s:.2f} GiB/s, read + crc32 + copy; files evicted from the page cache first)"),
-                 ("load_latest returned", f"{len(loaded_tensors)} tensors, {loaded_total:,} bytes, step {loaded_state['step']}"),
-                 ("peak RSS overall", f"{peak_rss() / GiB:.1f} GiB")]
+        rows += [
+            (
+                "load_latest (whole checkpoint)",
+                f"{load_s:.1f} s ({loaded_total / GiB / load_s:.2f} GiB/s, read + crc32 + copy; "
+                "files evicted from the page cache first)",
+            ),
+            ("load_latest returned", f"{len(loaded_tensors)} tensors, {loaded_total:,} bytes, step {loaded_state['step']}"),
+            ("peak RSS overall", f"{peak_rss() / GiB:.1f} GiB"),
+        ]
         print(f"load_latest in {load_s:.1f} s, {loaded_total:,} bytes")
         del loaded_tensors
         passed = not over and not mismatched and not missing and ok_load
@@ -188,8 +203,10 @@ def main() -> int:
             run_dir.rmdir()
 
     command = " ".join([".venv/bin/python", "benchmarks/checkpoint_large.py", *sys.argv[1:]])
-    machine = (f"{cpu_name()}, {os.cpu_count()} CPU cores, {total_memory() / GiB:.0f} GiB memory, "
-               f"{platform.system()}, Python {platform.python_version()}, torch {torch.__version__}")
+    machine = (
+        f"{cpu_name()}, {os.cpu_count()} CPU cores, {total_memory() / GiB:.0f} GiB memory, "
+        f"{platform.system()}, Python {platform.python_version()}, torch {torch.__version__}"
+    )
     lines = [
         "# Checkpoint store at full size",
         "",
@@ -211,8 +228,10 @@ def main() -> int:
         "|---|---|",
         *[f"| {k} | {v} |" for k, v in rows],
         "",
-        (f"Result: {'PASS' if passed else 'FAIL'}: no file over the cap, every tensor bit-equal, "
-         "the whole checkpoint loads through `load_latest`."),
+        (
+            f"Result: {'PASS' if passed else 'FAIL'}: no file over the cap, every tensor bit-equal, "
+            "the whole checkpoint loads through `load_latest`."
+        ),
         "",
     ]
     args.out.write_text("\n".join(lines))

@@ -29,11 +29,15 @@ def unet_rows(path: Path):
     for row in csv.DictReader(path.open()):
         channels = row["channels"].split()
         overrides = [
-            "model.name=unet", "model.attention=naive", "model.norm_num_groups=32",
+            "model.name=unet",
+            "model.attention=naive",
+            "model.norm_num_groups=32",
             f"model.channels=[{','.join(channels)}]",
             f"model.attention_levels=[{','.join(row['attention_levels'].split())}]",
-            f"model.num_res_blocks={row['num_res_blocks']}", f"model.num_head_channels={row['num_head_channels']}",
-            f"model.in_channels={row['in_channels']}", f"model.out_channels={row['out_channels']}",
+            f"model.num_res_blocks={row['num_res_blocks']}",
+            f"model.num_head_channels={row['num_head_channels']}",
+            f"model.in_channels={row['in_channels']}",
+            f"model.out_channels={row['out_channels']}",
         ]
         yield f"unet {row['config']} {row['latent']}", row, overrides
 
@@ -41,8 +45,13 @@ def unet_rows(path: Path):
 def dit_rows(path: Path):
     for row in csv.DictReader(path.open()):
         overrides = [
-            "model.name=dit", f"model.variant={row['variant']}", f"model.patch_size={row['patch']}",
-            "model.attention=sdpa", "model.qk_norm=true", f"model.in_channels={row['in_channels']}", f"model.out_channels={row['out_channels']}",
+            "model.name=dit",
+            f"model.variant={row['variant']}",
+            f"model.patch_size={row['patch']}",
+            "model.attention=sdpa",
+            "model.qk_norm=true",
+            f"model.in_channels={row['in_channels']}",
+            f"model.out_channels={row['out_channels']}",
         ]
         yield f"dit {row['variant']} {row['space']} p{row['patch']}", row, overrides
 
@@ -50,8 +59,17 @@ def dit_rows(path: Path):
 def evaluate(name, row, overrides) -> dict:
     shape = f"[{row['D']},{row['H']},{row['W']}]"
     mode = "mode=seg" if row["in_channels"] == row["out_channels"] else "mode=bravo"
-    cfg = compose([], [mode, *overrides, f"data.shape={shape}", "training.batch_size=1",
-                       "training.precision=bf16-mixed", "training.grad_checkpointing=false"])
+    cfg = compose(
+        [],
+        [
+            mode,
+            *overrides,
+            f"data.shape={shape}",
+            "training.batch_size=1",
+            "training.precision=bf16-mixed",
+            "training.grad_checkpointing=false",
+        ],
+    )
     start = time.perf_counter()
     result = plan(cfg, GPU)
     seconds = time.perf_counter() - start
@@ -59,10 +77,17 @@ def evaluate(name, row, overrides) -> dict:
     predicted = result.peak_bytes_first_step / GiB
     ran = row["status"].startswith("OK")
     return {
-        "name": name, "shape": shape, "params_m": result.params / 1e6, "ref_params_m": float(row["params_m"]),
-        "predicted": predicted, "steady": result.peak_bytes / GiB, "measured": measured, "status": row["status"],
+        "name": name,
+        "shape": shape,
+        "params_m": result.params / 1e6,
+        "ref_params_m": float(row["params_m"]),
+        "predicted": predicted,
+        "steady": result.peak_bytes / GiB,
+        "measured": measured,
+        "status": row["status"],
         "error": (predicted - measured) / measured if measured and row["status"] == "OK" else None,
-        "agree": (predicted * GiB <= GPU) == ran, "seconds": seconds,
+        "agree": (predicted * GiB <= GPU) == ran,
+        "seconds": seconds,
         "where": f"{result.peak_phase}: {result.peak_module}",
     }
 
@@ -73,19 +98,25 @@ def summary(results: list[dict]) -> str:
         return "no OK rows"
     p90 = errors[min(len(errors) - 1, int(round(0.9 * (len(errors) - 1))))]
     agree = sum(r["agree"] for r in results) / len(results)
-    return (f"{len(errors)} OK rows: median |error| {100 * statistics.median(errors):.1f}%, "
-            f"p90 {100 * p90:.1f}%, max {100 * errors[-1]:.1f}%; fits/OOM at 80 GB agrees on "
-            f"{100 * agree:.0f}% of {len(results)} rows; {statistics.mean(r['seconds'] for r in results):.1f} s per plan")
+    return (
+        f"{len(errors)} OK rows: median |error| {100 * statistics.median(errors):.1f}%, "
+        f"p90 {100 * p90:.1f}%, max {100 * errors[-1]:.1f}%; fits/OOM at 80 GB agrees on "
+        f"{100 * agree:.0f}% of {len(results)} rows; {statistics.mean(r['seconds'] for r in results):.1f} s per plan"
+    )
 
 
 def table(results: list[dict]) -> list[str]:
-    lines = ["| config | D,H,W | params M (ref) | first step GiB | steady GiB | measured GiB | status | error | steady peak at |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| config | D,H,W | params M (ref) | first step GiB | steady GiB | measured GiB | status | error | steady peak at |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         err = f"{100 * r['error']:+.1f}%" if r["error"] is not None else "-"
         meas = f"{r['measured']:.1f}" if r["measured"] is not None else "-"
-        lines.append(f"| {r['name']} | {r['shape']} | {r['params_m']:.1f} ({r['ref_params_m']:.1f}) | {r['predicted']:.2f} | "
-                     f"{r['steady']:.2f} | {meas} | {r['status']} | {err} | {r['where']} |")
+        lines.append(
+            f"| {r['name']} | {r['shape']} | {r['params_m']:.1f} ({r['ref_params_m']:.1f}) | {r['predicted']:.2f} | "
+            f"{r['steady']:.2f} | {meas} | {r['status']} | {err} | {r['where']} |"
+        )
     return lines
 
 
@@ -97,15 +128,20 @@ def main() -> None:
     args = parser.parse_args()
     ref = Path(args.reference)
     sources = {"unet": (unet_rows, ref / "unet3d_latent_a100.csv"), "dit": (dit_rows, ref / "dit3d_a100.csv")}
-    doc = ["# Memory planner vs the seeds' measurements (A100 80GB)", "",
-           "Generated by `benchmarks/plan_vs_reference.py`; prediction = `peak_bytes_first_step`.", "",
-           "The seeds' DiT normalises queries and keys per head (QK-norm, on by default in their code;",
-           "voxgen's `model.qk_norm` is on for dit/sit/hdit unless set). Under bf16 autocast on a GPU that",
-           "keeps about 14 more bytes per token per channel per block alive than a DiT block without it:",
-           "fp32 copies of q and k saved by the two norms, the bf16 normalised q and k saved by the kernel,",
-           "and a copy of the attention output before the projection (normalised q is dense, so the kernel's",
-           "output comes out head-major). The remaining error is a constant of roughly 0.05-0.1 GiB that the",
-           "planner does not account for; it shows only on the smallest rows (0.7 GiB measured).", ""]
+    doc = [
+        "# Memory planner vs the seeds' measurements (A100 80GB)",
+        "",
+        "Generated by `benchmarks/plan_vs_reference.py`; prediction = `peak_bytes_first_step`.",
+        "",
+        "The seeds' DiT normalises queries and keys per head (QK-norm, on by default in their code;",
+        "voxgen's `model.qk_norm` is on for dit/sit/hdit unless set). Under bf16 autocast on a GPU that",
+        "keeps about 14 more bytes per token per channel per block alive than a DiT block without it:",
+        "fp32 copies of q and k saved by the two norms, the bf16 normalised q and k saved by the kernel,",
+        "and a copy of the attention output before the projection (normalised q is dense, so the kernel's",
+        "output comes out head-major). The remaining error is a constant of roughly 0.05-0.1 GiB that the",
+        "planner does not account for; it shows only on the smallest rows (0.7 GiB measured).",
+        "",
+    ]
     for family, (rows, path) in sources.items():
         if args.only and family != args.only:
             continue
@@ -118,9 +154,11 @@ def main() -> None:
             results.append(evaluate(name, row, overrides))
             r = results[-1]
             err = f"{100 * r['error']:+6.1f}%" if r["error"] is not None else "    -  "
-            print(f"{name:28s} {r['shape']:14s} pred {r['predicted']:6.2f} steady {r['steady']:6.2f} "
-                  f"meas {r['measured'] or float('nan'):6.1f} {err} {r['status']:13s} {r['seconds']:5.1f}s  {r['where']}",
-                  flush=True)
+            print(
+                f"{name:28s} {r['shape']:14s} pred {r['predicted']:6.2f} steady {r['steady']:6.2f} "
+                f"meas {r['measured'] or float('nan'):6.1f} {err} {r['status']:13s} {r['seconds']:5.1f}s  {r['where']}",
+                flush=True,
+            )
         line = summary(results)
         print(f"{family}: {line}")
         doc += [f"## {family} ({path.name})", "", line, "", *table(results), ""]

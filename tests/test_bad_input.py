@@ -28,9 +28,16 @@ import pytest
 from voxgen.cli import main
 
 # A model small enough that a run which wrongly gets past the data check still ends quickly.
-TINY = ["data.shape=[16,16,16]", "model.channels=[8,16]", "model.attention_levels=[false,true]",
-        "model.num_head_channels=8", "model.norm_num_groups=4", "training.steps=2", "training.val_batches=1",
-        "training.device=cpu"]
+TINY = [
+    "data.shape=[16,16,16]",
+    "model.channels=[8,16]",
+    "model.attention_levels=[false,true]",
+    "model.num_head_channels=8",
+    "model.norm_num_groups=4",
+    "training.steps=2",
+    "training.val_batches=1",
+    "training.device=cpu",
+]
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -44,7 +51,7 @@ def _error_line(err: str) -> str:
     assert "Traceback" not in err, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0][len("error: "):]
+    return lines[0][len("error: ") :]
 
 
 def _assert_run_folder_untouched(run_dir: Path) -> None:
@@ -54,6 +61,7 @@ def _assert_run_folder_untouched(run_dir: Path) -> None:
 
 
 # ---- planting faults -------------------------------------------------------------------------
+
 
 def _case(root: Path, split: str = "train") -> Path:
     return min(p for p in (root / split).iterdir() if p.is_dir())
@@ -320,8 +328,10 @@ DATA_FAULTS = [
     Fault("PNG renamed", _png_renamed, r"not gzip-compressed \(it looks like a PNG image\)"),
     Fault("gzip of text", _gzip_of_text, r"not a NIfTI image \(it holds text starting 'patient notes"),
     Fault("empty file", _empty_file, r"file is empty \(0 bytes\)"),
-    pytest.param(Fault("unreadable file", _unreadable, "permission denied"),
-                 marks=pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")),
+    pytest.param(
+        Fault("unreadable file", _unreadable, "permission denied"),
+        marks=pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file"),
+    ),
     Fault("2-D image", _two_dimensional, r"has 2 dimensions \(shape \[16, 16\]\), expected 3"),
     Fault("4-D series", _four_dimensional, r"has 4 dimensions .*a series of 2 volumes"),
     Fault("single slice", _single_slice, r"is a single slice \(shape \[16, 16, 1\]\), not a 3-D volume"),
@@ -404,19 +414,38 @@ def test_volumes_smaller_than_data_shape_are_resampled_not_refused(data_root, ca
 CONFIG_FAULTS = [
     ("unknown key", ["trainig.steps=3"], "override 'trainig.steps=3': unknown config key 'trainig' (did you mean 'training'?)"),
     ("wrong type", ["training.steps=abc"], "override 'training.steps=abc': training.steps must be an integer, got 'abc'"),
-    ("wrong list item type", ["data.shape=[a,16,16]"],
-     "override 'data.shape=[a,16,16]': data.shape must be a list of integers, got [\"a\", 16, 16]"),
-    ("section set to a value", ["model=3"],
-     "override 'model=3': model must be a section of keys (name, in_channels, out_channels, channels, ...), got 3"),
-    ("UNet depth vs shape", ["model.channels=[8,16,16,16]", "model.attention_levels=[false,false,false,false]",
-                             "data.shape=[20,16,16]"], "data.shape D=20 is not divisible by 2^3 for a 4-level UNet"),
-    ("patch size vs shape", ["model.name=dit", "data.shape=[16,15,16]"], "data.shape H=15 is not divisible by model.patch_size=2"),
+    (
+        "wrong list item type",
+        ["data.shape=[a,16,16]"],
+        "override 'data.shape=[a,16,16]': data.shape must be a list of integers, got [\"a\", 16, 16]",
+    ),
+    (
+        "section set to a value",
+        ["model=3"],
+        "override 'model=3': model must be a section of keys (name, in_channels, out_channels, channels, ...), got 3",
+    ),
+    (
+        "UNet depth vs shape",
+        ["model.channels=[8,16,16,16]", "model.attention_levels=[false,false,false,false]", "data.shape=[20,16,16]"],
+        "data.shape D=20 is not divisible by 2^3 for a 4-level UNet",
+    ),
+    (
+        "patch size vs shape",
+        ["model.name=dit", "data.shape=[16,15,16]"],
+        "data.shape H=15 is not divisible by model.patch_size=2",
+    ),
     ("head channels", ["model.num_head_channels=6"], "model.channels entry 16 is not divisible by model.num_head_channels=6"),
     ("norm groups", ["model.norm_num_groups=3"], "model.channels entry 8 is not divisible by model.norm_num_groups=3"),
-    ("res blocks per level", ["model.num_res_blocks=[1,2,2]"],
-     "model.num_res_blocks has 3 entries but model.channels has 2: give one per level"),
-    ("res blocks count", ["model.num_res_blocks=[1,0]"],
-     "model.num_res_blocks=[1, 0] must be a whole number >= 1 or a list of them, one per level"),
+    (
+        "res blocks per level",
+        ["model.num_res_blocks=[1,2,2]"],
+        "model.num_res_blocks has 3 entries but model.channels has 2: give one per level",
+    ),
+    (
+        "res blocks count",
+        ["model.num_res_blocks=[1,0]"],
+        "model.num_res_blocks=[1, 0] must be a whole number >= 1 or a list of them, one per level",
+    ),
     ("cond dropout", ["training.cond_dropout=1.0"], "training.cond_dropout=1.0 must be in [0, 1)"),
     ("spike mads", ["guards.spike_mads=0"], "guards.spike_mads=0.0 must be positive"),
     ("spike window", ["guards.spike_window=0"], "guards.spike_window=0 must be at least 1"),
@@ -426,8 +455,11 @@ CONFIG_FAULTS = [
     ("keep last", ["checkpoint.keep_last=0"], "checkpoint.keep_last=0 must be at least 1"),
     ("tolerance", ["sample.tolerance=0"], "sample.tolerance=0.0 must be in (0, 1)"),
     ("guidance", ["sample.guidance_scale=-2"], "sample.guidance_scale=-2.0 must be at least 0 (1 = no guidance)"),
-    ("ddpm betas", ["ddpm.beta_start=0.1", "ddpm.beta_end=0.01"],
-     "ddpm.beta_start=0.1 and ddpm.beta_end=0.01 must satisfy 0 < beta_start <= beta_end < 1"),
+    (
+        "ddpm betas",
+        ["ddpm.beta_start=0.1", "ddpm.beta_end=0.01"],
+        "ddpm.beta_start=0.1 and ddpm.beta_end=0.01 must satisfy 0 < beta_start <= beta_end < 1",
+    ),
 ]
 SMALL_UNET = TINY[1:5]  # channels [8, 16] with widths that divide
 
@@ -446,8 +478,10 @@ def test_config_fault(overrides, message, tmp_path, capsys):
 def test_plan_gives_the_shape_error_before_building(capsys):
     code, out, err = _run(capsys, "plan", "model.name=hdit", "data.shape=[16,16,12]", "model.level_depths=[1,1,1,1,1]")
     assert code == 2 and out == ""
-    assert _error_line(err) == ("data.shape W=12 is not divisible by model.patch_size * 2^2 = 8 "
-                                "(HDiT with model.level_depths=[1, 1, 1, 1, 1] merges tokens 2 times)")
+    assert _error_line(err) == (
+        "data.shape W=12 is not divisible by model.patch_size * 2^2 = 8 "
+        "(HDiT with model.level_depths=[1, 1, 1, 1, 1] merges tokens 2 times)"
+    )
 
 
 def test_sample_solver_is_checked_against_the_sampler_registry(capsys):
@@ -470,6 +504,7 @@ def test_bad_yaml_value_names_the_file_and_key(tmp_path, capsys):
 
 # ---- end to end: real `voxgen` processes -------------------------------------------------------
 
+
 def test_real_processes_exit_2_with_one_error_line(phantom_root, tmp_path):
     """Exit code and stderr of a fresh interpreter, not of `main` in this process.
 
@@ -489,8 +524,12 @@ def test_real_processes_exit_2_with_one_error_line(phantom_root, tmp_path):
         "check": ["data", "check", str(listed)],
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    started = {name: subprocess.Popen([sys.executable, "-m", "voxgen.cli", *argv], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, env=env) for name, argv in runs.items()}
+    started = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "voxgen.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for name, argv in runs.items()
+    }
     done = {name: (proc.communicate(timeout=180), proc.returncode) for name, proc in started.items()}
 
     (out, err), code = done["data"]

@@ -8,8 +8,15 @@ import pytest
 
 from voxgen.cli import main
 
-TINY = ["data.shape=[16,16,16]", "model.channels=[8,16]", "model.attention_levels=[false,true]",
-        "model.num_head_channels=8", "model.norm_num_groups=4", "training.steps=2", "training.val_batches=1"]
+TINY = [
+    "data.shape=[16,16,16]",
+    "model.channels=[8,16]",
+    "model.attention_levels=[false,true]",
+    "model.num_head_channels=8",
+    "model.norm_num_groups=4",
+    "training.steps=2",
+    "training.val_batches=1",
+]
 
 
 def _run(capsys, *argv):
@@ -73,8 +80,17 @@ def _not_gzip(root):
     return "bravo.nii.gz"
 
 
-FAULTS = [_corrupt_gz, _truncated_gz, _two_dimensional, _four_dimensional, _mismatched_shapes, _missing_modality,
-          _empty_split, _missing_split, _not_gzip]
+FAULTS = [
+    _corrupt_gz,
+    _truncated_gz,
+    _two_dimensional,
+    _four_dimensional,
+    _mismatched_shapes,
+    _missing_modality,
+    _empty_split,
+    _missing_split,
+    _not_gzip,
+]
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.__name__[1:] for f in FAULTS])
@@ -133,15 +149,30 @@ def test_data_check_reports_problems(phantom_root, tmp_path, capsys):
 def test_plan_json_reports_parameters_of_the_seeds_4l_small(capsys):
     import json
 
-    code, out, _ = _run(capsys, "plan", "--json", "model.channels=[64,128,256,512]", "model.attention_levels=[false,false,true,true]",
-                        "model.num_res_blocks=2", "model.norm_num_groups=32", "model.in_channels=8", "model.out_channels=4",
-                        "data.shape=[40,64,64]")
+    code, out, _ = _run(
+        capsys,
+        "plan",
+        "--json",
+        "model.channels=[64,128,256,512]",
+        "model.attention_levels=[false,false,true,true]",
+        "model.num_res_blocks=2",
+        "model.norm_num_groups=32",
+        "model.in_channels=8",
+        "model.out_channels=4",
+        "data.shape=[40,64,64]",
+    )
     result = json.loads(out)
     assert code == 0 and isinstance(result["params"], int)
     assert abs(result["params"] / 1e6 - 166.6) < 0.05  # unet3d_latent_a100.csv, 4L_small
 
 
 def test_plan_impossible_shape_is_one_line(capsys):
-    code, _, err = _run(capsys, "plan", "model.channels=[8,16,16,16]", "model.attention_levels=[false,false,false,false]",
-                        "model.norm_num_groups=4", "data.shape=[20,16,16]")
+    code, _, err = _run(
+        capsys,
+        "plan",
+        "model.channels=[8,16,16,16]",
+        "model.attention_levels=[false,false,false,false]",
+        "model.norm_num_groups=4",
+        "data.shape=[20,16,16]",
+    )
     assert code == 2 and err.strip() == "error: data.shape D=20 is not divisible by 2^3 for a 4-level UNet"

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from voxgen.cli import build_parser
 
@@ -30,10 +30,13 @@ def test_the_readme_does_not_claim_tasks_voxgen_does_not_have(claim):
     assert claim not in (ROOT / "README.md").read_text()
 
 
-@pytest.mark.parametrize("document, phrase", [
-    ("docs/sampling.md", '"trailing"\nspacing of Lin'),  # the DDPM grid is their "linspace" spacing
-    ("docs/sampling.md", "Heun / explicit trapezoid, EDM's deterministic sampler"),  # EDM takes Euler into t = 0
-])
+@pytest.mark.parametrize(
+    "document, phrase",
+    [
+        ("docs/sampling.md", '"trailing"\nspacing of Lin'),  # the DDPM grid is their "linspace" spacing
+        ("docs/sampling.md", "Heun / explicit trapezoid, EDM's deterministic sampler"),  # EDM takes Euler into t = 0
+    ],
+)
 def test_docs_do_not_misname_what_the_code_does(document, phrase):
     assert phrase not in (ROOT / document).read_text()
 
@@ -43,9 +46,21 @@ def _pyproject() -> dict:
 
 
 def test_every_declared_dependency_is_imported():
-    import_names = {"nibabel": "nibabel", "nilearn": "nilearn", "omegaconf": "omegaconf", "safetensors": "safetensors",
-                    "torchdiffeq": "torchdiffeq", "tensorboard": "tensorboard", "rich": "rich", "matplotlib": "matplotlib",
-                    "numpy": "numpy", "scipy": "scipy", "pyyaml": "yaml", "torch": "torch", "monai": "monai"}
+    import_names = {
+        "nibabel": "nibabel",
+        "nilearn": "nilearn",
+        "omegaconf": "omegaconf",
+        "safetensors": "safetensors",
+        "torchdiffeq": "torchdiffeq",
+        "tensorboard": "tensorboard",
+        "rich": "rich",
+        "matplotlib": "matplotlib",
+        "numpy": "numpy",
+        "scipy": "scipy",
+        "pyyaml": "yaml",
+        "torch": "torch",
+        "monai": "monai",
+    }
     code = "\n".join(p.read_text() for p in (ROOT / "src").rglob("*.py"))
     for requirement in _pyproject()["project"]["dependencies"]:
         name = re.split(r"[<>=!\[ ]", requirement, maxsplit=1)[0].lower()

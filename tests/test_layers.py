@@ -59,8 +59,10 @@ def violations(src: Path = SRC) -> list[str]:
             target_layer, target_package = owner(target)
             if target_package != package and target_layer >= layer:
                 relation = "a higher" if target_layer > layer else "the same"
-                out.append(f"{path.relative_to(src.parent)}:{line}: {source} ({LAYERS[layer][0]}) imports {target} "
-                           f"({relation} layer, {LAYERS[target_layer][0]})")
+                out.append(
+                    f"{path.relative_to(src.parent)}:{line}: {source} ({LAYERS[layer][0]}) imports {target} "
+                    f"({relation} layer, {LAYERS[target_layer][0]})"
+                )
     return out
 
 
@@ -73,7 +75,8 @@ def test_the_check_finds_an_upward_import(tmp_path):
     (tmp_path / "voxgen" / "diffusion").mkdir(parents=True)
     (tmp_path / "voxgen" / "diffusion" / "bad.py").write_text("def f():\n    from voxgen.training.step import train_step\n")
     assert violations(tmp_path / "voxgen") == [
-        "voxgen/diffusion/bad.py:2: voxgen.diffusion.bad (diffusion) imports voxgen.training.step (a higher layer, training)"]
+        "voxgen/diffusion/bad.py:2: voxgen.diffusion.bad (diffusion) imports voxgen.training.step (a higher layer, training)"
+    ]
 
 
 def test_architecture_doc_lists_the_same_layers():

@@ -19,9 +19,19 @@ from voxgen.diffusion.sampling import sampling_settings
 from voxgen.diffusion.strategies import build_strategy
 from voxgen.errors import ConfigError
 
-TINY = ["data.shape=[16,16,16]", "model.channels=[8,16]", "model.attention_levels=[false,false]",
-        "model.num_head_channels=8", "model.norm_num_groups=4", "training.steps=2", "training.val_batches=1",
-        "training.val_every=2", "training.checkpoint_every=2", "training.device=cpu", "sample.steps=2"]
+TINY = [
+    "data.shape=[16,16,16]",
+    "model.channels=[8,16]",
+    "model.attention_levels=[false,false]",
+    "model.num_head_channels=8",
+    "model.norm_num_groups=4",
+    "training.steps=2",
+    "training.val_batches=1",
+    "training.val_every=2",
+    "training.checkpoint_every=2",
+    "training.device=cpu",
+    "sample.steps=2",
+]
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
@@ -43,13 +53,18 @@ def test_the_default_solver_follows_the_strategy(strategy, sampler):
     assert spec.name == sampler and spec.steps == cfg.sample.steps
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["strategy=ddpm", "sample.solver=euler"], ["sample.solver='euler'", "strategy=rflow", "not strategy=ddpm",
-                                                 "ddpm, ddim, dpmpp2m"]),
-    (["sample.solver=ddim"], ["sample.solver='ddim'", "not strategy=rflow"]),
-    (["sample.solver=heun2:25,foo=1"], ["'foo=1' is not an option of heun2", "options: shift"]),
-    (["strategy=ddpm", "ddpm.num_timesteps=10", "sample.steps=20"], ["at most ddpm.num_timesteps=10 steps"]),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (
+            ["strategy=ddpm", "sample.solver=euler"],
+            ["sample.solver='euler'", "strategy=rflow", "not strategy=ddpm", "ddpm, ddim, dpmpp2m"],
+        ),
+        (["sample.solver=ddim"], ["sample.solver='ddim'", "not strategy=rflow"]),
+        (["sample.solver=heun2:25,foo=1"], ["'foo=1' is not an option of heun2", "options: shift"]),
+        (["strategy=ddpm", "ddpm.num_timesteps=10", "sample.steps=20"], ["at most ddpm.num_timesteps=10 steps"]),
+    ],
+)
 def test_dry_run_refuses_a_solver_that_cannot_sample_the_run(capsys, overrides, words):
     code, out, err = _run(capsys, "train", "--dry-run", *overrides)
     assert code == 2 and out == ""
@@ -77,8 +92,9 @@ def test_command_line_settings_follow_the_spec_text_rule():
 
 def test_a_ddpm_run_trains_to_exit_0_and_its_sample_command_refuses_a_shift(capsys, phantom_root, tmp_path):
     run = tmp_path / "ddpm"
-    code, out, err = _run(capsys, "train", *TINY, "strategy=ddpm", "training.mosaic_every=2",
-                          f"data.root={phantom_root}", f"run.dir={run}")
+    code, out, err = _run(
+        capsys, "train", *TINY, "strategy=ddpm", "training.mosaic_every=2", f"data.root={phantom_root}", f"run.dir={run}"
+    )
     assert code == 0, err
     assert "trained 2 steps" in out
     code, out, err = _run(capsys, "sample", "--run", str(run), "--num", "1", "--shift", "3")
@@ -95,12 +111,24 @@ def test_a_latent_preset_plans_but_train_refuses_it_in_one_line(capsys, phantom_
     code, out, _ = _run(capsys, "plan", "--json", "--config", config)
     assert code == 0 and '"in_channels": 8' in out
     run = tmp_path / "run"
-    code, out, err = _run(capsys, "train", "--config", config, "data.shape=[16,16,16]", "model.name=unet",
-                          "model.channels=[8,16]", "model.attention_levels=[false,false]", "model.norm_num_groups=4",
-                          "model.num_head_channels=8", f"data.root={phantom_root}", f"run.dir={run}")
+    code, out, err = _run(
+        capsys,
+        "train",
+        "--config",
+        config,
+        "data.shape=[16,16,16]",
+        "model.name=unet",
+        "model.channels=[8,16]",
+        "model.attention_levels=[false,false]",
+        "model.norm_num_groups=4",
+        "model.num_head_channels=8",
+        f"data.root={phantom_root}",
+        f"run.dir={run}",
+    )
     assert code == 2 and out == ""
     lines = _error_lines(err)
     assert len(lines) == 1 and len(err.strip().splitlines()) == 1
-    assert lines[0].startswith("error: model.in_channels=8 and model.out_channels=4 do not match the 2 -> 1 channels "
-                               "of mode 'bravo' in space=pixel")
+    assert lines[0].startswith(
+        "error: model.in_channels=8 and model.out_channels=4 do not match the 2 -> 1 channels of mode 'bravo' in space=pixel"
+    )
     assert not run.exists()

@@ -44,34 +44,60 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train; resumes when run.dir holds a checkpoint")
     _add_overrides(p)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
-    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
-                   help="stop at this step with a checkpoint and exit 75, as a preemption would")
+    p.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="stop at this step with a checkpoint and exit 75, as a preemption would",
+    )
 
     p = sub.add_parser("slurm", help="write an sbatch script that trains in segments, resubmitting itself until done")
     _add_overrides(p)
     p.add_argument("--time", default="24:00:00", help="wall-time limit of each job (SLURM format, default 24:00:00)")
     p.add_argument("--segments", type=int, default=10, help="most jobs in the chain (default 10)")
-    p.add_argument("--signal-lead", type=int, default=300, metavar="SECONDS",
-                   help="SIGUSR1 this long before the time limit, to checkpoint and exit (default 300)")
+    p.add_argument(
+        "--signal-lead",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="SIGUSR1 this long before the time limit, to checkpoint and exit (default 300)",
+    )
     p.add_argument("--partition", default=None)
     p.add_argument("--gpus", type=int, default=1, help="GPUs per job (default 1; 0 asks for none)")
-    p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
-                   help="one more #SBATCH option, e.g. --account=abc (repeatable)")
-    p.add_argument("--setup", action="append", default=[], metavar="LINE",
-                   help="shell line run before training, e.g. 'source .venv/bin/activate' (repeatable)")
-    p.add_argument("--template", default=None, metavar="FILE", help="sbatch template (default: the one shipped in voxgen/config/slurm/)")
+    p.add_argument(
+        "--sbatch", action="append", default=[], metavar="OPTION", help="one more #SBATCH option, e.g. --account=abc (repeatable)"
+    )
+    p.add_argument(
+        "--setup",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="shell line run before training, e.g. 'source .venv/bin/activate' (repeatable)",
+    )
+    p.add_argument(
+        "--template", default=None, metavar="FILE", help="sbatch template (default: the one shipped in voxgen/config/slurm/)"
+    )
     p.add_argument("--out", default=None, metavar="FILE", help="script to write (default RUN_DIR.sbatch)")
 
     p = sub.add_parser("sample", help="generate volumes (NIfTI + mosaic) from a run's EMA weights")
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--num", type=int, default=4)
-    p.add_argument("--solver", default=None, metavar="SPEC",
-                   help="sampler and its steps or tolerance: euler:25, heun2:25, dopri5:1e-3, restart:18,k=2, ddim:50,eta=0.5 "
-                        "(see docs/sampling.md; default: the run's sample.solver and sample.steps)")
+    p.add_argument(
+        "--solver",
+        default=None,
+        metavar="SPEC",
+        help="sampler and its steps or tolerance: euler:25, heun2:25, dopri5:1e-3, restart:18,k=2, ddim:50,eta=0.5 "
+        "(see docs/sampling.md; default: the run's sample.solver and sample.steps)",
+    )
     p.add_argument("--steps", type=int, default=None, help="sampler steps (replaces the solver's)")
     p.add_argument("--shift", type=float, default=None, help="time shift of the grid (default: the run's sample.shift)")
-    p.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance scale for conditional modes (default: the run's sample.guidance_scale)")
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale for conditional modes (default: the run's sample.guidance_scale)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--split", default="test", help="split whose masks condition the samples")
     p.add_argument("--out", default=None, help="output folder (default RUN/samples)")
@@ -89,8 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", help="the largest configuration of a product that fits a GPU, without a GPU")
     _add_overrides(p)
-    p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
-                   help="values to try (repeatable: the cartesian product); brackets keep commas: data.shape=[20,32,32],[40,64,64]")
+    p.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="values to try (repeatable: the cartesian product); brackets keep commas: data.shape=[20,32,32],[40,64,64]",
+    )
     p.add_argument("--gpu-memory", default="80GB", help="GPU memory (default 80GB)")
     p.add_argument("--margin", type=float, default=0.1, help="safety margin, a fraction of GPU memory (default 0.1)")
     p.add_argument("--all", action="store_true", help="plan every candidate, not only down to the answer")
@@ -107,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_gen(data_sub, "phantoms", "procedural phantoms (fast, for tests)")
     c = data_sub.add_parser("check", help="report every problem of a data folder")
     c.add_argument("root")
-    c.add_argument("--mode", default=None,
-                   help="check only the modalities this mode reads (default: every modality voxgen knows)")
+    c.add_argument(
+        "--mode", default=None, help="check only the modalities this mode reads (default: every modality voxgen knows)"
+    )
     from voxgen.evaluation.commands import add_evaluate_parser, add_find_steps_parser
 
     add_evaluate_parser(sub)

@@ -102,8 +102,10 @@ def quickstart(out: str | Path, overrides=(), console: Console | None = None, ca
     }
     console.print(f"validation loss {first:.4f} -> {last:.4f} ({last / first:.2f}x of step 0)")
     console.print(f"{q.metric} to held-out cases: trained {q.trained:.4f}, untrained {q.untrained:.4f} ({q.ratio:.1f}x closer)")
-    console.print(f"planned GPU peak of one training step ({memory.precision}, batch {memory.batch_size}): "
-                  f"{memory.peak_bytes / GiB:.2f} GiB")
+    console.print(
+        f"planned GPU peak of one training step ({memory.precision}, batch {memory.batch_size}): "
+        f"{memory.peak_bytes / GiB:.2f} GiB"
+    )
     console.print(f"run: {run_dir}  (tensorboard --logdir {run_dir / 'tb'})")
     console.print(f"samples: {out / 'samples'}  mosaic: {mosaic}")
     return summary

@@ -11,11 +11,20 @@ from voxgen.training.runs import load_run
 def run_sample(args) -> int:
     """The body of `voxgen sample` (arguments as `voxgen.cli` parses them)."""
     cfg, parts, step = load_run(args.run, weights=args.weights)
-    sampling = sampling_settings(cfg.sample, parts.strategy, bool(parts.mode.conditions), solver=args.solver,
-                                 steps=args.steps, shift=args.shift, guidance_scale=args.guidance_scale)
+    sampling = sampling_settings(
+        cfg.sample,
+        parts.strategy,
+        bool(parts.mode.conditions),
+        solver=args.solver,
+        steps=args.steps,
+        shift=args.shift,
+        guidance_scale=args.guidance_scale,
+    )
     samples = sample_volumes(cfg, parts, args.num, args.seed, sampling, split=args.split)
     out = Path(args.out) if args.out else Path(args.run) / "samples"
     paths, mosaic = write_samples(samples, out, reference_affine(cfg, parts.mode))
-    print(f"{args.num} samples (step {step}, {samples.solver}, NFE {samples.nfe}, {samples.seconds_per_volume:.2f} s/volume) "
-          f"in {out}; mosaic {mosaic}")
+    print(
+        f"{args.num} samples (step {step}, {samples.solver}, NFE {samples.nfe}, {samples.seconds_per_volume:.2f} s/volume) "
+        f"in {out}; mosaic {mosaic}"
+    )
     return 0

@@ -73,8 +73,10 @@ def _check(job: SlurmJob) -> None:
     if not 0 < job.signal_lead <= MAX_SIGNAL_LEAD:
         raise ConfigError(f"--signal-lead {job.signal_lead}: must be between 1 and {MAX_SIGNAL_LEAD} seconds")
     if job.signal_lead >= limit:
-        raise ConfigError(f"--signal-lead {job.signal_lead} s is not shorter than --time {job.time} ({limit} s): "
-                          "the warning would come before training starts")
+        raise ConfigError(
+            f"--signal-lead {job.signal_lead} s is not shorter than --time {job.time} ({limit} s): "
+            "the warning would come before training starts"
+        )
     if job.segments < 1:
         raise ConfigError(f"--segments {job.segments} must be at least 1")
     if job.gpus < 0:
@@ -91,8 +93,7 @@ def _fill(template: str, values: dict[str, str], source: Path) -> str:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
-def render(overrides: list[str], config_files: list[str], job: SlurmJob, script: Path,
-           template: Path = TEMPLATE) -> str:
+def render(overrides: list[str], config_files: list[str], job: SlurmJob, script: Path, template: Path = TEMPLATE) -> str:
     """The sbatch script's text for `voxgen train [--config F]... KEY=VALUE...` run as `job`.
 
     Paths (run.dir, config files, the script itself) become absolute: jobs start in other folders.
@@ -134,8 +135,9 @@ def render(overrides: list[str], config_files: list[str], job: SlurmJob, script:
     return _fill(text, values, template)
 
 
-def write_script(overrides: list[str], config_files: list[str], job: SlurmJob, out: str | Path | None = None,
-                 template: Path = TEMPLATE) -> Path:
+def write_script(
+    overrides: list[str], config_files: list[str], job: SlurmJob, out: str | Path | None = None, template: Path = TEMPLATE
+) -> Path:
     """Write the script (default: RUN_DIR.sbatch beside the run folder), executable; returns its path."""
     script = Path(out).expanduser().resolve() if out else _beside(_run_dir(overrides), ".sbatch")
     text = render(overrides, config_files, job, script, template)
@@ -152,9 +154,18 @@ def write_script(overrides: list[str], config_files: list[str], job: SlurmJob, o
 
 def run_slurm(args) -> int:
     """The body of `voxgen slurm`."""
-    job = SlurmJob(time=args.time, segments=args.segments, signal_lead=args.signal_lead, partition=args.partition,
-                   gpus=args.gpus, sbatch_options=args.sbatch, setup=args.setup)
+    job = SlurmJob(
+        time=args.time,
+        segments=args.segments,
+        signal_lead=args.signal_lead,
+        partition=args.partition,
+        gpus=args.gpus,
+        sbatch_options=args.sbatch,
+        setup=args.setup,
+    )
     path = write_script(args.overrides, args.config, job, args.out, Path(args.template) if args.template else TEMPLATE)
-    print(f"wrote {path}: up to {job.segments} jobs of {job.time}, each warned {job.signal_lead} s before its limit; "
-          f"submit it with: sbatch {path}")
+    print(
+        f"wrote {path}: up to {job.segments} jobs of {job.time}, each warned {job.signal_lead} s before its limit; "
+        f"submit it with: sbatch {path}"
+    )
     return 0

@@ -55,9 +55,21 @@ def test_missing_and_bad_yaml(tmp_path):
 
 
 def test_boundary_values_are_accepted():
-    cfg = compose([], ["training.cond_dropout=0.0", "guards.rollback_lr_factor=1.0", "guards.collapse_std_ratio=0.0",
-                       "checkpoint.max_shard_bytes=1048576", "sample.guidance_scale=0", "guards.max_consecutive_skips=0",
-                       "guards.collapse_patience=0", "guards.spike_min_history=200", "sample.eta=1.0", "training.grad_clip=0"])
+    cfg = compose(
+        [],
+        [
+            "training.cond_dropout=0.0",
+            "guards.rollback_lr_factor=1.0",
+            "guards.collapse_std_ratio=0.0",
+            "checkpoint.max_shard_bytes=1048576",
+            "sample.guidance_scale=0",
+            "guards.max_consecutive_skips=0",
+            "guards.collapse_patience=0",
+            "guards.spike_min_history=200",
+            "sample.eta=1.0",
+            "training.grad_clip=0",
+        ],
+    )
     assert cfg.checkpoint.max_shard_bytes == 2**20 and cfg.guards.rollback_lr_factor == 1.0
 
 
@@ -96,15 +108,19 @@ def test_a_factory_failing_with_a_foreign_error_is_one_config_line(monkeypatch):
     monkeypatch.setitem(MODELS, "broken", ModelEntry("broken", broken, "raises"))
     with pytest.raises(ConfigError) as info:
         compose([], ["model.name=broken", "data.shape=[16,16,16]"])
-    assert str(info.value) == ("model.name='broken' cannot be built for data.shape [16, 16, 16] (2 -> 1 channels): "
-                               "channels must be multiples of 7")
+    assert str(info.value) == (
+        "model.name='broken' cannot be built for data.shape [16, 16, 16] (2 -> 1 channels): channels must be multiples of 7"
+    )
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
         ("training.lr=fast", "training.lr must be a number, got 'fast'"),
-        ("model.attention_levels=[true,maybe]", 'model.attention_levels must be a list of true/false values, got [true, "maybe"]'),
+        (
+            "model.attention_levels=[true,maybe]",
+            'model.attention_levels must be a list of true/false values, got [true, "maybe"]',
+        ),
         ("model.in_channels=x", "model.in_channels must be an integer or null, got 'x'"),
         ("run=5", "run must be a section of keys (dir, seed), got 5"),
         ("training..steps=3", "key 'training..steps' has an empty part between dots"),

@@ -118,7 +118,7 @@ def test_affine_within_tolerance_is_accepted(data_copy):
     folder = case_dir(data_copy)
     volume, affine = load_volume(folder / "flair.nii.gz")
     moved = affine.copy()
-    moved[0, 3] += 2.0 ** -12  # 0.00024 mm, exact in float32
+    moved[0, 3] += 2.0**-12  # 0.00024 mm, exact in float32
     save_volume(folder / "flair.nii.gz", volume, moved)
     assert load_first(data_copy)["flair"].shape == (1, *SHAPE)
 
@@ -240,7 +240,9 @@ def test_case_files_put_directly_in_a_split_get_a_hint(data_copy):
         shutil.move(str(path), data_copy / "val" / path.name)
     case.rmdir()
     message = expect_error("val", VolumeDataset, data_copy, "val", MODS, SHAPE)
-    assert message.endswith("has no case folders (5 NIfTI files lie directly in it: put each case's files in a folder of its own)")
+    assert message.endswith(
+        "has no case folders (5 NIfTI files lie directly in it: put each case's files in a folder of its own)"
+    )
 
 
 def test_voxel_size_check_leaves_written_samples_readable(tmp_path):

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from voxgen.diffusion.modes import MODES
+from voxgen.diffusion.parts import NetworkShape, Parts
 from voxgen.diffusion.shapes import append_dims
 from voxgen.diffusion.spaces import PixelSpace
 from voxgen.diffusion.strategies import DDPM, RectifiedFlow
-from voxgen.diffusion.parts import NetworkShape, Parts
 from voxgen.precision import autocast_policy
 
 

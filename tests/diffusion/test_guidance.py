@@ -6,12 +6,12 @@ from torch import nn
 
 from voxgen.diffusion.generate import generate, prediction_fn
 from voxgen.diffusion.modes import MODES, drop_conditions
+from voxgen.diffusion.parts import NetworkShape, Parts, build_parts
 from voxgen.diffusion.rflow_samplers import euler, time_grid
 from voxgen.diffusion.samplers import parse_solver
 from voxgen.diffusion.spaces import PixelSpace
 from voxgen.diffusion.strategies import RectifiedFlow
 from voxgen.errors import ConfigError
-from voxgen.diffusion.parts import NetworkShape, Parts, build_parts
 from voxgen.precision import autocast_policy
 from voxgen.training.step import compute_loss
 
@@ -44,8 +44,9 @@ class ConditionSpy(nn.Module):
 
 def _spy_parts(cond_dropout):
     network = NetworkShape(2, 1, (2, 2, 2), 2, 1)
-    return Parts(ConditionSpy(), RectifiedFlow(cond_dropout=cond_dropout), MODES["bravo"], PixelSpace(), network,
-                 autocast_policy("fp32"))
+    return Parts(
+        ConditionSpy(), RectifiedFlow(cond_dropout=cond_dropout), MODES["bravo"], PixelSpace(), network, autocast_policy("fp32")
+    )
 
 
 def test_compute_loss_drops_conditions_in_training_only_and_reproducibly():

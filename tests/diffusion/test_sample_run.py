@@ -5,9 +5,16 @@ import numpy as np
 
 from voxgen.cli import main
 
-TINY = ["data.shape=[16,16,16]", "model.channels=[8,16]", "model.attention_levels=[false,true]",
-        "model.num_head_channels=8", "model.norm_num_groups=4", "training.steps=2", "training.val_batches=1",
-        "training.batch_size=2"]
+TINY = [
+    "data.shape=[16,16,16]",
+    "model.channels=[8,16]",
+    "model.attention_levels=[false,true]",
+    "model.num_head_channels=8",
+    "model.norm_num_groups=4",
+    "training.steps=2",
+    "training.val_batches=1",
+    "training.batch_size=2",
+]
 
 
 def test_samples_keep_the_data_affine_and_seeds_are_per_sample(phantom_root, tmp_path, capsys):
@@ -29,8 +36,24 @@ def test_samples_keep_the_data_affine_and_seeds_are_per_sample(phantom_root, tmp
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert "euler:4" in summary and "NFE 4," in summary and "s/volume" in summary
     # Heun, 2 steps, guided: 2 evaluations per step, each of them two network calls.
-    assert main(["sample", "--run", str(run), "--num", "1", "--solver", "heun2:2,shift=3", "--guidance-scale", "2",
-                 "--out", str(tmp_path / "g")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--run",
+                str(run),
+                "--num",
+                "1",
+                "--solver",
+                "heun2:2,shift=3",
+                "--guidance-scale",
+                "2",
+                "--out",
+                str(tmp_path / "g"),
+            ]
+        )
+        == 0
+    )
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert "heun2:2,shift=3" in summary and "NFE 8," in summary
     assert main(["sample", "--run", str(run), "--solver", "ddim:3", "--out", str(tmp_path / "x")]) == 2

@@ -6,8 +6,8 @@ import time
 import torch
 
 from voxgen.diffusion.generate import CountedModel, guided, prediction_fn
-from voxgen.diffusion.rflow_samplers import euler, time_grid
 from voxgen.diffusion.parts import build_parts
+from voxgen.diffusion.rflow_samplers import euler, time_grid
 
 from .tiny import tiny_cfg
 

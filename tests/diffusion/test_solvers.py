@@ -139,14 +139,17 @@ def test_parse_solver_takes_missing_settings_from_the_config():
     assert parse_solver("ddim", sample) == SolverSpec("ddim", steps=12, eta=0.3)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("eulr:25", "choose one of euler, midpoint"),
-    ("euler:2.5", "whole number"),
-    ("euler:x", "not a number"),
-    ("dopri5:25", "tolerance in (0, 1)"),
-    ("euler:5,eta=0.5", "not an option of euler"),
-    ("restart:5,tmin=0.5,tmax=0.3", "0 < tmin < tmax"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("eulr:25", "choose one of euler, midpoint"),
+        ("euler:2.5", "whole number"),
+        ("euler:x", "not a number"),
+        ("dopri5:25", "tolerance in (0, 1)"),
+        ("euler:5,eta=0.5", "not an option of euler"),
+        ("restart:5,tmin=0.5,tmax=0.3", "0 < tmin < tmax"),
+    ],
+)
 def test_parse_solver_rejects_bad_text_with_a_config_error(text, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_solver(text)

@@ -9,8 +9,15 @@ from voxgen.diffusion.parts import build_parts
 from voxgen.training.step import make_optimizer, train_step
 
 SHAPE = (8, 8, 8)
-TINY_UNET = ["model.channels=[8,16]", "model.attention_levels=[false,false]", "model.num_head_channels=8",
-             "model.norm_num_groups=4", "training.lr=2e-3", "training.batch_size=4", f"data.shape={list(SHAPE)}"]
+TINY_UNET = [
+    "model.channels=[8,16]",
+    "model.attention_levels=[false,false]",
+    "model.num_head_channels=8",
+    "model.norm_num_groups=4",
+    "training.lr=2e-3",
+    "training.batch_size=4",
+    f"data.shape={list(SHAPE)}",
+]
 
 
 def tiny_cfg(*overrides):

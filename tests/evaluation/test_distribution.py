@@ -65,8 +65,12 @@ def test_fid_of_two_gaussian_feature_sets_is_their_frechet_distance():
     assert np.allclose(gaussian_stats(x)[1], cov_a)
     w, v = np.linalg.eigh(cov_a)
     root = v @ np.diag(np.sqrt(w)) @ v.T
-    closed = (np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a) + np.trace(cov_b)
-              - 2 * np.sum(np.sqrt(np.linalg.eigvalsh(root @ cov_b @ root))))
+    closed = (
+        np.sum((mean_a - mean_b) ** 2)
+        + np.trace(cov_a)
+        + np.trace(cov_b)
+        - 2 * np.sum(np.sqrt(np.linalg.eigvalsh(root @ cov_b @ root)))
+    )
     assert fid(x, y) == pytest.approx(closed, abs=1e-3)
     assert closed > 1.0
 
@@ -140,7 +144,7 @@ def test_rbf_mmd_with_the_median_bandwidth_matches_loops():
     distances = [math.dist(pooled[i], pooled[j]) for i in range(17) for j in range(i + 1, 17)]
     s = float(np.median(distances))
     assert median_bandwidth(x, y) == pytest.approx(s, rel=1e-12)
-    rbf = lambda u, v: math.exp(-math.dist(u, v) ** 2 / (2 * s * s))
+    rbf = lambda u, v: math.exp(-(math.dist(u, v) ** 2) / (2 * s * s))
     assert mmd(x, y) == pytest.approx(_loop_mmd2(x.tolist(), y.tolist(), rbf), rel=1e-10)
     assert mmd(x, y, bandwidth=2.0) != pytest.approx(mmd(x, y))
 

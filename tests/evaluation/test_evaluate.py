@@ -9,9 +9,16 @@ from voxgen.cli import main
 from voxgen.errors import VoxgenError
 from voxgen.evaluation.evaluate import RunEvaluator, expand_solvers, golden_section
 
-TINY = ["data.shape=[16,16,16]", "model.channels=[8,16]", "model.attention_levels=[false,true]",
-        "model.num_head_channels=8", "model.norm_num_groups=4", "training.steps=2", "training.val_batches=1",
-        "training.batch_size=2"]
+TINY = [
+    "data.shape=[16,16,16]",
+    "model.channels=[8,16]",
+    "model.attention_levels=[false,true]",
+    "model.num_head_channels=8",
+    "model.norm_num_groups=4",
+    "training.steps=2",
+    "training.val_batches=1",
+    "training.batch_size=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +35,17 @@ def _command(argv):
 
 def test_evaluate_writes_table_csv_and_plot_with_the_nfe_of_each_solver(tiny_run, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert _command(["evaluate", "--run", str(tiny_run), "--solvers", "euler:2,3", "heun2:2", "--samples", "2",
-                     "--out", str(out)]) == 0
+    assert (
+        _command(["evaluate", "--run", str(tiny_run), "--solvers", "euler:2,3", "heun2:2", "--samples", "2", "--out", str(out)])
+        == 0
+    )
     assert "evaluated 3 configurations x 2 samples" in capsys.readouterr().out
     rows = list(csv.DictReader((out / "evaluate.csv").open()))
     assert [(r["solver"], r["steps / tolerance"], int(r["NFE"])) for r in rows] == [
-        ("euler", "2 steps", 2), ("euler", "3 steps", 3), ("heun2", "2 steps", 4)]  # Heun: two evaluations a step
+        ("euler", "2 steps", 2),
+        ("euler", "3 steps", 3),
+        ("heun2", "2 steps", 4),
+    ]  # Heun: two evaluations a step
     for r in rows:
         assert float(r["seconds per volume"]) > 0
         assert math.isfinite(float(r["FID (random3d)"])) and float(r["FID (random3d)"]) >= 0
@@ -61,8 +73,26 @@ def test_nfe_is_the_number_of_network_calls(tiny_run):
 
 def test_find_steps_searches_and_writes_its_evaluations(tiny_run, tmp_path, capsys):
     out = tmp_path / "steps"
-    assert _command(["find-steps", "--run", str(tiny_run), "--metric", "intensity_w1", "--min", "1", "--max", "9",
-                     "--samples", "2", "--out", str(out)]) == 0
+    assert (
+        _command(
+            [
+                "find-steps",
+                "--run",
+                str(tiny_run),
+                "--metric",
+                "intensity_w1",
+                "--min",
+                "1",
+                "--max",
+                "9",
+                "--samples",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     rows = list(csv.DictReader((out / "find_steps.csv").open()))
     steps = [int(r["NFE"]) for r in rows]
@@ -113,7 +143,12 @@ def test_ms_ssim_uses_the_scales_that_fit_and_says_how_many(tiny_run):
 
 def test_expand_solvers():
     assert expand_solvers(["euler:10,25,50", "heun2:25", "dopri5:1e-3"]) == [
-        "euler:10", "euler:25", "euler:50", "heun2:25", "dopri5:1e-3"]
+        "euler:10",
+        "euler:25",
+        "euler:50",
+        "heun2:25",
+        "dopri5:1e-3",
+    ]
     assert expand_solvers(["euler:10,25,shift=3", "euler"]) == ["euler:10,shift=3", "euler:25,shift=3", "euler"]
     with pytest.raises(VoxgenError, match="names no steps or tolerance"):
         expand_solvers(["euler:shift=3"])

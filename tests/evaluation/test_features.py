@@ -78,8 +78,15 @@ def reference_forward(state, x, layers, dims):
     pool = F.max_pool2d if dims == 2 else F.max_pool3d
 
     def bn(p, y):
-        return F.batch_norm(y, state[f"{p}.running_mean"], state[f"{p}.running_var"], state[f"{p}.weight"],
-                            state[f"{p}.bias"], training=False, eps=1e-5)
+        return F.batch_norm(
+            y,
+            state[f"{p}.running_mean"],
+            state[f"{p}.running_var"],
+            state[f"{p}.weight"],
+            state[f"{p}.bias"],
+            training=False,
+            eps=1e-5,
+        )
 
     stem_stride, stem_pad = (2, 3) if dims == 2 else ((1, 2, 2), (1, 3, 3))
     y = F.relu(bn("bn1", conv(x, state["conv1.weight"], stride=stem_stride, padding=stem_pad)))
@@ -106,7 +113,10 @@ def test_plane_slices_cut_the_three_axes_volume_major():
     v = torch.arange(2 * 1 * 6 * 7 * 8, dtype=torch.float32).reshape(2, 1, 6, 7, 8)
     views = plane_slices(v, 2)
     assert {k: tuple(t.shape) for k, t in views.items()} == {
-        "axial": (4, 1, 7, 8), "coronal": (4, 1, 6, 8), "sagittal": (4, 1, 6, 7)}
+        "axial": (4, 1, 7, 8),
+        "coronal": (4, 1, 6, 8),
+        "sagittal": (4, 1, 6, 7),
+    }
     assert torch.equal(views["axial"][1], v[0, :, slice_indices(6, 2)[1]])
     assert torch.equal(views["coronal"][2], v[1, :, :, slice_indices(7, 2)[0]])
     assert torch.equal(views["sagittal"][3], v[1, :, :, :, slice_indices(8, 2)[1]])
@@ -122,7 +132,9 @@ def test_square_resize_pads_with_background_and_keeps_the_aspect():
 
 def test_torchvision_resnet50_listing_is_the_known_architecture():
     shapes = resnet_shapes((3, 4, 6, 3))
-    params = sum(int(np.prod(s)) for n, s in shapes.items() if not n.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    params = sum(
+        int(np.prod(s)) for n, s in shapes.items() if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
     assert params == 25_557_032  # torchvision.models.resnet50(): 25,557,032 parameters
     with torch.device("meta"):
         net = resnet50_2d()

@@ -50,6 +50,7 @@ def test_hd95_of_single_voxels_is_their_distance_in_mm():
 def _reference_hd95(a, b, spacing):
     """Boundary voxels (mask minus its face-connected erosion, zero outside), Euclidean distance
     transforms with the spacing, the larger of the two directed 95th percentiles."""
+
     def boundary(m):
         padded = np.pad(m, 1)
         return (padded & ~ndimage.binary_erosion(padded))[1:-1, 1:-1, 1:-1]

@@ -25,8 +25,8 @@ def test_ssim_matches_scikit_image_on_3d_volumes():
         a, b = _pair(shape, noise)
         ours = ssim(b, a, data_range=2.0)
         reference = skimage_metrics.structural_similarity(
-            a[0, 0].numpy(), b[0, 0].numpy(), data_range=2.0, gaussian_weights=True, sigma=1.5,
-            use_sample_covariance=False)
+            a[0, 0].numpy(), b[0, 0].numpy(), data_range=2.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        )
         assert ours.shape == (1,)
         assert abs(ours[0] - reference) < 1e-3
         assert 0.05 < reference < 0.95  # a pair that tests something
@@ -137,8 +137,9 @@ def _monai_ms_ssim(x, y, win, scales, data_range=2.0):
     x, y = x.float(), y.float()
     value = 1.0
     for scale, w in enumerate(weights):
-        ssim_map, cs_map = compute_ssim_and_cs(x, y, spatial_dims=3, kernel_size=(win,) * 3, kernel_sigma=(1.5,) * 3,
-                                               data_range=data_range)
+        ssim_map, cs_map = compute_ssim_and_cs(
+            x, y, spatial_dims=3, kernel_size=(win,) * 3, kernel_sigma=(1.5,) * 3, data_range=data_range
+        )
         value *= max(float((ssim_map if scale == scales - 1 else cs_map).mean()), 0.0) ** w
         x, y = torch.nn.functional.avg_pool3d(x, 2), torch.nn.functional.avg_pool3d(y, 2)
     return value

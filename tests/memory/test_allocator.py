@@ -71,8 +71,17 @@ def test_replay_of_an_event_log_matches_the_tracker_convention():
 
 
 def test_plan_reports_reserved_memory_at_least_the_allocated_peak():
-    cfg = compose([], ["model.channels=[16,32]", "model.attention_levels=[false,true]", "model.num_head_channels=16",
-                       "model.norm_num_groups=8", "data.shape=[8,16,16]", "training.batch_size=1"])
+    cfg = compose(
+        [],
+        [
+            "model.channels=[16,32]",
+            "model.attention_levels=[false,true]",
+            "model.num_head_channels=16",
+            "model.norm_num_groups=8",
+            "data.shape=[8,16,16]",
+            "training.batch_size=1",
+        ],
+    )
     result = plan(cfg)
     assert result.reserved_bytes >= result.peak_bytes
     assert result.reserved_bytes_first_step <= result.reserved_bytes

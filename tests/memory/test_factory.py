@@ -11,7 +11,7 @@ from voxgen.errors import ConfigError
 from voxgen.memory.factory import parse_input_shape, plan_factory
 from voxgen.models.registry import MODELS
 
-MODULE = '''
+MODULE = """
 import torch
 from torch import nn
 
@@ -29,7 +29,7 @@ class Timed(nn.Module):
 
 def not_a_module():
     return 3
-'''
+"""
 
 
 @pytest.fixture()
@@ -51,23 +51,37 @@ def test_factory_of_f_x_and_f_x_t(factories):
 
 
 def test_factory_cli_json(factories, capsys):
-    code = main(["plan", "--json", "--factory", f"{factories}:plain", "--input-shape", "2,8,8,8", "--output-channels", "1",
-                 "training.batch_size=1"])
+    code = main(
+        [
+            "plan",
+            "--json",
+            "--factory",
+            f"{factories}:plain",
+            "--input-shape",
+            "2,8,8,8",
+            "--output-channels",
+            "1",
+            "training.batch_size=1",
+        ]
+    )
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["peak_bytes"] > 0 and result["model"] == "my_nets:plain"
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--factory", "my_nets:plain", "--input-shape", "2,8,8,8"], ["output (1, 1, 8, 8, 8)", "expected (1, 2, 8, 8, 8)"]),
-    (["--factory", "my_nets:plain", "--input-shape", "3,8,8,8", "--output-channels", "1"], ["forward", "failed"]),
-    (["--factory", "my_nets:nothing", "--input-shape", "2,8,8,8"], ["no attribute 'nothing'"]),
-    (["--factory", "no_such_module:f", "--input-shape", "2,8,8,8"], ["cannot import no_such_module"]),
-    (["--factory", "my_nets:not_a_module", "--input-shape", "2,8,8,8"], ["not an nn.Module"]),
-    (["--factory", "my_nets", "--input-shape", "2,8,8,8"], ["MODULE:FUNCTION"]),
-    (["--factory", "my_nets:plain"], ["--input-shape"]),
-    (["--factory", "my_nets:plain", "--input-shape", "2,8,8"], ["C,D,H,W"]),
-    (["--factory", "my_nets:plain", "--input-shape", "1,8,8,8", "--output-channels", "2"], ["more than the 1 input"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--factory", "my_nets:plain", "--input-shape", "2,8,8,8"], ["output (1, 1, 8, 8, 8)", "expected (1, 2, 8, 8, 8)"]),
+        (["--factory", "my_nets:plain", "--input-shape", "3,8,8,8", "--output-channels", "1"], ["forward", "failed"]),
+        (["--factory", "my_nets:nothing", "--input-shape", "2,8,8,8"], ["no attribute 'nothing'"]),
+        (["--factory", "no_such_module:f", "--input-shape", "2,8,8,8"], ["cannot import no_such_module"]),
+        (["--factory", "my_nets:not_a_module", "--input-shape", "2,8,8,8"], ["not an nn.Module"]),
+        (["--factory", "my_nets", "--input-shape", "2,8,8,8"], ["MODULE:FUNCTION"]),
+        (["--factory", "my_nets:plain"], ["--input-shape"]),
+        (["--factory", "my_nets:plain", "--input-shape", "2,8,8"], ["C,D,H,W"]),
+        (["--factory", "my_nets:plain", "--input-shape", "1,8,8,8", "--output-channels", "2"], ["more than the 1 input"]),
+    ],
+)
 def test_factory_errors_are_one_line(factories, capsys, argv, words):
     code = main(["plan", *argv])
     err = capsys.readouterr().err

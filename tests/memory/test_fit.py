@@ -24,8 +24,7 @@ def _run(capsys, *argv):
 def test_split_values_keeps_bracketed_lists():
     assert split_values("2,4,8") == ["2", "4", "8"]
     assert split_values("[20,32,32],[40,64,64]") == ["[20,32,32]", "[40,64,64]"]
-    assert parse_vary(["model.depth=1,2", "data.shape=[8,8,8]"]) == [("model.depth", ["1", "2"]),
-                                                                   ("data.shape", ["[8,8,8]"])]
+    assert parse_vary(["model.depth=1,2", "data.shape=[8,8,8]"]) == [("model.depth", ["1", "2"]), ("data.shape", ["[8,8,8]"])]
     for bad in (["model.depth"], ["model.depth=1,,2"], ["a=1", "a=2"], []):
         with pytest.raises(ConfigError):
             parse_vary(bad)
@@ -42,6 +41,7 @@ def _fake_planner(bytes_per_param: int):
         calls.append(params)
         peak = params * bytes_per_param
         return SimpleNamespace(peak_bytes=peak, peak_bytes_first_step=peak - 1, peak_phase="forward", peak_module="m")
+
     return planner, calls
 
 

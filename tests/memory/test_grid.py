@@ -16,8 +16,13 @@ from voxgen.memory.tables import PLAN_COLUMNS, PROFILE_COLUMNS, Network, Row, to
 from voxgen.reports.memory_chart import save_memory_chart
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_UNET = ["model.channels=[8,16]", "model.attention_levels=[false,true]", "model.num_head_channels=8",
-             "model.norm_num_groups=4", "training.batch_size=1"]
+TINY_UNET = [
+    "model.channels=[8,16]",
+    "model.attention_levels=[false,true]",
+    "model.num_head_channels=8",
+    "model.norm_num_groups=4",
+    "training.batch_size=1",
+]
 TINY_DIT = ["model.name=dit", "model.hidden_size=24", "model.depth=2", "mode=seg", "training.batch_size=1"]
 
 
@@ -41,7 +46,9 @@ def test_format_and_template():
 
 
 def test_load_grid_base_entries_and_product(tmp_path):
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 base: [training.batch_size=1]
 configs:
   - name: a
@@ -54,7 +61,8 @@ product:
   vary:
     data.shape: [[8, 8, 8], [12, 8, 8]]
     model.patch_size: [2, 8]
-""")
+""",
+    )
     grid, items = load_grid(path)
     names = [e.name for e, _ in items]
     assert names == ["a", "p2-8x8x8", "p8-8x8x8", "p2-12x8x8", "p8-12x8x8"]
@@ -68,17 +76,23 @@ product:
     assert resolved[1].network.tokens == 64 and resolved[2].network.tokens == 1 and resolved[0].network.voxels == 512
 
 
-@pytest.mark.parametrize("text, named", [
-    ("configs:\n  - name: bad one\n    overrides: ['modle.channels=[8,16]']\n", ["bad one", "modle"]),
-    ("configs:\n  - name: odd\n    overrides: ['data.shape=[20,16,16]', 'model.channels=[8,16,16,16]', "
-     "'model.attention_levels=[false,false,false,false]', model.norm_num_groups=4]\n", ["odd", "data.shape D=20"]),
-    ("configs:\n  - name: x\n    overrides: [notanoverride]\n", ["x", "notanoverride"]),
-    ("configs:\n  - overrides: [a=1]\n", ["entry 1", "name"]),
-    ("configs:\n  - {name: a}\n  - {name: a}\n", ["'a'", "twice"]),
-    ("configs:\n  - {name: a, config: missing.yaml}\n", ["'a'", "missing.yaml"]),
-    ("product:\n  vary: {model.patch_size: 3}\n", ["product 1", "model.patch_size"]),
-    ("colors: red\n", ["colors"]),
-])
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("configs:\n  - name: bad one\n    overrides: ['modle.channels=[8,16]']\n", ["bad one", "modle"]),
+        (
+            "configs:\n  - name: odd\n    overrides: ['data.shape=[20,16,16]', 'model.channels=[8,16,16,16]', "
+            "'model.attention_levels=[false,false,false,false]', model.norm_num_groups=4]\n",
+            ["odd", "data.shape D=20"],
+        ),
+        ("configs:\n  - name: x\n    overrides: [notanoverride]\n", ["x", "notanoverride"]),
+        ("configs:\n  - overrides: [a=1]\n", ["entry 1", "name"]),
+        ("configs:\n  - {name: a}\n  - {name: a}\n", ["'a'", "twice"]),
+        ("configs:\n  - {name: a, config: missing.yaml}\n", ["'a'", "missing.yaml"]),
+        ("product:\n  vary: {model.patch_size: 3}\n", ["product 1", "model.patch_size"]),
+        ("colors: red\n", ["colors"]),
+    ],
+)
 def test_bad_grid_is_one_error_line_naming_entry_and_key(tmp_path, capsys, text, named):
     path = _write(tmp_path, text)
     code, out, err = _run(capsys, "plan", "--grid", str(path), "--out", str(tmp_path / "out"))
@@ -90,7 +104,9 @@ def test_bad_grid_is_one_error_line_naming_entry_and_key(tmp_path, capsys, text,
 
 
 def test_plan_grid_writes_tables_and_chart_equal_to_single_plans(tmp_path, capsys):
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 title: tiny
 base:
   model.channels: [8, 16]
@@ -101,7 +117,8 @@ base:
 configs:
   - {name: small, overrides: ["data.shape=[8,8,8]"]}
   - {name: large, overrides: ["data.shape=[16,16,16]"], series: s}
-""")
+""",
+    )
     out = tmp_path / "out"
     code, stdout, _ = _run(capsys, "plan", "--grid", str(path), "--out", str(out), "--gpu-memory", "1GB")
     assert code == 0 and stdout.startswith("planned 2 configurations")
@@ -121,11 +138,28 @@ configs:
 
 def test_tables_format_planned_and_measured_rows():
     net = Network("dit", (8, 16, 16), 1, 1, 32_600_000, patch=2)
-    planned = Row("a", net, planned_first=GiB, planned_steady=2 * GiB, fits=True, gpu_memory_bytes=80 * GiB,
-                  peak_phase="backward", peak_module="MulBackward0")
-    measured = Row("a", net, planned_first=GiB, planned_steady=2 * GiB, measured_first=GiB // 2 * 1,
-                   measured_steady=2 * GiB, reserved_first=GiB, reserved_steady=3 * GiB, status="OK",
-                   environment={"gpu": "H100", "torch": "2.x", "cudnn": "9"})
+    planned = Row(
+        "a",
+        net,
+        planned_first=GiB,
+        planned_steady=2 * GiB,
+        fits=True,
+        gpu_memory_bytes=80 * GiB,
+        peak_phase="backward",
+        peak_module="MulBackward0",
+    )
+    measured = Row(
+        "a",
+        net,
+        planned_first=GiB,
+        planned_steady=2 * GiB,
+        measured_first=GiB // 2 * 1,
+        measured_steady=2 * GiB,
+        reserved_first=GiB,
+        reserved_steady=3 * GiB,
+        status="OK",
+        environment={"gpu": "H100", "torch": "2.x", "cudnn": "9"},
+    )
     rec = measured.record()
     assert rec["first_step_gib"] == "0.50" and rec["error_first_pct"] == "+100.0" and rec["error_steady_pct"] == "+0.0"
     assert planned.record()["first_step_gib"] == "1.00" and planned.record()["tokens"] == "256"
@@ -137,8 +171,16 @@ def test_tables_format_planned_and_measured_rows():
 
 
 def test_chart_of_two_families(tmp_path):
-    rows = [Row(f"d{i}", Network("dit", (8 * i, 16, 16), 1, 1, 10**7, patch=2), series="S p2",
-                planned_first=i * GiB, planned_steady=i * GiB + GiB // 4) for i in (1, 2, 4)]
+    rows = [
+        Row(
+            f"d{i}",
+            Network("dit", (8 * i, 16, 16), 1, 1, 10**7, patch=2),
+            series="S p2",
+            planned_first=i * GiB,
+            planned_steady=i * GiB + GiB // 4,
+        )
+        for i in (1, 2, 4)
+    ]
     rows += [Row("u", Network("unet", (16, 16, 16), 8, 4, 10**8), measured_first=None, status="OOM (first step)")]
     path = save_memory_chart(tmp_path / "c.png", rows, 80 * GiB, "t")
     assert path.read_bytes()[:4] == b"\x89PNG"

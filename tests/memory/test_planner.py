@@ -13,8 +13,14 @@ from voxgen.memory.cuda_emulation import CudaSemantics, cuda_autocast
 from voxgen.memory.planner import GiB, conv_workspace_bytes, parse_memory, plan
 from voxgen.memory.tracker import AllocationTracker, block_bytes
 
-TINY = ["model.channels=[16,32]", "model.attention_levels=[false,true]", "model.num_head_channels=16",
-        "model.norm_num_groups=8", "data.shape=[8,16,16]", "training.batch_size=1"]
+TINY = [
+    "model.channels=[16,32]",
+    "model.attention_levels=[false,true]",
+    "model.num_head_channels=16",
+    "model.norm_num_groups=8",
+    "data.shape=[8,16,16]",
+    "training.batch_size=1",
+]
 
 
 def test_tracker_counts_live_blocks_rounded_to_512_bytes():
@@ -97,8 +103,10 @@ DIT = ["model.name=dit", "model.variant=S", "model.patch_size=2", "data.shape=[1
 def test_grad_checkpointing_lowers_activations(model, precision):
     # In bf16 the recompute must run under the GPU emulation again (autocast), or the traced
     # convs/linears meet bf16 inputs and fp32 weights and the plan fails.
-    plans = [plan(compose([], model + [f"training.precision={precision}", f"training.grad_checkpointing={on}"]))
-             for on in ("false", "true")]
+    plans = [
+        plan(compose([], model + [f"training.precision={precision}", f"training.grad_checkpointing={on}"]))
+        for on in ("false", "true")
+    ]
     assert plans[1].breakdown_first_step["activations"] < 0.7 * plans[0].breakdown_first_step["activations"]
     assert plans[1].peak_bytes_first_step < plans[0].peak_bytes_first_step
 
@@ -123,10 +131,22 @@ def test_fits_follows_the_gpu_memory():
 
 
 def test_a_3_5b_parameter_unet_plans_without_allocating_it():
-    cfg = compose([], ["model.channels=[256,512,1024,2048]", "model.attention_levels=[false,false,true,true]",
-                       "model.num_res_blocks=3", "model.num_head_channels=64", "model.norm_num_groups=32",
-                       "model.in_channels=8", "model.out_channels=4", "model.attention=naive", "data.shape=[40,64,64]",
-                       "training.batch_size=1", "training.precision=bf16-mixed"])
+    cfg = compose(
+        [],
+        [
+            "model.channels=[256,512,1024,2048]",
+            "model.attention_levels=[false,false,true,true]",
+            "model.num_res_blocks=3",
+            "model.num_head_channels=64",
+            "model.norm_num_groups=32",
+            "model.in_channels=8",
+            "model.out_channels=4",
+            "model.attention=naive",
+            "data.shape=[40,64,64]",
+            "training.batch_size=1",
+            "training.precision=bf16-mixed",
+        ],
+    )
     p = plan(cfg)
     assert abs(p.params / 1e6 - 3477.6) < 0.1  # unet3d_latent_a100.csv, 4L_large_d
     assert p.peak_bytes_first_step > 5 * 4 * p.params  # params, grads, two AdamW states, one temporary
@@ -137,8 +157,17 @@ def test_qk_norm_keeps_about_14_bytes_per_token_channel_and_block():
     """Under bf16 on a GPU QK-norm keeps fp32 q and k for the norms (8 B), the normalised bf16 q and k
     for the kernel (4 B), a copy of the attention output for the projection (2 B: the kernel's
     output is head-major once q is dense), and the norms' statistics (16 B per head)."""
-    base = ["mode=seg", "model.name=dit", "model.variant=S", "model.patch_size=2", "data.shape=[16,32,32]",
-            "model.in_channels=1", "model.out_channels=1", "training.batch_size=1", "training.precision=bf16-mixed"]
+    base = [
+        "mode=seg",
+        "model.name=dit",
+        "model.variant=S",
+        "model.patch_size=2",
+        "data.shape=[16,32,32]",
+        "model.in_channels=1",
+        "model.out_channels=1",
+        "training.batch_size=1",
+        "training.precision=bf16-mixed",
+    ]
     on, off = (plan(compose([], [*base, f"model.qk_norm={flag}"])) for flag in ("true", "false"))
     tokens, width, blocks, head_dim = 8 * 16 * 16, 384, 12, 64
     extra = on.breakdown_first_step["activations"] - off.breakdown_first_step["activations"]

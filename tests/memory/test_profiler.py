@@ -11,8 +11,14 @@ from voxgen.cli import main
 from voxgen.config import compose
 from voxgen.memory.profiler import OK, measure, profile
 
-TINY = ["model.channels=[8,16]", "model.attention_levels=[false,true]", "model.num_head_channels=8",
-        "model.norm_num_groups=4", "data.shape=[8,8,8]", "training.batch_size=1"]
+TINY = [
+    "model.channels=[8,16]",
+    "model.attention_levels=[false,true]",
+    "model.num_head_channels=8",
+    "model.norm_num_groups=4",
+    "data.shape=[8,8,8]",
+    "training.batch_size=1",
+]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 
 
@@ -42,9 +48,14 @@ def _oom():
 def test_measure_resets_the_peak_before_each_measured_stage():
     memory = FakeMemory()
     sizes = iter([(100, 200), (150, 300)])
-    status, peaks = measure([("build", lambda: None, False),
-                             ("first step", lambda: setattr(memory, "peak", next(sizes)), True),
-                             ("steady step", lambda: setattr(memory, "peak", next(sizes)), True)], memory)
+    status, peaks = measure(
+        [
+            ("build", lambda: None, False),
+            ("first step", lambda: setattr(memory, "peak", next(sizes)), True),
+            ("steady step", lambda: setattr(memory, "peak", next(sizes)), True),
+        ],
+        memory,
+    )
     assert status == OK and peaks == {"first step": (100, 200), "steady step": (150, 300)}
     assert memory.events == ["reset", "read", "reset", "read"]
 
@@ -60,11 +71,12 @@ def test_out_of_memory_is_caught_and_named_by_stage(stage, kept):
                 _oom()
             ran.append(name)
             memory.peak = (1, 2)
+
         return fn
 
     names = ["build", "first step", "steady step"]
     status, peaks = measure([(n, stage_fn(n), n != "build") for n in names], memory)
-    assert status == f"OOM ({stage})" and list(peaks) == kept and ran == names[:names.index(stage)]
+    assert status == f"OOM ({stage})" and list(peaks) == kept and ran == names[: names.index(stage)]
 
 
 def test_other_errors_are_not_taken_for_out_of_memory():

@@ -16,8 +16,13 @@ import pytest
 REPO = Path(__file__).parents[2]
 # The seeds' measured tables, in shared/ beside the repository.
 REFERENCE = REPO.parent / "shared" / "reference"
-DIT_ROWS = [("L", "pixel", "80,64,64", "2"), ("XL", "pixel", "40,64,64", "2"), ("S", "pixel", "160,256,256", "4"),
-            ("B", "pixel", "160,256,256", "8"), ("XL", "latent", "20,16,16", "4")]
+DIT_ROWS = [
+    ("L", "pixel", "80,64,64", "2"),
+    ("XL", "pixel", "40,64,64", "2"),
+    ("S", "pixel", "160,256,256", "4"),
+    ("B", "pixel", "160,256,256", "8"),
+    ("XL", "latent", "20,16,16", "4"),
+]
 
 
 def _benchmark():
@@ -38,15 +43,19 @@ def _rows(reader, name):
 def test_dit_rows_within_5_percent(variant, space, shape, patch):
     bench = _benchmark()
     key = (variant, space, *shape.split(","), patch)
-    name, row, overrides = next(r for r in _rows(bench.dit_rows, "dit3d_a100.csv")
-                                if (r[1]["variant"], r[1]["space"], r[1]["D"], r[1]["H"], r[1]["W"], r[1]["patch"]) == key)
+    name, row, overrides = next(
+        r
+        for r in _rows(bench.dit_rows, "dit3d_a100.csv")
+        if (r[1]["variant"], r[1]["space"], r[1]["D"], r[1]["H"], r[1]["W"], r[1]["patch"]) == key
+    )
     result = bench.evaluate(name, row, overrides)
     assert abs(result["error"]) <= 0.05, result
 
 
 def test_unet_4l_small_within_5_percent():
     bench = _benchmark()
-    name, row, overrides = next(r for r in _rows(bench.unet_rows, "unet3d_latent_a100.csv")
-                                if (r[1]["config"], r[1]["latent"]) == ("4L_small", "4x"))
+    name, row, overrides = next(
+        r for r in _rows(bench.unet_rows, "unet3d_latent_a100.csv") if (r[1]["config"], r[1]["latent"]) == ("4L_small", "4x")
+    )
     result = bench.evaluate(name, row, overrides)
     assert abs(result["error"]) <= 0.05, result

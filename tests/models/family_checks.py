@@ -12,11 +12,10 @@ import torch
 
 from voxgen.config import compose
 from voxgen.diffusion.generate import generate
+from voxgen.diffusion.parts import build_parts
 from voxgen.diffusion.samplers import parse_solver
 from voxgen.models.registry import build_model
-from voxgen.diffusion.parts import build_parts
 from voxgen.training.step import make_optimizer, train_step
-
 
 # The seeds' measured tables, in shared/ beside the repository.
 REFERENCE = Path(__file__).parents[3] / "shared" / "reference"

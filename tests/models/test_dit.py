@@ -6,10 +6,9 @@ import torch
 
 from voxgen.errors import ConfigError
 from voxgen.models.registry import MODELS, build_on_meta, count_parameters
-
-from .family_checks import REFERENCE, cached_cfg, tiny_model
 from voxgen.models.transformer import sincos_embedding_3d
 
+from .family_checks import REFERENCE, cached_cfg, tiny_model
 
 # Variant S's heads (6) with a narrow, shallow stack: the real S takes minutes per check on 2 CPU cores.
 TINY = ["model.name=dit", "model.variant=S", "model.patch_size=2", "model.hidden_size=96", "model.depth=2"]
@@ -44,8 +43,10 @@ def test_parameter_counts_match_the_seed_table():
         got = count_parameters(model) / 1e6
         errors.append((abs(got - float(row["params_m"])) / float(row["params_m"]), row, got))
     worst, row, got = max(errors, key=lambda e: e[0])
-    print(f"worst DiT row: {row['variant']} {row['space']} {row['D']}x{row['H']}x{row['W']} p={row['patch']}: "
-          f"{got:.2f}M vs {row['params_m']}M ({100 * worst:.3f}%)")
+    print(
+        f"worst DiT row: {row['variant']} {row['space']} {row['D']}x{row['H']}x{row['W']} p={row['patch']}: "
+        f"{got:.2f}M vs {row['params_m']}M ({100 * worst:.3f}%)"
+    )
     assert worst < 0.005
 
 

@@ -9,7 +9,6 @@ from voxgen.models.hdit import fill_sincos_3d, group_2x2x2, ungroup_2x2x2
 from voxgen.models.registry import MODELS, build_model, build_on_meta, count_parameters
 from voxgen.models.transformer import sincos_embedding_3d
 
-
 # Variant S's 6 heads at width 96 (16 per head): at the full S width (384, 11M parameters) the
 # training check dominates and the file took over a minute when other test runs shared the two
 # cores. The S width itself is covered by the forward test and the parameter parity test.
@@ -42,8 +41,12 @@ def test_parameter_counts_match_the_profiled_models():
     for row in _reference_rows():
         depths = ",".join(row["level_depths"].split())
         shape = (int(row["D"]), int(row["H"]), int(row["W"]))
-        cfg = _cfg(f"model.variant={row['variant']}", f"model.patch_size={row['patch']}", f"model.level_depths=[{depths}]",
-                   f"data.shape={list(shape)}")
+        cfg = _cfg(
+            f"model.variant={row['variant']}",
+            f"model.patch_size={row['patch']}",
+            f"model.level_depths=[{depths}]",
+            f"data.shape={list(shape)}",
+        )
         model = build_on_meta(cfg, int(row["in_channels"]), int(row["out_channels"]), shape)
         assert next(model.parameters()).is_meta
         ours = count_parameters(model) / 1e6
@@ -112,8 +115,6 @@ def test_skip_connections_carry_fine_detail():
 def test_bad_configs_are_clear_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_model(_cfg(*overrides), 2, 1, (16, 20, 16), False)
-
-
 
 
 def test_blocks_use_qk_norm_by_default_as_dit():

@@ -13,6 +13,7 @@ from voxgen.models.registry import build_on_meta, count_parameters
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 from .family_checks import REFERENCE  # noqa: E402
+
 PRESETS = sorted(CONFIGS.glob("*.yaml"))
 
 # Counts the seed documents print for presets that are not rows of a reference table:

@@ -32,8 +32,16 @@ def test_meta_build_counts_without_memory():
 
 def test_shape_not_divisible_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"data.shape D=20 is not divisible by 2\^3 for a 4-level UNet"):
-        compose([], ["model.channels=[8,16,16,16]", "model.attention_levels=[false,false,false,false]",
-                     "model.norm_num_groups=4", "model.num_head_channels=8", "data.shape=[20,16,16]"])
+        compose(
+            [],
+            [
+                "model.channels=[8,16,16,16]",
+                "model.attention_levels=[false,false,false,false]",
+                "model.norm_num_groups=4",
+                "model.num_head_channels=8",
+                "data.shape=[20,16,16]",
+            ],
+        )
 
 
 # The seeds' space-to-depth profiles (bravo: 16 channels in, 8 out; 16 head channels, 16 groups)
@@ -49,8 +57,17 @@ S2D_ROWS = [
 
 @pytest.mark.parametrize("channels, attention, blocks, millions", S2D_ROWS)
 def test_residual_blocks_per_level_match_the_seed_counts(channels, attention, blocks, millions):
-    cfg = compose([], [f"model.channels={channels}", f"model.attention_levels={attention}", f"model.num_res_blocks={blocks}",
-                       "model.num_head_channels=16", "model.norm_num_groups=16", "data.shape=[80,64,64]"])
+    cfg = compose(
+        [],
+        [
+            f"model.channels={channels}",
+            f"model.attention_levels={attention}",
+            f"model.num_res_blocks={blocks}",
+            "model.num_head_channels=16",
+            "model.norm_num_groups=16",
+            "data.shape=[80,64,64]",
+        ],
+    )
     model = build_on_meta(cfg.model, 16, 8, (80, 64, 64))
     assert round(count_parameters(model) / 1e6) == millions
 

@@ -9,7 +9,6 @@ from voxgen.models.registry import MODELS, build_model, build_on_meta, count_par
 
 from .family_checks import REFERENCE, cached_cfg, tiny_model
 
-
 # Variant S's 8 heads with a narrow, shallow stack (2 in, 1 mid, 2 out blocks, so the long
 # skips are exercised): the real S (512 wide, 13 deep) makes each check take much longer on CPU.
 TINY = ["model.name=uvit", "model.variant=S", "model.patch_size=2", "model.hidden_size=64", "model.depth=5"]

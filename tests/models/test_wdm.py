@@ -2,14 +2,13 @@ import pytest
 import torch
 
 from voxgen.config import compose
+from voxgen.diffusion.parts import build_parts
 from voxgen.errors import ConfigError
 from voxgen.models.registry import MODELS, build_model, build_on_meta, count_parameters
 from voxgen.models.wdm import haar_dwt3d, haar_idwt3d
-from voxgen.diffusion.parts import build_parts
 from voxgen.training.step import make_optimizer, train_step
 
 from .family_checks import synthetic_batch, tiny_cfg
-
 
 # 3 levels: the (8, 8, 8) test volume -> sub-bands at 4^3 -> UNet levels at 4^3, 2^3, 1^3.
 # Narrower UNets (8 or 16 channels for 8-16 sub-bands) learn too slowly for the 20-step check.
@@ -35,8 +34,17 @@ SEED_COUNTS = [
 
 
 def _wdm_cfg(channels, attention, shape=(160, 128, 128)):
-    return compose([], ["model.name=wdm", f"model.channels={channels}", f"model.attention_levels={attention}",
-                        "model.num_res_blocks=2", "model.num_head_channels=32", f"data.shape={list(shape)}"])
+    return compose(
+        [],
+        [
+            "model.name=wdm",
+            f"model.channels={channels}",
+            f"model.attention_levels={attention}",
+            "model.num_res_blocks=2",
+            "model.num_head_channels=32",
+            f"data.shape={list(shape)}",
+        ],
+    )
 
 
 def test_registry_lists_wdm():

@@ -18,14 +18,22 @@ MiB = 2**20
 
 def _tensors(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"model/a": torch.randn(100, generator=g), "model/b": torch.randn(50, 4, generator=g), "rng/x": torch.arange(7, dtype=torch.uint8)}
+    return {
+        "model/a": torch.randn(100, generator=g),
+        "model/b": torch.randn(50, 4, generator=g),
+        "rng/x": torch.arange(7, dtype=torch.uint8),
+    }
 
 
 def _multi_shard(seed=0):
     """About 3 MiB in tensors: with a 1 MiB cap, 4 shards, the first three holding pieces of model/w."""
     g = torch.Generator().manual_seed(seed)
-    return {"model/w": torch.randn(700_000, generator=g), "model/v": torch.randn(200_000, generator=g).to(torch.bfloat16),
-            "optimizer/p0/step": torch.tensor(7.0), "rng/x": torch.randint(0, 255, (5000,), dtype=torch.uint8, generator=g)}
+    return {
+        "model/w": torch.randn(700_000, generator=g),
+        "model/v": torch.randn(200_000, generator=g).to(torch.bfloat16),
+        "optimizer/p0/step": torch.tensor(7.0),
+        "rng/x": torch.randint(0, 255, (5000,), dtype=torch.uint8, generator=g),
+    }
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -61,7 +69,7 @@ def test_large_state_with_an_oversized_tensor_respects_the_cap(tmp_path):
         **{f"model/w{i}": torch.randn(4 * MiB, generator=g) for i in range(4)},
         "ema/half": torch.randn(2 * MiB, generator=g).to(torch.bfloat16),
         "optimizer/p0/step": torch.tensor(12.0),
-        "optimizer/ids": torch.randint(-2**40, 2**40, (1000,), dtype=torch.int64, generator=g),
+        "optimizer/ids": torch.randint(-(2**40), 2**40, (1000,), dtype=torch.int64, generator=g),
         "rng/mask": torch.rand(333, generator=g) > 0.5,
         "rng/empty": torch.empty(0, 3),
     }
@@ -128,10 +136,12 @@ def _failing_write(monkeypatch, code: int, fail_on):
 
 @pytest.mark.parametrize(
     "code, fail_on, words",
-    [(errno.ENOSPC, 2, "No space left on device while writing tensors-00002-of-00004"),
-     (errno.EIO, 1, "Input/output error while writing tensors-00001-of-00004"),
-     (errno.EIO, "state.json", "Input/output error while writing state.json"),
-     (errno.ENOSPC, ".latest.tmp", "No space left on device while writing the latest pointer")],
+    [
+        (errno.ENOSPC, 2, "No space left on device while writing tensors-00002-of-00004"),
+        (errno.EIO, 1, "Input/output error while writing tensors-00001-of-00004"),
+        (errno.EIO, "state.json", "Input/output error while writing state.json"),
+        (errno.ENOSPC, ".latest.tmp", "No space left on device while writing the latest pointer"),
+    ],
 )
 def test_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch, code, fail_on, words):
     store.save_checkpoint(tmp_path, 1, _multi_shard(1), {"step": 1}, max_shard_bytes=MiB)
@@ -215,10 +225,12 @@ def _change_step_digit(path: Path) -> None:
 
 @pytest.mark.parametrize(
     "damage, target, reason",
-    [(_truncate, "tensors-00002-of-00004.safetensors", "bytes, index.json says"),
-     (_flip_middle_byte, "tensors-00003-of-00004.safetensors", "fails its crc32 check"),
-     (_change_step_digit, "state.json", "state.json fails its crc32 check"),
-     (lambda p: p.unlink(), "tensors-00004-of-00004.safetensors", "FileNotFoundError")],
+    [
+        (_truncate, "tensors-00002-of-00004.safetensors", "bytes, index.json says"),
+        (_flip_middle_byte, "tensors-00003-of-00004.safetensors", "fails its crc32 check"),
+        (_change_step_digit, "state.json", "state.json fails its crc32 check"),
+        (lambda p: p.unlink(), "tensors-00004-of-00004.safetensors", "FileNotFoundError"),
+    ],
 )
 def test_damaged_newest_falls_back_to_previous(tmp_path, damage, target, reason):
     store.save_checkpoint(tmp_path, 1, _multi_shard(1), {"step": 1}, max_shard_bytes=MiB)
@@ -319,8 +331,11 @@ def test_reads_format_1_checkpoints(tmp_path):
     tensors = _tensors(10)
     save_file({k: tensors[k] for k in ["model/a", "rng/x"]}, str(folder / "tensors-00001-of-00002.safetensors"))
     save_file({"model/b": tensors["model/b"]}, str(folder / "tensors-00002-of-00002.safetensors"))
-    weight_map = {"model/a": "tensors-00001-of-00002.safetensors", "rng/x": "tensors-00001-of-00002.safetensors",
-                  "model/b": "tensors-00002-of-00002.safetensors"}
+    weight_map = {
+        "model/a": "tensors-00001-of-00002.safetensors",
+        "rng/x": "tensors-00001-of-00002.safetensors",
+        "model/b": "tensors-00002-of-00002.safetensors",
+    }
     (folder / "index.json").write_text(json.dumps({"weight_map": weight_map, "total_bytes": 1207}))
     (folder / "state.json").write_text(json.dumps({"step": 10}))
     (_root(tmp_path) / "latest").write_text("step_00000010\n")

@@ -30,11 +30,17 @@ def _training_state(seed: int) -> dict[str, torch.Tensor]:
         return torch.randn(*shape, generator=g)
 
     return {
-        "model/a": randn(100_000), "model/b": randn(250, 400),
-        "ema/a": randn(100_000), "ema/big": randn(400, 1000), "ema/b": randn(250, 400).to(torch.bfloat16),
-        "optimizer/p0/exp_avg": randn(100_000), "optimizer/p0/exp_avg_sq": randn(100_000),
-        "optimizer/p1/exp_avg": randn(250, 400), "optimizer/p1/exp_avg_sq": randn(250, 400),
-        "optimizer/p0/step": torch.tensor(7.0), "rng/generator": torch.randint(0, 255, (5056,), dtype=torch.uint8, generator=g),
+        "model/a": randn(100_000),
+        "model/b": randn(250, 400),
+        "ema/a": randn(100_000),
+        "ema/big": randn(400, 1000),
+        "ema/b": randn(250, 400).to(torch.bfloat16),
+        "optimizer/p0/exp_avg": randn(100_000),
+        "optimizer/p0/exp_avg_sq": randn(100_000),
+        "optimizer/p1/exp_avg": randn(250, 400),
+        "optimizer/p1/exp_avg_sq": randn(250, 400),
+        "optimizer/p0/step": torch.tensor(7.0),
+        "rng/generator": torch.randint(0, 255, (5056,), dtype=torch.uint8, generator=g),
     }
 
 
@@ -120,16 +126,26 @@ def test_a_flipped_byte_in_any_ema_shard_is_caught_and_the_previous_checkpoint_l
 
 
 def test_load_run_reads_only_the_chosen_weights_and_falls_back_per_prefix(tmp_path, capsys):
-    cfg = compose([], ["data.shape=[16,16,16]", "model.channels=[16,32]", "model.attention_levels=[false,true]",
-                       "model.num_head_channels=8", "model.norm_num_groups=4", f"data.root={tmp_path}",
-                       f"run.dir={tmp_path}"])
+    cfg = compose(
+        [],
+        [
+            "data.shape=[16,16,16]",
+            "model.channels=[16,32]",
+            "model.attention_levels=[false,true]",
+            "model.num_head_channels=8",
+            "model.norm_num_groups=4",
+            f"data.root={tmp_path}",
+            f"run.dir={tmp_path}",
+        ],
+    )
     (tmp_path / "config.yaml").write_text(to_yaml(cfg))
     shapes = build_parts(cfg, torch.device("cpu")).model.state_dict()
 
     def like(seed: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
-        return {k: torch.randn(v.shape, generator=g).to(v.dtype) if v.is_floating_point() else v.clone()
-                for k, v in shapes.items()}
+        return {
+            k: torch.randn(v.shape, generator=g).to(v.dtype) if v.is_floating_point() else v.clone() for k, v in shapes.items()
+        }
 
     def checkpoint(seed: int) -> dict[str, torch.Tensor]:
         parts = {"model/": like(seed), "ema/": like(seed + 1), "optimizer/m/": like(seed + 2), "optimizer/v/": like(seed + 3)}

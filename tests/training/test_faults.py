@@ -30,8 +30,8 @@ from voxgen.config import compose
 from voxgen.errors import TrainingCollapsed
 from voxgen.training import checkpoint as store
 from voxgen.training.checkpoint import write as store_write
-from voxgen.training.state import lr_at
 from voxgen.training.signals import EXIT_PREEMPTED
+from voxgen.training.state import lr_at
 from voxgen.training.trainer import Trainer, train
 
 pytestmark = pytest.mark.slow
@@ -39,8 +39,14 @@ pytestmark = pytest.mark.slow
 # 8^3 volumes: steps are cheap next to checkpoint writes, so kills often land inside one.
 SMALL = [*TINY, "data.shape=[8,8,8]", "training.device=cpu"]
 # Checkpoint every step; validation and a sample mosaic often enough to be hit by signals.
-CHAIN = [*SMALL, "training.steps=60", "training.checkpoint_every=1", "training.val_every=5",
-         "training.mosaic_every=10", "training.log_every=1"]
+CHAIN = [
+    *SMALL,
+    "training.steps=60",
+    "training.checkpoint_every=1",
+    "training.val_every=5",
+    "training.mosaic_every=10",
+    "training.log_every=1",
+]
 KILLS = 22
 
 SERVER = r"""
@@ -81,8 +87,9 @@ class Processes:
         script.write_text(SERVER)
         # One thread per process: the same arithmetic in every process, and no oversubscription.
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.server = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       text=True, env=env)
+        self.server = subprocess.Popen(
+            [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
 
     def _reply(self, timeout: float) -> dict:
         ready, _, _ = select.select([self.server.stdout], [], [], timeout)
@@ -123,7 +130,6 @@ def reference(processes, phantom_root, tmp_path_factory):
     return run_dir
 
 
-
 def _quiet():
     return Console(file=open(os.devnull, "w"))
 
@@ -162,7 +168,8 @@ def _text(log: Path) -> str:
 
 
 def test_sigkill_at_random_moments_loses_at_most_the_steps_since_the_last_checkpoint(
-        processes, reference, phantom_root, tmp_path):
+    processes, reference, phantom_root, tmp_path
+):
     rng = random.Random(20240611)
     run_dir = tmp_path / "run"
     argv = ["train", *CHAIN, f"data.root={phantom_root}", f"run.dir={run_dir}"]
@@ -274,12 +281,17 @@ def _signal_during(monkeypatch, target: str, attribute: str, at_step, trainer_re
     monkeypatch.setattr(module, attribute, wrapped)
 
 
-@pytest.mark.parametrize("signum, target, attribute, at, phase", [
-    (signal.SIGUSR1, "voxgen.training.trainer", "validation_loss", 10, "validation at step 10"),
-    (signal.SIGTERM, "voxgen.diffusion.generate", "generate", 5, "sampling at step 5"),
-], ids=["sigusr1-in-validation", "sigterm-in-sampling"])
+@pytest.mark.parametrize(
+    "signum, target, attribute, at, phase",
+    [
+        (signal.SIGUSR1, "voxgen.training.trainer", "validation_loss", 10, "validation at step 10"),
+        (signal.SIGTERM, "voxgen.diffusion.generate", "generate", 5, "sampling at step 5"),
+    ],
+    ids=["sigusr1-in-validation", "sigterm-in-sampling"],
+)
 def test_a_signal_during_validation_or_sampling_stops_right_after_it(
-        phantom_root, tmp_path, monkeypatch, signum, target, attribute, at, phase):
+    phantom_root, tmp_path, monkeypatch, signum, target, attribute, at, phase
+):
     extra = [*SMALL, "training.steps=14", "training.val_every=5", "training.mosaic_every=5", "training.checkpoint_every=7"]
     train(compose([], [*extra, f"data.root={phantom_root}", f"run.dir={tmp_path / 'straight'}"]), _quiet())
     cfg = compose([], [*extra, f"data.root={phantom_root}", f"run.dir={tmp_path / 'run'}"])
@@ -315,11 +327,17 @@ def test_a_signal_during_the_closing_mosaic_exits_0(phantom_root, tmp_path, monk
 
 
 @pytest.mark.parametrize("fault", ["ENOSPC", "EIO", "free space"])
-def test_a_failing_save_stops_with_one_line_and_the_previous_checkpoint_loads(
-        phantom_root, tmp_path, monkeypatch, capsys, fault):
+def test_a_failing_save_stops_with_one_line_and_the_previous_checkpoint_loads(phantom_root, tmp_path, monkeypatch, capsys, fault):
     run_dir = tmp_path / "run"
-    argv = ["train", *SMALL, "training.steps=8", "training.val_every=4", "training.checkpoint_every=2",
-            f"data.root={phantom_root}", f"run.dir={run_dir}"]
+    argv = [
+        "train",
+        *SMALL,
+        "training.steps=8",
+        "training.val_every=4",
+        "training.checkpoint_every=2",
+        f"data.root={phantom_root}",
+        f"run.dir={run_dir}",
+    ]
     # The store's two writers: safetensors for shards, its own for JSON. Each fault strikes
     # the checkpoint of step 4 half-way through a file, as a filling disk would.
     save_file, write_bytes, disk_usage = store_write.save_file, store_write._write_bytes, store_write.shutil.disk_usage
@@ -329,8 +347,9 @@ def test_a_failing_save_stops_with_one_line_and_the_previous_checkpoint_loads(
         if fault == "ENOSPC" and Path(path).parent.name == ".step_00000004.tmp":
             os.truncate(path, os.path.getsize(path) // 2)
             # How safetensors reports a failed write: its own error carrying the OS error number.
-            raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(errno.ENOSPC)} "
-                                  f"(os error {errno.ENOSPC}) at path {str(path)!r}")
+            raise SafetensorError(
+                f"Error while serializing: I/O error: {os.strerror(errno.ENOSPC)} (os error {errno.ENOSPC}) at path {str(path)!r}"
+            )
 
     def failing_write(path, data):
         if fault == "EIO" and path.parent.name == ".step_00000004.tmp" and path.name == "state.json":
@@ -364,8 +383,17 @@ def test_a_failing_save_stops_with_one_line_and_the_previous_checkpoint_loads(
 
 def test_no_checkpoint_file_exceeds_the_shard_cap(phantom_root, tmp_path):
     cap = 2**20
-    cfg = compose([], [*SMALL, "model.channels=[16,32]", "training.steps=1", f"checkpoint.max_shard_bytes={cap}",
-                       f"data.root={phantom_root}", f"run.dir={tmp_path}"])
+    cfg = compose(
+        [],
+        [
+            *SMALL,
+            "model.channels=[16,32]",
+            "training.steps=1",
+            f"checkpoint.max_shard_bytes={cap}",
+            f"data.root={phantom_root}",
+            f"run.dir={tmp_path}",
+        ],
+    )
     trainer = Trainer(cfg, _quiet())
     trainer.fit()
     folder, tensors, _ = store.load_latest(tmp_path)
@@ -399,8 +427,18 @@ def _inject(trainer, faults: dict[int, str]):
 
 
 def test_nan_losses_and_gradient_spikes_are_skipped_and_training_converges(phantom_root, tmp_path):
-    cfg = compose([], [*SMALL, "training.steps=80", "training.val_every=20", "training.checkpoint_every=40",
-                       "guards.spike_min_history=10", f"data.root={phantom_root}", f"run.dir={tmp_path}"])
+    cfg = compose(
+        [],
+        [
+            *SMALL,
+            "training.steps=80",
+            "training.val_every=20",
+            "training.checkpoint_every=40",
+            "guards.spike_min_history=10",
+            f"data.root={phantom_root}",
+            f"run.dir={tmp_path}",
+        ],
+    )
     trainer = Trainer(cfg, _quiet())
     faults = {15: "nan", 33: "spike", 41: "nan", 42: "nan", 55: "spike", 70: "nan", 71: "spike"}
     _inject(trainer, faults)
@@ -417,14 +455,21 @@ def test_nan_losses_and_gradient_spikes_are_skipped_and_training_converges(phant
     assert acc.Scalars("guards/skipped_spike")[-1].value == 3
 
 
-def test_a_run_of_skipped_steps_rolls_back_with_a_lower_learning_rate_and_resumes_exactly(
-        phantom_root, tmp_path):
-    extra = [*SMALL, "training.steps=24", "training.val_every=6", "training.checkpoint_every=5",
-             "guards.max_consecutive_skips=3", "guards.rollback_lr_factor=0.5", "training.log_every=1"]
+def test_a_run_of_skipped_steps_rolls_back_with_a_lower_learning_rate_and_resumes_exactly(phantom_root, tmp_path):
+    extra = [
+        *SMALL,
+        "training.steps=24",
+        "training.val_every=6",
+        "training.checkpoint_every=5",
+        "guards.max_consecutive_skips=3",
+        "guards.rollback_lr_factor=0.5",
+        "training.log_every=1",
+    ]
     faults = {12: "nan", 13: "nan", 14: "nan"}  # forwards 12-14: steps 12-14, then a rollback
     out = tmp_path / "console.txt"
-    trainer = Trainer(compose([], [*extra, f"data.root={phantom_root}", f"run.dir={tmp_path / 'a'}"]),
-                      Console(file=open(out, "w"), width=200))
+    trainer = Trainer(
+        compose([], [*extra, f"data.root={phantom_root}", f"run.dir={tmp_path / 'a'}"]), Console(file=open(out, "w"), width=200)
+    )
     _inject(trainer, faults)
     trainer.fit()
     assert "rolled back to step 10 after 3 skipped steps (at step 14); learning rate now 0.5x" in out.read_text()
@@ -447,12 +492,23 @@ def test_a_run_of_skipped_steps_rolls_back_with_a_lower_learning_rate_and_resume
 
 
 def test_collapse_to_the_mean_stops_the_run_and_names_the_step(phantom_root, tmp_path):
-    cfg = compose([], [*SMALL, "training.steps=40", "training.val_every=5", "training.checkpoint_every=5",
-                       "guards.collapse_patience=3", f"data.root={phantom_root}", f"run.dir={tmp_path}"])
+    cfg = compose(
+        [],
+        [
+            *SMALL,
+            "training.steps=40",
+            "training.val_every=5",
+            "training.checkpoint_every=5",
+            "guards.collapse_patience=3",
+            f"data.root={phantom_root}",
+            f"run.dir={tmp_path}",
+        ],
+    )
     trainer = Trainer(cfg, _quiet())
     # From step 10 on the model outputs zeros: the predictions of the mean, whatever the input.
     trainer.parts.model.register_forward_hook(
-        lambda module, inputs, output: output * 0.0 if trainer.position.step >= 10 else None)
+        lambda module, inputs, output: output * 0.0 if trainer.position.step >= 10 else None
+    )
     with pytest.raises(TrainingCollapsed, match=r"training collapsed at step 20:") as info:
         trainer.fit()
     assert "\n" not in str(info.value)

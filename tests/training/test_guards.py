@@ -10,9 +10,9 @@ import torch
 
 from voxgen.config import compose
 from voxgen.config.schema import GuardsConfig
+from voxgen.diffusion.parts import build_parts
 from voxgen.errors import ConfigError, TrainingCollapsed
 from voxgen.training.guards import Guards, spread
-from voxgen.diffusion.parts import build_parts
 from voxgen.training.step import compute_loss, make_optimizer, train_step
 
 SMALL = [
@@ -123,8 +123,9 @@ def test_training_with_nan_batches_still_converges():
             return sum(float(compute_loss(parts, _batch(), g)) for _ in range(8)) / 8
 
     start = held_out_loss()
-    applied = [train_step(parts, optimizer, _batch(nan=i % 4 == 3), generator, 1.0, accept=guards.accept).applied
-               for i in range(60)]
+    applied = [
+        train_step(parts, optimizer, _batch(nan=i % 4 == 3), generator, 1.0, accept=guards.accept).applied for i in range(60)
+    ]
     end = held_out_loss()
 
     assert guards.skipped_nonfinite == 15 and applied.count(True) + guards.skipped_spike == 45

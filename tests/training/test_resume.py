@@ -15,16 +15,22 @@ from test_trainer import TINY
 from voxgen.config import compose
 from voxgen.data.dataset import VolumeDataset
 from voxgen.training import checkpoint as store
-from voxgen.training.state import rng_from_checkpoint, rng_to_checkpoint
 from voxgen.training.signals import EXIT_PREEMPTED
+from voxgen.training.state import rng_from_checkpoint, rng_to_checkpoint
 from voxgen.training.trainer import train
 
 VOXGEN = str(Path(sys.executable).with_name("voxgen"))
 # Every process of a comparison computes with the same number of threads: reductions split
 # across threads may round differently.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-RUN = ["training.steps=12", "training.val_every=4", "training.checkpoint_every=4", "checkpoint.keep_last=3",
-       "training.log_every=1", "training.device=cpu"]
+RUN = [
+    "training.steps=12",
+    "training.val_every=4",
+    "training.checkpoint_every=4",
+    "checkpoint.keep_last=3",
+    "training.log_every=1",
+    "training.device=cpu",
+]
 
 
 def _voxgen_train(root, run_dir, *extra):
@@ -77,7 +83,6 @@ def test_segments_in_new_processes_equal_a_straight_run(phantom_root, tmp_path):
     assert json.loads((straight / "history.json").read_text()) == json.loads((chain / "history.json").read_text())
 
 
-
 def test_global_random_streams_continue_across_a_resume(phantom_root, tmp_path, monkeypatch):
     """An augmentation that draws from Python's, numpy's and torch's global generators sees the
     same draws whether the run was interrupted or not."""
@@ -102,7 +107,7 @@ def test_global_random_streams_continue_across_a_resume(phantom_root, tmp_path, 
     train(cfg_b, quiet)
     # The resumed process re-reads the data once (its check) before restoring the streams;
     # from then on its draws are the straight run's.
-    resumed_draws = draws[len(draws) - (len(straight_draws) - len(first_draws)):]
+    resumed_draws = draws[len(draws) - (len(straight_draws) - len(first_draws)) :]
     assert first_draws + resumed_draws == straight_draws
     _, a, state_a = store.load_latest(tmp_path / "a")
     _, b, state_b = store.load_latest(tmp_path / "b")

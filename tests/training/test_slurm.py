@@ -65,8 +65,12 @@ def fakes(tmp_path):
 
 
 def _script(tmp_path, segments=10, **job):
-    return write_script(["data.root=data", f"run.dir={tmp_path / 'run'}", "training.steps=500"], [],
-                        SlurmJob(segments=segments, **job), tmp_path / "train.sbatch")
+    return write_script(
+        ["data.root=data", f"run.dir={tmp_path / 'run'}", "training.steps=500"],
+        [],
+        SlurmJob(segments=segments, **job),
+        tmp_path / "train.sbatch",
+    )
 
 
 def _lines(path: Path) -> list[str]:
@@ -74,8 +78,7 @@ def _lines(path: Path) -> list[str]:
 
 
 def _run(script, env, codes):
-    return subprocess.run(["bash", str(script)], env={**env, "FAKE_CODES": codes}, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(["bash", str(script)], env={**env, "FAKE_CODES": codes}, capture_output=True, text=True, timeout=60)
 
 
 def test_script_asks_for_the_warning_and_resubmits_until_training_is_done(tmp_path, fakes):
@@ -120,8 +123,13 @@ def test_the_chain_stops_at_the_segment_limit(tmp_path, fakes):
 def test_sigusr1_to_the_batch_shell_reaches_training(tmp_path, fakes):
     """What SLURM does at the time limit minus the lead: USR1 to the batch shell only (B:)."""
     state, env = fakes
-    proc = subprocess.Popen(["bash", str(_script(tmp_path))], env={**env, "FAKE_CODES": "75 0", "FAKE_WAIT_USR1": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(_script(tmp_path))],
+        env={**env, "FAKE_CODES": "75 0", "FAKE_WAIT_USR1": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 30
     while not (state / "started").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -136,8 +144,14 @@ def test_sigusr1_to_the_batch_shell_reaches_training(tmp_path, fakes):
 
 
 def test_time_formats_and_bad_jobs(tmp_path):
-    assert [time_seconds(t) for t in ("90", "90:30", "2:00:00", "1-0", "1-2:30", "1-02:00:05")] == \
-           [5400, 5430, 7200, 86400, 95400, 93605]
+    assert [time_seconds(t) for t in ("90", "90:30", "2:00:00", "1-0", "1-2:30", "1-02:00:05")] == [
+        5400,
+        5430,
+        7200,
+        86400,
+        95400,
+        93605,
+    ]
     with pytest.raises(ConfigError, match="--time"):
         time_seconds("2h")
     with pytest.raises(ConfigError, match="signal-lead 300 s is not shorter"):
@@ -148,8 +162,24 @@ def test_time_formats_and_bad_jobs(tmp_path):
 
 def test_cli_writes_the_script_and_reports_errors_in_one_line(tmp_path, capsys):
     out = tmp_path / "job.sbatch"
-    assert main(["slurm", f"run.dir={tmp_path / 'run'}", "training.steps=10", "--time", "1:00:00",
-                 "--segments", "3", "--signal-lead", "120", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "slurm",
+                f"run.dir={tmp_path / 'run'}",
+                "training.steps=10",
+                "--time",
+                "1:00:00",
+                "--segments",
+                "3",
+                "--signal-lead",
+                "120",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = out.read_text()
     assert "#SBATCH --signal=B:USR1@120" in text and "MAX_SEGMENTS=3" in text
     assert f"voxgen train training.steps=10 run.dir={tmp_path / 'run'}" in text

@@ -58,7 +58,10 @@ def test_training_learns_and_beats_an_untrained_model(phantom_root, tmp_path):
     from voxgen.quickstart import quality
     from voxgen.training.runs import load_run
 
-    result = train(_cfg(phantom_root, tmp_path / "run", "training.steps=150", "training.val_every=50", "training.checkpoint_every=150"), _quiet())
+    result = train(
+        _cfg(phantom_root, tmp_path / "run", "training.steps=150", "training.val_every=50", "training.checkpoint_every=150"),
+        _quiet(),
+    )
     first, last = result.history[0]["val_loss"], result.history[-1]["val_loss"]
     assert last <= 0.5 * first, (first, last)
     cfg, parts, step = load_run(tmp_path / "run")
@@ -68,8 +71,18 @@ def test_training_learns_and_beats_an_untrained_model(phantom_root, tmp_path):
 
 def test_ctrl_c_saves_and_the_same_command_resumes(phantom_root, tmp_path):
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "voxgen.cli", "train", *TINY, f"data.root={phantom_root}", f"run.dir={run_dir}",
-            "training.steps=100000", "training.val_every=1000", "training.checkpoint_every=1000"]
+    args = [
+        sys.executable,
+        "-m",
+        "voxgen.cli",
+        "train",
+        *TINY,
+        f"data.root={phantom_root}",
+        f"run.dir={run_dir}",
+        "training.steps=100000",
+        "training.val_every=1000",
+        "training.checkpoint_every=1000",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     # Wait until the step-0 validation is written, then interrupt somewhere in training.
@@ -83,8 +96,12 @@ def test_ctrl_c_saves_and_the_same_command_resumes(phantom_root, tmp_path):
     folder, _, state = store.load_latest(run_dir)
     stopped_at = state["step"]
     assert stopped_at >= 0
-    resume = subprocess.run([*args[:-3], "training.steps=" + str(stopped_at + 2), "training.val_every=1000",
-                             "training.checkpoint_every=1000"], capture_output=True, text=True, timeout=120)
+    resume = subprocess.run(
+        [*args[:-3], "training.steps=" + str(stopped_at + 2), "training.val_every=1000", "training.checkpoint_every=1000"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert resume.returncode == 0, resume.stderr
     assert f"resumed from {folder}" in resume.stderr.replace("\n", "")
     assert store.load_latest(run_dir)[2]["step"] == stopped_at + 2
@@ -107,8 +124,14 @@ def test_bad_data_leaves_no_run_folder(phantom_root, tmp_path, capsys):
 
 
 def test_checkpoints_follow_the_config_keys(phantom_root, tmp_path):
-    extra = ["training.steps=8", "training.val_every=2", "training.checkpoint_every=1", "checkpoint.keep_last=3",
-             "checkpoint.best_metric=val_loss_ema", "training.device=cpu"]
+    extra = [
+        "training.steps=8",
+        "training.val_every=2",
+        "training.checkpoint_every=1",
+        "checkpoint.keep_last=3",
+        "checkpoint.best_metric=val_loss_ema",
+        "training.device=cpu",
+    ]
     result = train(_cfg(phantom_root, tmp_path, *extra), _quiet())
     kept = sorted(p.name for p in store.list_checkpoints(tmp_path))
     best_step = min(result.history[1:], key=lambda h: h["val_loss_ema"])["step"]

@@ -11,8 +11,8 @@ import difflib
 import json
 import re
 import typing
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -78,8 +78,12 @@ def _failing_key(base: DictConfig, layer: dict, prefix: str = "") -> str | None:
     return None
 
 
-_TYPE_WORDS = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("true or false", "true/false values"),
-               str: ("a string", "strings")}
+_TYPE_WORDS = {
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    bool: ("true or false", "true/false values"),
+    str: ("a string", "strings"),
+}
 
 
 def _expected(key: str) -> str:
@@ -229,7 +233,9 @@ def validate(cfg: DictConfig, network: bool = True) -> None:
     _check_counts(cfg)
     _check_ranges(cfg)
     channels = list(cfg.model.channels)
-    _require(len(channels) >= 1 and all(c >= 1 for c in channels), f"model.channels={channels} must be positive sizes, one per level")
+    _require(
+        len(channels) >= 1 and all(c >= 1 for c in channels), f"model.channels={channels} must be positive sizes, one per level"
+    )
     _require(
         len(channels) == len(cfg.model.attention_levels),
         f"model.attention_levels has {len(cfg.model.attention_levels)} entries but model.channels has "

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -26,9 +26,7 @@ from voxgen.data import synth
 from voxgen.data.nifti import load_volume
 from voxgen.errors import DataError
 
-TEMPLATE_FILES = {
-    name: f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz" for name in ("t1", "gm", "wm")
-}
+TEMPLATE_FILES = {name: f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz" for name in ("t1", "gm", "wm")}
 # Thickness of the layers outside the brain, mm: skull + scalp at most, plus room for
 # the random affine/displacement, decides the field of view.
 MAX_SHELL_MM = 2.5 + 8.0 + 9.0
@@ -171,9 +169,7 @@ def cohort_case(index: int, shape=(32, 48, 40), seed: int = 0) -> dict[str, np.n
     # Subject point p -> template point M (p - c) + c + t + u(p): a small random
     # rotation/scaling about the head centre plus a smooth displacement of a few mm.
     centre = tpl.box_mm.mean(axis=0)  # (x, y, z)
-    matrix = _rotation(np.deg2rad(rng.uniform(-4.0, 4.0, 3))) @ np.diag(
-        rng.uniform(0.95, 1.05) * rng.uniform(0.98, 1.02, 3)
-    )
+    matrix = _rotation(np.deg2rad(rng.uniform(-4.0, 4.0, 3))) @ np.diag(rng.uniform(0.95, 1.05) * rng.uniform(0.98, 1.02, 3))
     shift = rng.uniform(-3.0, 3.0, 3)
     rel = (x - np.float32(centre[0]), y - np.float32(centre[1]), z - np.float32(centre[2]))
     src = []

@@ -6,8 +6,8 @@ Model space: images in [-1, 1], masks in {-1, 1}, each modality a float32 tensor
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -71,9 +71,7 @@ def resample(volume: torch.Tensor, shape: Sequence[int], is_mask: bool) -> torch
     return F.interpolate(volume[None], size=tuple(shape), mode=mode, **kwargs)[0]
 
 
-def read_case(
-    case: Case, modalities: Iterable[str], report: Callable[[str], None]
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_case(case: Case, modalities: Iterable[str], report: Callable[[str], None]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Load a case's modalities and check each file and the files against each other.
 
     Returns {modality: (volume (D, H, W), affine)} for the files that passed. Each problem

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from voxgen.errors import ConfigError, DataError
 
@@ -99,9 +99,7 @@ def case_problems(case: Case, modalities: Iterable[str]) -> list[str]:
         if entry.is_file() and _is_nifti_name(entry.name) and entry.name not in known:
             match = difflib.get_close_matches(entry.name.lower(), known, n=1, cutoff=0.6)
             hint = f"; did you mean '{match[0]}'?" if match else ""
-            problems.append(
-                f"{entry}: unknown file in case '{case.id}' (modality files are {', '.join(known)}){hint}"
-            )
+            problems.append(f"{entry}: unknown file in case '{case.id}' (modality files are {', '.join(known)}){hint}")
     for modality in modalities:
         path = case.path(modality)
         if path.is_dir():

@@ -201,6 +201,8 @@ def voxel_size_problem(affine: np.ndarray) -> str | None:
         return None
     shown = " x ".join(f"{s:.3g}" for s in sizes)
     return f"voxel size {shown} mm (x, y, z) is implausible: expected {MIN_VOXEL_MM} to {MAX_VOXEL_MM:g} mm per axis"
+
+
 def save_volume(path: str | Path, volume: np.ndarray, affine: np.ndarray, dtype=np.float32) -> Path:
     """Write a (D, H, W) volume as NIfTI, the inverse of `load_volume`.
 

@@ -7,8 +7,8 @@ and 0-4 spherical metastases. Each case depends only on (seed, case index).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -124,10 +124,7 @@ def paint_lesions(
     for _ in range(count):
         centre_idx = np.unravel_index(index[rng.integers(index.size)], shape)
         # Anywhere within the chosen voxel, so centres are not locked to the grid.
-        centre = [
-            float(c.reshape(-1)[i]) + rng.uniform(-0.5, 0.5) * s
-            for c, i, s in zip((z, y, x), centre_idx, spacing_zyx)
-        ]
+        centre = [float(c.reshape(-1)[i]) + rng.uniform(-0.5, 0.5) * s for c, i, s in zip((z, y, x), centre_idx, spacing_zyx)]
         radius = float(np.exp(rng.uniform(np.log(radius_mm[0]), np.log(radius_mm[1]))))
         axes = radius * rng.uniform(0.85, 1.15, size=3)
         core_frac = rng.uniform(0.35, 0.6) if radius >= 3.0 else 0.0
@@ -176,9 +173,7 @@ def render(
     oedema = lesions.oedema * oedema_weight
     image = image * (1.0 - oedema) + oedema * np.float32(contrast["oedema"])
     lesion = lesions.rim + lesions.core
-    image = image * (1.0 - lesion) + lesions.rim * np.float32(contrast["rim"]) + lesions.core * np.float32(
-        contrast["core"]
-    )
+    image = image * (1.0 - lesion) + lesions.rim * np.float32(contrast["rim"]) + lesions.core * np.float32(contrast["core"])
     return image.astype(np.float32)
 
 

@@ -50,8 +50,9 @@ def _eps_and_x0(model, x, index: float, ab: float, cond) -> tuple[torch.Tensor, 
     return eps, (x - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)
 
 
-def ddpm(model, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generator=None, callback=None,
-         alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def ddpm(
+    model, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generator=None, callback=None, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020): x_s ~ q(x_s | x_t, x0_hat), the Gaussian posterior
     with variance (1 - ab_s) / (1 - ab_t) * beta. On a subsequence of the schedule beta is the
     respaced 1 - ab_t / ab_s (Nichol & Dhariwal 2021), so any number of steps works."""
@@ -69,8 +70,17 @@ def ddpm(model, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generato
     return x
 
 
-def ddim(model, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generator=None, callback=None,
-         alphas_cumprod: torch.Tensor, eta: float = 0.0) -> torch.Tensor:
+def ddim(
+    model,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    cond=None,
+    generator=None,
+    callback=None,
+    alphas_cumprod: torch.Tensor,
+    eta: float = 0.0,
+) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12): x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps + sigma z
     with sigma = eta * sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)); eta = 0 is the
     deterministic ODE-like sampler, eta = 1 has the ancestral sampler's variance."""
@@ -88,8 +98,9 @@ def ddim(model, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generato
     return x
 
 
-def dpmpp_2m(model, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generator=None, callback=None,
-             alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def dpmpp_2m(
+    model, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generator=None, callback=None, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", algorithm 2): a second-order multistep
     solver of the diffusion ODE in the data-prediction form, in log-SNR time
     lambda = log(alpha / sigma). With h = lambda_s - lambda_t and r = h_prev / h:

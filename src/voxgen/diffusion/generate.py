@@ -92,8 +92,9 @@ def generate(
     if not seeds:
         raise ValueError("generate needs at least one seed")
     if guidance_scale != 1.0 and cond is None:
-        raise ConfigError(f"guidance scale {guidance_scale:g} needs a conditional mode; mode "
-                          f"{parts.mode.name!r} has no condition (use 1)")
+        raise ConfigError(
+            f"guidance scale {guidance_scale:g} needs a conditional mode; mode {parts.mode.name!r} has no condition (use 1)"
+        )
     sampler, grid = prepare(solver, parts.strategy)
     latent_shape = parts.network.sample_shape
     parts.model.eval()

@@ -86,6 +86,5 @@ def build_parts(cfg, device: torch.device | str = "cpu", model: nn.Module | None
     mode, space, strategy = build_mode(cfg), build_space(cfg), build_strategy(cfg)
     network = network_of(cfg, mode, space)
     if model is None:
-        model = build_model(cfg.model, network.in_channels, network.out_channels, network.shape,
-                            cfg.training.grad_checkpointing)
+        model = build_model(cfg.model, network.in_channels, network.out_channels, network.shape, cfg.training.grad_checkpointing)
     return Parts(model.to(device), strategy, mode, space, network, autocast_policy(cfg.training.precision))

@@ -92,7 +92,9 @@ def euler(model: Velocity, x: torch.Tensor, timesteps: torch.Tensor, *, cond=Non
     return _integrate(model, x, timesteps, EULER, cond, callback)
 
 
-def midpoint(model: Velocity, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generator=None, callback=None) -> torch.Tensor:
+def midpoint(
+    model: Velocity, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generator=None, callback=None
+) -> torch.Tensor:
     """Explicit midpoint method: second order, 2 evaluations per step."""
     return _integrate(model, x, timesteps, MIDPOINT, cond, callback)
 
@@ -137,13 +139,22 @@ def _adaptive(method: str, model: Velocity, x: torch.Tensor, timesteps: torch.Te
 
 
 def _adaptive_sampler(method: str, order: int) -> Callable:
-    def sampler(model: Velocity, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generator=None, callback=None,
-                tolerance: float = 1e-3) -> torch.Tensor:
+    def sampler(
+        model: Velocity,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        *,
+        cond=None,
+        generator=None,
+        callback=None,
+        tolerance: float = 1e-3,
+    ) -> torch.Tensor:
         return _adaptive(method, model, x, timesteps, cond, callback, tolerance)
 
     sampler.__name__ = method
-    sampler.__doc__ = (f"torchdiffeq's adaptive `{method}` (order {order}) from timesteps[0] to timesteps[-1] "
-                       "with rtol = atol = tolerance.")
+    sampler.__doc__ = (
+        f"torchdiffeq's adaptive `{method}` (order {order}) from timesteps[0] to timesteps[-1] with rtol = atol = tolerance."
+    )
     return sampler
 
 
@@ -171,8 +182,19 @@ def restart_jump(x: torch.Tensor, t_min: float, t_max: float, noise: torch.Tenso
     return c * x + std * noise
 
 
-def restart(model: Velocity, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generator=None, callback=None,
-            restarts: int = 2, t_min: float = 0.1, t_max: float = 0.3, restart_steps: int = 3) -> torch.Tensor:
+def restart(
+    model: Velocity,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    cond=None,
+    generator=None,
+    callback=None,
+    restarts: int = 2,
+    t_min: float = 0.1,
+    t_max: float = 0.3,
+    restart_steps: int = 3,
+) -> torch.Tensor:
     """Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes").
 
     Heun integrates the grid down to t_min (inserted into the grid); then `restarts` times,

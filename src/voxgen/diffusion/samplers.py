@@ -113,11 +113,19 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler("fehlberg2", fehlberg2, "rflow", "tolerance", 2, None, "adaptive Runge-Kutta-Fehlberg 2(1)"),
         Sampler("dopri5", dopri5, "rflow", "tolerance", 5, None, "adaptive Dormand-Prince 5(4)"),
         Sampler("dopri8", dopri8, "rflow", "tolerance", 8, None, "adaptive Dormand-Prince 8(5,3)"),
-        Sampler("restart", restart, "rflow", "steps", 2, 2, "Heun with restart cycles (Xu et al. 2023)",
-                _RESTART_ALIASES, _restart_check),
+        Sampler(
+            "restart",
+            restart,
+            "rflow",
+            "steps",
+            2,
+            2,
+            "Heun with restart cycles (Xu et al. 2023)",
+            _RESTART_ALIASES,
+            _restart_check,
+        ),
         Sampler("ddpm", ddpm_samplers.ddpm, "ddpm", "steps", 1, 1, "ancestral DDPM (Ho et al. 2020)"),
-        Sampler("ddim", ddpm_samplers.ddim, "ddpm", "steps", 1, 1, "DDIM with eta (Song et al. 2021)",
-                check=_eta_check),
+        Sampler("ddim", ddpm_samplers.ddim, "ddpm", "steps", 1, 1, "DDIM with eta (Song et al. 2021)", check=_eta_check),
         Sampler("dpmpp2m", ddpm_samplers.dpmpp_2m, "ddpm", "steps", 2, 1, "DPM-Solver++(2M) (Lu et al. 2022)"),
     )
 }
@@ -191,8 +199,10 @@ class SolverSpec:
         given = {k: v for k, v in given.items() if v is not None}
         for key, value in given.items():
             if key not in self.entry.settings:
-                raise ConfigError(f"solver '{self}': '{self.entry.text_key(key)}={value:g}' is not an option of "
-                                  f"{self.name} (options: {self.entry.option_names()})")
+                raise ConfigError(
+                    f"solver '{self}': '{self.entry.text_key(key)}={value:g}' is not an option of "
+                    f"{self.name} (options: {self.entry.option_names()})"
+                )
         return SolverSpec(self.name, **{**self._given, **given})
 
 
@@ -225,8 +235,9 @@ def parse_solver(text: str, sample=None) -> SolverSpec:
         key, sep, val = pair.partition("=")
         keyword = entry.keyword(key.strip())
         if not sep or keyword not in entry.settings or keyword == entry.value:
-            raise ConfigError(f"solver '{whole}': '{pair.strip()}' is not an option of {entry.name} "
-                              f"(options: {entry.option_names()})")
+            raise ConfigError(
+                f"solver '{whole}': '{pair.strip()}' is not an option of {entry.name} (options: {entry.option_names()})"
+            )
         given[keyword] = _number(val.strip(), entry.settings[keyword], keyword, whole)
     if sample is not None:
         defaults = {"steps": sample.steps, "tolerance": sample.tolerance, "shift": sample.shift, "eta": sample.eta}
@@ -245,8 +256,9 @@ def check_solver(spec: SolverSpec, complete: bool = True) -> None:
             raise ConfigError(f"solver '{spec}' needs a number of steps >= 1, e.g. {spec.name}:25")
     elif entry.value == "steps" and s["steps"] < 1:
         raise ConfigError(f"solver '{spec}' needs a number of steps >= 1, e.g. {spec.name}:25")
-    if entry.value == "tolerance" and (s["tolerance"] is None and complete or
-                                       s["tolerance"] is not None and not 0.0 < s["tolerance"] < 1.0):
+    if entry.value == "tolerance" and (
+        s["tolerance"] is None and complete or s["tolerance"] is not None and not 0.0 < s["tolerance"] < 1.0
+    ):
         raise ConfigError(f"solver '{spec}' needs a tolerance in (0, 1), e.g. {spec.name}:1e-3")
     if s.get("shift", 1.0) <= 0:
         raise ConfigError(f"solver '{spec}': shift must be positive")
@@ -260,8 +272,10 @@ def check_strategy(spec: SolverSpec, strategy) -> None:
     entry = spec.entry
     if entry.strategy != strategy.name:
         fitting = ", ".join(n for n, s in SAMPLERS.items() if s.strategy == strategy.name)
-        raise ConfigError(f"solver '{spec}' samples strategy={entry.strategy} models, not strategy={strategy.name} "
-                          f"ones; choose one of {fitting}")
+        raise ConfigError(
+            f"solver '{spec}' samples strategy={entry.strategy} models, not strategy={strategy.name} "
+            f"ones; choose one of {fitting}"
+        )
     steps = spec.settings.get("steps")
     if entry.strategy == "ddpm" and steps is not None and steps > strategy.num_timesteps:
         raise ConfigError(f"solver '{spec}': at most ddpm.num_timesteps={strategy.num_timesteps} steps")

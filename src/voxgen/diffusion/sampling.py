@@ -27,8 +27,16 @@ class Sampling:
     guidance_scale: float = 1.0
 
 
-def sampling_settings(sample, strategy, conditional: bool, *, solver: str | None = None, steps: int | None = None,
-                      shift: float | None = None, guidance_scale: float | None = None) -> Sampling:
+def sampling_settings(
+    sample,
+    strategy,
+    conditional: bool,
+    *,
+    solver: str | None = None,
+    steps: int | None = None,
+    shift: float | None = None,
+    guidance_scale: float | None = None,
+) -> Sampling:
     """The one place where a run's `sample` section and the command line's overrides meet.
 
     `solver` (a spec text) replaces `sample.solver`, which null makes the strategy's default
@@ -44,8 +52,7 @@ def sampling_settings(sample, strategy, conditional: bool, *, solver: str | None
     check_solver(spec)
     check_strategy(spec, strategy)
     if guidance_scale is not None and guidance_scale != 1.0 and not conditional:
-        raise ConfigError(f"guidance scale {guidance_scale:g} needs a conditional mode; this mode has no "
-                          "condition (use 1)")
+        raise ConfigError(f"guidance scale {guidance_scale:g} needs a conditional mode; this mode has no condition (use 1)")
     scale = guidance_scale if guidance_scale is not None else sample.guidance_scale if conditional else 1.0
     return Sampling(spec, scale)
 
@@ -71,13 +78,21 @@ def conditions_for(mode, data_root, split: str, shape, num: int) -> tuple[torch.
     return cond, batch["case"], {m: batch[m][:, 0].numpy() for m in mode.conditions}
 
 
-def sample_volumes(cfg, parts, num: int, seed: int, sampling: Sampling, split: str = "test", batch_size: int = 4,
-                   progress=None) -> Samples:
+def sample_volumes(
+    cfg, parts, num: int, seed: int, sampling: Sampling, split: str = "test", batch_size: int = 4, progress=None
+) -> Samples:
     """Generate `num` volumes with per-sample seeds seed, seed + 1, ...; conditioned modes take
     their conditions from the cases of `split` (see `sampling_settings` for `sampling`)."""
     cond, case_ids, cond_volumes = conditions_for(parts.mode, cfg.data.root, split, cfg.data.shape, num)
-    result = generate(parts, list(range(seed, seed + num)), cond, solver=sampling.solver, batch_size=batch_size,
-                      guidance_scale=sampling.guidance_scale, progress=progress)
+    result = generate(
+        parts,
+        list(range(seed, seed + num)),
+        cond,
+        solver=sampling.solver,
+        batch_size=batch_size,
+        guidance_scale=sampling.guidance_scale,
+        progress=progress,
+    )
     out = result.volumes  # (N, G, D, H, W)
     volumes = {m: out[:, i].numpy() for i, m in enumerate(parts.mode.generated)}
     return Samples(volumes, cond_volumes, case_ids, result.seconds_per_volume, result.nfe, str(sampling.solver))

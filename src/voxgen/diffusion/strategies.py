@@ -51,8 +51,9 @@ class RectifiedFlow:
     default_sampler = "euler"
     model_time_scale = 1000.0
 
-    def __init__(self, time_sampling: str = "logit-normal", logit_mean: float = 0.0, logit_std: float = 1.0,
-                 cond_dropout: float = 0.0):
+    def __init__(
+        self, time_sampling: str = "logit-normal", logit_mean: float = 0.0, logit_std: float = 1.0, cond_dropout: float = 0.0
+    ):
         self.time_sampling = time_sampling
         self.logit_mean = logit_mean
         self.logit_std = logit_std
@@ -102,8 +103,14 @@ class DDPM:
     # Deterministic DDIM (eta 0): the DDPM counterpart of the flow's Euler default.
     default_sampler = "ddim"
 
-    def __init__(self, num_timesteps: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
-                 beta_end: float = 0.02, cond_dropout: float = 0.0):
+    def __init__(
+        self,
+        num_timesteps: int = 1000,
+        schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        cond_dropout: float = 0.0,
+    ):
         self.num_timesteps = num_timesteps
         self.schedule = schedule
         self.betas = ddpm_betas(num_timesteps, schedule, beta_start, beta_end)  # (T,) float64

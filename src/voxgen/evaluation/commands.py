@@ -19,11 +19,18 @@ DEFAULT_SAMPLES = 8
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder (its newest checkpoint's EMA weights are used)")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help=f"volumes per configuration (default {DEFAULT_SAMPLES})")
-    p.add_argument("--extractor", default="random3d",
-                   help="features of FID/KID/MMD: random3d (default; offline, not comparable with published figures), "
-                        "resnet50 (2.5D, needs --extractor-weights) or ct-resnet152 (3D, voxgen[ct-features])")
-    p.add_argument("--extractor-weights", metavar="FILE", help="local weights file (resnet50: ImageNet or RadImageNet "
-                   "state dict in torchvision's layout; ct-resnet152: default from voxgen[ct-features])")
+    p.add_argument(
+        "--extractor",
+        default="random3d",
+        help="features of FID/KID/MMD: random3d (default; offline, not comparable with published figures), "
+        "resnet50 (2.5D, needs --extractor-weights) or ct-resnet152 (3D, voxgen[ct-features])",
+    )
+    p.add_argument(
+        "--extractor-weights",
+        metavar="FILE",
+        help="local weights file (resnet50: ImageNet or RadImageNet "
+        "state dict in torchvision's layout; ct-resnet152: default from voxgen[ct-features])",
+    )
     p.add_argument("--preprocess", choices=["imagenet", "radimagenet"], help="resnet50 input normalisation (default imagenet)")
     p.add_argument("--split", default=None, help="reference split (default test, or val when there is no test split)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i in every configuration")
@@ -39,11 +46,20 @@ def _metric_list(text: str | None) -> list[str] | None:
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("evaluate", help="metrics table of a run per sampler configuration (Markdown, CSV, plot)")
     _add_common(p)
-    p.add_argument("--solvers", nargs="+", default=None, metavar="SPEC",
-                   help="configurations: euler:10,25,50 heun2:25 dopri5:1e-3 (default: the run's sample.solver)")
-    p.add_argument("--metrics", default=None, metavar="M1,M2",
-                   help="comma-separated subset of psnr, ssim, ms_ssim, fid, kid, mmd, intensity_w1, dice, hd95, lesions, "
-                        "lesion_count_w1, lesion_size_w1, lesion_fraction_w1 (default: all that apply)")
+    p.add_argument(
+        "--solvers",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="configurations: euler:10,25,50 heun2:25 dopri5:1e-3 (default: the run's sample.solver)",
+    )
+    p.add_argument(
+        "--metrics",
+        default=None,
+        metavar="M1,M2",
+        help="comma-separated subset of psnr, ssim, ms_ssim, fid, kid, mmd, intensity_w1, dice, hd95, lesions, "
+        "lesion_count_w1, lesion_size_w1, lesion_fraction_w1 (default: all that apply)",
+    )
     return p
 
 
@@ -60,9 +76,18 @@ def add_find_steps_parser(subparsers) -> argparse.ArgumentParser:
 def _evaluator(args, metrics):
     from voxgen.evaluation.evaluate import RunEvaluator
 
-    return RunEvaluator(args.run, samples=args.samples, extractor=args.extractor,
-                        extractor_weights=args.extractor_weights, preprocess=args.preprocess, split=args.split,
-                        metrics=metrics, seed=args.seed, batch_size=args.batch_size, device=args.device)
+    return RunEvaluator(
+        args.run,
+        samples=args.samples,
+        extractor=args.extractor,
+        extractor_weights=args.extractor_weights,
+        preprocess=args.preprocess,
+        split=args.split,
+        metrics=metrics,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
 
 
 def _say(text: str) -> None:
@@ -102,8 +127,10 @@ def run_evaluate(args) -> int:
     md, csv_path = write_tables(rows, headers, out, "evaluate", title, ev.describe(), label)
     better = {header(c.metric, ev.extractor): c.metric.better for c in ev.columns}
     chart = save_nfe_chart(out / "evaluate.png", rows, headers, title, better)
-    print(f"evaluated {len(rows)} configurations x {ev.samples} samples in {time.perf_counter() - began:.0f} s; "
-          f"{md}, {csv_path}, {chart}")
+    print(
+        f"evaluated {len(rows)} configurations x {ev.samples} samples in {time.perf_counter() - began:.0f} s; "
+        f"{md}, {csv_path}, {chart}"
+    )
     return 0
 
 
@@ -137,11 +164,16 @@ def run_find_steps(args) -> int:
     ordered = [rows[s] for s in sorted(rows)]
     out = Path(args.out) if args.out else ev.run_dir / "evaluation"
     title = _title(ev, f"Step search ({args.solver}, {args.lo}-{args.hi} steps, {column.metric.better} {head} is better)")
-    notes = [f"Golden-section search: {len(rows)} evaluations instead of {args.hi - args.lo + 1}; best: "
-             f"{args.solver}:{best} ({head} {rows[best].values[head]:.4g}). The search assumes the metric is "
-             "unimodal in the step count; every configuration samples the same seeds.", *ev.describe()]
+    notes = [
+        f"Golden-section search: {len(rows)} evaluations instead of {args.hi - args.lo + 1}; best: "
+        f"{args.solver}:{best} ({head} {rows[best].values[head]:.4g}). The search assumes the metric is "
+        "unimodal in the step count; every configuration samples the same seeds.",
+        *ev.describe(),
+    ]
     label = ev.extractor.label if ev.extractor else ""
     md, csv_path = write_tables(ordered, [head], out, "find_steps", title, notes, label)
-    print(f"best {args.solver} steps for {head}: {best} ({rows[best].values[head]:.4g}); {len(rows)} evaluations in "
-          f"{time.perf_counter() - began:.0f} s; {md}, {csv_path}")
+    print(
+        f"best {args.solver} steps for {head}: {best} ({rows[best].values[head]:.4g}); {len(rows)} evaluations in "
+        f"{time.perf_counter() - began:.0f} s; {md}, {csv_path}"
+    )
     return 0

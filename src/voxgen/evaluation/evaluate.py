@@ -8,9 +8,9 @@ cases (cycling), and their paired metrics compare each sample with the case it w
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,6 @@ from voxgen.evaluation import metrics as registry
 from voxgen.evaluation.features import EXTRACTORS, Extractor, build_extractor
 from voxgen.evaluation.masks import lesion_stats
 from voxgen.evaluation.pixel import MS_SSIM_WEIGHTS, VolumeTooSmall, ms_ssim_scales
-
 
 
 @dataclass
@@ -83,9 +82,20 @@ class RunEvaluator:
     """A run's EMA model, its reference split and the chosen metrics; `evaluate(spec)` scores one
     solver configuration. Reference features are extracted once and reused."""
 
-    def __init__(self, run_dir, *, samples: int = 8, extractor: str = "random3d",
-                 extractor_weights: str | None = None, preprocess: str | None = None, split: str | None = None,
-                 metrics: Sequence[str] | None = None, seed: int = 0, batch_size: int = 8, device: str = "auto"):
+    def __init__(
+        self,
+        run_dir,
+        *,
+        samples: int = 8,
+        extractor: str = "random3d",
+        extractor_weights: str | None = None,
+        preprocess: str | None = None,
+        split: str | None = None,
+        metrics: Sequence[str] | None = None,
+        seed: int = 0,
+        batch_size: int = 8,
+        device: str = "auto",
+    ):
         from voxgen.training.runs import load_run
 
         if extractor not in EXTRACTORS:
@@ -112,8 +122,9 @@ class RunEvaluator:
         self.columns = self._columns(metrics)
         needs_features = any(c.metric.needs == "features" for c in self.columns)
         device_ = next(self.parts.model.parameters()).device
-        self.extractor: Extractor | None = (build_extractor(extractor, extractor_weights, device_, preprocess)
-                                            if needs_features else None)
+        self.extractor: Extractor | None = (
+            build_extractor(extractor, extractor_weights, device_, preprocess) if needs_features else None
+        )
         self._real_features: dict[str, dict] = {}
         self._warm = False
 
@@ -130,8 +141,10 @@ class RunEvaluator:
                         what = "mask" if is_mask else "image"
                         kind_ok = metric.kind == "any" or (metric.kind == "mask") == is_mask
                         need = f"{metric.kind} modalities" if not kind_ok else "conditioned samples"
-                        raise VoxgenError(f"metric '{metric.name}' needs {need}; this run generates {modality} "
-                                          f"({what}{', unconditioned' if not self.paired else ''})")
+                        raise VoxgenError(
+                            f"metric '{metric.name}' needs {need}; this run generates {modality} "
+                            f"({what}{', unconditioned' if not self.paired else ''})"
+                        )
                     continue
                 if metric.name == "ms_ssim":
                     # The registry's MS-SSIM uses pixel.ms_ssim's defaults: the 11-voxel window and
@@ -143,8 +156,10 @@ class RunEvaluator:
                             raise
                         self.notes.append(f"{error}; left out.")
                         continue
-                    note = (f"MS-SSIM: volumes {shape} use {scales} of {len(MS_SSIM_WEIGHTS)} scales "
-                            f"(11-voxel window; weights renormalised).")
+                    note = (
+                        f"MS-SSIM: volumes {shape} use {scales} of {len(MS_SSIM_WEIGHTS)} scales "
+                        f"(11-voxel window; weights renormalised)."
+                    )
                     # Fewer scales give values not comparable with five-scale MS-SSIM: say so once.
                     if scales < len(MS_SSIM_WEIGHTS) and note not in self.notes:
                         self.notes.append(note)
@@ -176,8 +191,15 @@ class RunEvaluator:
         from voxgen.diffusion.sampling import sample_volumes
 
         sampling = self.solver(f"{self.parts.strategy.default_sampler}:1")
-        sample_volumes(self.cfg, self.parts, min(self.batch_size, self.samples), self.seed, sampling, split=self.split,
-                       batch_size=self.batch_size)
+        sample_volumes(
+            self.cfg,
+            self.parts,
+            min(self.batch_size, self.samples),
+            self.seed,
+            sampling,
+            split=self.split,
+            batch_size=self.batch_size,
+        )
         self._warm = True
 
     def evaluate(self, sampling, progress: Callable[[int], None] | None = None) -> Row:
@@ -186,8 +208,16 @@ class RunEvaluator:
 
         if not self._warm:
             self.warm_up()
-        result = sample_volumes(self.cfg, self.parts, self.samples, self.seed, sampling, split=self.split,
-                                batch_size=self.batch_size, progress=progress)
+        result = sample_volumes(
+            self.cfg,
+            self.parts,
+            self.samples,
+            self.seed,
+            sampling,
+            split=self.split,
+            batch_size=self.batch_size,
+            progress=progress,
+        )
         spec = sampling.solver
         setting = f"{spec.steps} steps" if spec.entry.value == "steps" else f"tol {spec.tolerance:g}"
         row = Row(str(spec), spec.name, setting, int(result.nfe), float(result.seconds_per_volume))
@@ -199,9 +229,15 @@ class RunEvaluator:
                 is_mask = modality in MASK_MODALITIES
                 reals = self.reals[modality]
                 inputs[modality] = registry.Inputs(
-                    modality, is_mask, registry.prepare_samples(result.volumes[modality], is_mask), reals,
-                    targets=reals[targets_index] if targets_index is not None else None, spacing=self.spacing,
-                    extractor=self.extractor, real_features=self._real_features.get(modality))
+                    modality,
+                    is_mask,
+                    registry.prepare_samples(result.volumes[modality], is_mask),
+                    reals,
+                    targets=reals[targets_index] if targets_index is not None else None,
+                    spacing=self.spacing,
+                    extractor=self.extractor,
+                    real_features=self._real_features.get(modality),
+                )
             value = column.metric.fn(inputs[modality])
             if inputs[modality].real_features is not None:
                 self._real_features[modality] = inputs[modality].real_features
@@ -211,24 +247,35 @@ class RunEvaluator:
     def describe(self) -> list[str]:
         """Notes for the table: what was compared, with which extractor."""
         ext = self.extractor
-        lines = [f"Run `{self.run_dir}` (step {self.step}, EMA weights), {self.samples} samples per configuration "
-                 f"(seeds {self.seed}-{self.seed + self.samples - 1}) against the {len(self.data)} cases of the "
-                 f"'{self.split}' split; NFE = network evaluations per volume; seconds per volume include decoding."]
+        lines = [
+            f"Run `{self.run_dir}` (step {self.step}, EMA weights), {self.samples} samples per configuration "
+            f"(seeds {self.seed}-{self.seed + self.samples - 1}) against the {len(self.data)} cases of the "
+            f"'{self.split}' split; NFE = network evaluations per volume; seconds per volume include decoding."
+        ]
         if any(c.metric.needs == "pairs" for c in self.columns):
-            lines.append("Paired metrics compare sample i with the case whose condition produced it "
-                         "(the split's cases in order, cycling); images in [-1, 1] (data range 2).")
+            lines.append(
+                "Paired metrics compare sample i with the case whose condition produced it "
+                "(the split's cases in order, cycling); images in [-1, 1] (data range 2)."
+            )
         for modality, reals in self.reals.items():
             if modality in MASK_MODALITIES and any(c.metric.kind == "mask" for c in self.columns):
                 stats = lesion_stats(reals, self.spacing)
-                lines.append(f"Reference {modality} masks: {stats.mean_count:.2f} lesions/mask (26-connected), median "
-                             f"lesion {stats.median_size_mm3:.4g} mm^3; masks thresholded at 0 in model space.")
+                lines.append(
+                    f"Reference {modality} masks: {stats.mean_count:.2f} lesions/mask (26-connected), median "
+                    f"lesion {stats.median_size_mm3:.4g} mm^3; masks thresholded at 0 in model space."
+                )
         if ext is not None:
-            per = (f"{ext.slices_per_plane} slices per plane, three planes, FID/KID/MMD averaged over planes"
-                   if ext.planes else "whole volumes")
+            per = (
+                f"{ext.slices_per_plane} slices per plane, three planes, FID/KID/MMD averaged over planes"
+                if ext.planes
+                else "whole volumes"
+            )
             lines.append(f"Features: {ext.name} ({ext.source}; {per}).")
             if not ext.comparable:
-                lines.append(f"{ext.name} is a random network: its numbers are not comparable with published figures; "
-                             "use them to compare configurations of this table only.")
+                lines.append(
+                    f"{ext.name} is a random network: its numbers are not comparable with published figures; "
+                    "use them to compare configurations of this table only."
+                )
         return lines + self.notes
 
 

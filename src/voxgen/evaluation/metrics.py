@@ -8,8 +8,8 @@ them (`prepare_samples`), so no metric compares soft values with binary masks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -105,8 +105,11 @@ def hd95(inputs: Inputs) -> float:
 def lesion_count_w1(inputs: Inputs) -> float:
     from scipy.stats import wasserstein_distance
 
-    return float(wasserstein_distance(masks.lesion_stats(inputs.samples, inputs.spacing).counts,
-                                      masks.lesion_stats(inputs.reals, inputs.spacing).counts))
+    return float(
+        wasserstein_distance(
+            masks.lesion_stats(inputs.samples, inputs.spacing).counts, masks.lesion_stats(inputs.reals, inputs.spacing).counts
+        )
+    )
 
 
 def lesion_size_w1(inputs: Inputs) -> float:
@@ -146,21 +149,44 @@ class Metric:
     summary: str
 
 
-METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("psnr", "PSNR (dB)", psnr, "pairs", "image", "higher", "peak signal-to-noise ratio vs the paired case, data range 2"),
-    Metric("ssim", "SSIM", ssim, "pairs", "image", "higher", "3D SSIM, Gaussian window 11, sigma 1.5, vs the paired case"),
-    Metric("ms_ssim", "MS-SSIM", ms_ssim, "pairs", "image", "higher", "3D MS-SSIM, window 11, 5 scales; fewer below 176 voxels per axis (weights renormalised)"),
-    Metric("fid", "FID", fid, "features", "any", "lower", "Fréchet distance of Gaussians fitted to features"),
-    Metric("kid", "KID", kid, "features", "any", "lower", "unbiased MMD^2, cubic polynomial kernel, 100 subsets"),
-    Metric("mmd", "MMD", mmd, "features", "any", "lower", "unbiased MMD^2, RBF kernel, median-distance bandwidth"),
-    Metric("intensity_w1", "intensity W1", intensity, "sets", "image", "lower", "W1 of voxel intensities inside the head"),
-    Metric("dice", "Dice", dice, "pairs", "mask", "higher", "Dice vs the paired case's mask"),
-    Metric("hd95", "HD95 (mm)", hd95, "pairs", "mask", "lower", "95th-percentile Hausdorff distance vs the paired mask"),
-    Metric("lesions", "lesions/mask", lesions_per_mask, "sets", "mask", "none", "mean number of 26-connected lesions per sample"),
-    Metric("lesion_count_w1", "lesion-count W1", lesion_count_w1, "sets", "mask", "lower", "W1 of lesions per mask"),
-    Metric("lesion_size_w1", "lesion-size W1 (mm^3)", lesion_size_w1, "sets", "mask", "lower", "W1 of lesion volumes"),
-    Metric("lesion_fraction_w1", "lesion-fraction W1", lesion_fraction, "sets", "mask", "lower", "W1 of per-mask lesion volume fractions"),
-)}
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric(
+            "psnr", "PSNR (dB)", psnr, "pairs", "image", "higher", "peak signal-to-noise ratio vs the paired case, data range 2"
+        ),
+        Metric("ssim", "SSIM", ssim, "pairs", "image", "higher", "3D SSIM, Gaussian window 11, sigma 1.5, vs the paired case"),
+        Metric(
+            "ms_ssim",
+            "MS-SSIM",
+            ms_ssim,
+            "pairs",
+            "image",
+            "higher",
+            "3D MS-SSIM, window 11, 5 scales; fewer below 176 voxels per axis (weights renormalised)",
+        ),
+        Metric("fid", "FID", fid, "features", "any", "lower", "Fréchet distance of Gaussians fitted to features"),
+        Metric("kid", "KID", kid, "features", "any", "lower", "unbiased MMD^2, cubic polynomial kernel, 100 subsets"),
+        Metric("mmd", "MMD", mmd, "features", "any", "lower", "unbiased MMD^2, RBF kernel, median-distance bandwidth"),
+        Metric("intensity_w1", "intensity W1", intensity, "sets", "image", "lower", "W1 of voxel intensities inside the head"),
+        Metric("dice", "Dice", dice, "pairs", "mask", "higher", "Dice vs the paired case's mask"),
+        Metric("hd95", "HD95 (mm)", hd95, "pairs", "mask", "lower", "95th-percentile Hausdorff distance vs the paired mask"),
+        Metric(
+            "lesions", "lesions/mask", lesions_per_mask, "sets", "mask", "none", "mean number of 26-connected lesions per sample"
+        ),
+        Metric("lesion_count_w1", "lesion-count W1", lesion_count_w1, "sets", "mask", "lower", "W1 of lesions per mask"),
+        Metric("lesion_size_w1", "lesion-size W1 (mm^3)", lesion_size_w1, "sets", "mask", "lower", "W1 of lesion volumes"),
+        Metric(
+            "lesion_fraction_w1",
+            "lesion-fraction W1",
+            lesion_fraction,
+            "sets",
+            "mask",
+            "lower",
+            "W1 of per-mask lesion volume fractions",
+        ),
+    )
+}
 
 
 def applicable(metric: Metric, is_mask: bool, paired: bool) -> bool:

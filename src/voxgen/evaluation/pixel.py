@@ -9,7 +9,7 @@ which is what scikit-image's `structural_similarity(..., use_sample_covariance=F
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -59,12 +59,21 @@ def _window(win_size: int, sigma: float, ndim: int = 3) -> tuple[tuple[int, ...]
 
 def _check_window(shape: Sequence[int], win_size: int, metric: str) -> None:
     if min(shape) < win_size:
-        raise VolumeTooSmall(f"{metric}: volumes {list(shape)} are smaller than the {win_size}-voxel window "
-                             f"(minimum {win_size} voxels per axis)")
+        raise VolumeTooSmall(
+            f"{metric}: volumes {list(shape)} are smaller than the {win_size}-voxel window (minimum {win_size} voxels per axis)"
+        )
 
 
-def ssim(pred: torch.Tensor, target: torch.Tensor, *, data_range: float, win_size: int = 11, sigma: float = 1.5,
-         k1: float = 0.01, k2: float = 0.03) -> np.ndarray:
+def ssim(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    data_range: float,
+    win_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> np.ndarray:
     """(B,) mean SSIM over the voxels where the whole 3D window fits (no padding) and over channels."""
     from monai.metrics.regression import compute_ssim_and_cs
 
@@ -72,8 +81,9 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, *, data_range: float, win_siz
     data_range = _check_range(data_range, "SSIM")
     _check_window(pred.shape[2:], win_size, "SSIM")
     size, sigmas = _window(win_size, sigma)
-    ssim_map, _ = compute_ssim_and_cs(pred.float(), target.float(), spatial_dims=3, kernel_size=size,
-                                      kernel_sigma=sigmas, data_range=data_range, k1=k1, k2=k2)
+    ssim_map, _ = compute_ssim_and_cs(
+        pred.float(), target.float(), spatial_dims=3, kernel_size=size, kernel_sigma=sigmas, data_range=data_range, k1=k1, k2=k2
+    )
     return ssim_map.reshape(len(pred), -1).mean(dim=1).double().cpu().numpy()
 
 
@@ -92,16 +102,27 @@ def ms_ssim_scales(shape: Sequence[int], win_size: int = 11) -> int:
     """
     shape = [int(n) for n in shape]
     if min(shape) < win_size:
-        raise VolumeTooSmall(f"MS-SSIM: volumes {shape} are smaller than the {win_size}-voxel window: "
-                             f"every axis needs at least {win_size} voxels for one scale")
+        raise VolumeTooSmall(
+            f"MS-SSIM: volumes {shape} are smaller than the {win_size}-voxel window: "
+            f"every axis needs at least {win_size} voxels for one scale"
+        )
     scales = 1
     while scales < len(MS_SSIM_WEIGHTS) and min(shape) >= ms_ssim_min_size(win_size, scales + 1):
         scales += 1
     return scales
 
 
-def ms_ssim(pred: torch.Tensor, target: torch.Tensor, *, data_range: float, win_size: int = 11, sigma: float = 1.5,
-            weights: Sequence[float] | None = None, k1: float = 0.01, k2: float = 0.03) -> np.ndarray:
+def ms_ssim(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    data_range: float,
+    win_size: int = 11,
+    sigma: float = 1.5,
+    weights: Sequence[float] | None = None,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> np.ndarray:
     """(B,) multi-scale SSIM (Wang et al. 2003) with 3D windows: contrast-structure at every scale,
     full SSIM at the coarsest, each to the power of its weight; volumes are halved by 2x2x2
     average pooling between scales.
@@ -137,13 +158,16 @@ def ms_ssim(pred: torch.Tensor, target: torch.Tensor, *, data_range: float, win_
         raise VoxgenError("MS-SSIM: needs at least one scale weight")
     minimum = ms_ssim_min_size(win_size, len(weights))
     if min(shape) < minimum:
-        raise VolumeTooSmall(f"MS-SSIM: volumes {shape} are too small for {len(weights)} scales with a "
-                             f"{win_size}-voxel window: every axis needs at least {minimum} voxels")
+        raise VolumeTooSmall(
+            f"MS-SSIM: volumes {shape} are too small for {len(weights)} scales with a "
+            f"{win_size}-voxel window: every axis needs at least {minimum} voxels"
+        )
     x, y = pred.float(), target.float()  # MONAI computes in float32 whatever it is given
     factors = []
     for scale in range(len(weights)):
-        ssim_map, cs_map = compute_ssim_and_cs(x, y, spatial_dims=3, kernel_size=size, kernel_sigma=sigmas,
-                                               data_range=data_range, k1=k1, k2=k2)
+        ssim_map, cs_map = compute_ssim_and_cs(
+            x, y, spatial_dims=3, kernel_size=size, kernel_sigma=sigmas, data_range=data_range, k1=k1, k2=k2
+        )
         last = scale == len(weights) - 1
         value = (ssim_map if last else cs_map).reshape(len(x), -1).mean(dim=1)
         # relu as in MONAI and pytorch-msssim: a negative term to a fractional power is undefined.

@@ -6,8 +6,8 @@ import csv
 import io
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from voxgen.evaluation.evaluate import Row
 from voxgen.files import write_atomic
@@ -29,8 +29,7 @@ def _fmt(value: float) -> str:
 
 def records(rows: Sequence[Row], headers: Sequence[str]) -> list[list]:
     """Each row as [solver, setting, NFE, *metrics, seconds per volume] (raw numbers)."""
-    return [[r.solver, r.setting, r.nfe, *[r.values.get(h, float("nan")) for h in headers], r.seconds_per_volume]
-            for r in rows]
+    return [[r.solver, r.setting, r.nfe, *[r.values.get(h, float("nan")) for h in headers], r.seconds_per_volume] for r in rows]
 
 
 def to_csv(rows: Sequence[Row], headers: Sequence[str], extractor_label: str = "") -> str:
@@ -57,8 +56,15 @@ def to_markdown(rows: Sequence[Row], headers: Sequence[str], title: str, notes: 
     return "\n".join(lines) + "\n"
 
 
-def write_tables(rows: Sequence[Row], headers: Sequence[str], out_dir: str | Path, stem: str, title: str,
-                 notes: Sequence[str] = (), extractor_label: str = "") -> tuple[Path, Path]:
+def write_tables(
+    rows: Sequence[Row],
+    headers: Sequence[str],
+    out_dir: str | Path,
+    stem: str,
+    title: str,
+    notes: Sequence[str] = (),
+    extractor_label: str = "",
+) -> tuple[Path, Path]:
     """OUT/STEM.md and OUT/STEM.csv, each whole or not at all."""
     out_dir = Path(out_dir)
     md = write_atomic(out_dir / f"{stem}.md", to_markdown(rows, headers, title, notes))
@@ -66,8 +72,9 @@ def write_tables(rows: Sequence[Row], headers: Sequence[str], out_dir: str | Pat
     return md, csv_path
 
 
-def save_nfe_chart(path: str | Path, rows: Sequence[Row], headers: Sequence[str], title: str = "",
-                   better: dict[str, str] | None = None) -> Path:
+def save_nfe_chart(
+    path: str | Path, rows: Sequence[Row], headers: Sequence[str], title: str = "", better: dict[str, str] | None = None
+) -> Path:
     """PNG: one panel per metric, the metric against NFE (log axis), one line per solver, each point
     named by its steps or tolerance; appears whole or not at all."""
     import matplotlib
@@ -92,8 +99,9 @@ def save_nfe_chart(path: str | Path, rows: Sequence[Row], headers: Sequence[str]
                 continue
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=solver)
             for x, y, setting in points:
-                ax.annotate(setting.replace(" steps", ""), (x, y), xytext=(4, 4), textcoords="offset points",
-                            fontsize=7, color="0.3")
+                ax.annotate(
+                    setting.replace(" steps", ""), (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7, color="0.3"
+                )
         ax.set_xscale("log")
         nfes = sorted({r.nfe for r in rows if r.nfe > 0})
         if nfes:  # plain numbers at the NFEs of the table, not 2x10^0 at decades
@@ -107,7 +115,7 @@ def save_nfe_chart(path: str | Path, rows: Sequence[Row], headers: Sequence[str]
         ax.set_title(header + arrow, fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(headers):]:
+    for ax in list(axes.flat)[len(headers) :]:
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)

@@ -27,8 +27,16 @@ WIDTHS = (64, 128, 256, 512)
 
 # Wrappers that checkpoints put in front of torchvision's names (DataParallel, Lightning, timm-like
 # feature wrappers, the RadImageNet conversions, Merlin's encoder path).
-_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "net.", "visual_encoder.model.encode_image.i3_resnet.",
-             "encode_image.i3_resnet.", "i3_resnet.")
+_PREFIXES = (
+    "module.",
+    "model.",
+    "backbone.",
+    "encoder.",
+    "net.",
+    "visual_encoder.model.encode_image.i3_resnet.",
+    "encode_image.i3_resnet.",
+    "i3_resnet.",
+)
 # nn.Sequential(*list(resnet.children())[:-2]) numbers torchvision's children; "no top" RadImageNet
 # conversions are saved that way.
 _SEQUENTIAL = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
@@ -39,9 +47,19 @@ def resnet50_2d(num_classes: int = 1000, with_fc: bool = True) -> nn.Module:
     the (B, 2048) average-pooled features."""
     from monai.networks.nets import ResNet
 
-    return ResNet("bottleneck", list(RESNET50_LAYERS), list(WIDTHS), spatial_dims=2, n_input_channels=3,
-                  conv1_t_size=7, conv1_t_stride=2, shortcut_type="B", bias_downsample=False,
-                  num_classes=num_classes, feed_forward=with_fc)
+    return ResNet(
+        "bottleneck",
+        list(RESNET50_LAYERS),
+        list(WIDTHS),
+        spatial_dims=2,
+        n_input_channels=3,
+        conv1_t_size=7,
+        conv1_t_stride=2,
+        shortcut_type="B",
+        bias_downsample=False,
+        num_classes=num_classes,
+        feed_forward=with_fc,
+    )
 
 
 def i3_resnet152() -> nn.Module:
@@ -49,9 +67,18 @@ def i3_resnet152() -> nn.Module:
     D is the inflated ("time") axis of conv1's 3x7x7 kernel."""
     from monai.networks.nets import ResNet
 
-    return ResNet("bottleneck", list(RESNET152_LAYERS), list(WIDTHS), spatial_dims=3, n_input_channels=3,
-                  conv1_t_size=(3, 7, 7), conv1_t_stride=(1, 2, 2), shortcut_type="B", bias_downsample=False,
-                  feed_forward=False)
+    return ResNet(
+        "bottleneck",
+        list(RESNET152_LAYERS),
+        list(WIDTHS),
+        spatial_dims=3,
+        n_input_channels=3,
+        conv1_t_size=(3, 7, 7),
+        conv1_t_stride=(1, 2, 2),
+        shortcut_type="B",
+        bias_downsample=False,
+        feed_forward=False,
+    )
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -85,7 +112,7 @@ def torchvision_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         changed = False
         for prefix in _PREFIXES:
             if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+                state = {k[len(prefix) :]: v for k, v in state.items()}
                 changed = True
     if state and all(re.match(r"\d+\.", k) for k in state):
         renamed = {}
@@ -112,8 +139,9 @@ def load_backbone(network: nn.Module, state: dict[str, torch.Tensor], source: st
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-        raise VoxgenError(f"{source}: does not match the network ({len(missing)} missing, {len(unexpected)} "
-                          f"unexpected keys; {what})")
+        raise VoxgenError(
+            f"{source}: does not match the network ({len(missing)} missing, {len(unexpected)} unexpected keys; {what})"
+        )
     for key, value in expected.items():
         if tuple(state[key].shape) != tuple(value.shape):
             raise VoxgenError(f"{source}: {key} has shape {tuple(state[key].shape)}, the network needs {tuple(value.shape)}")

@@ -21,8 +21,14 @@ def run_plan(args) -> int:
 
         if not args.input_shape:
             raise VoxgenError("--factory needs --input-shape C,D,H,W")
-        result = plan_factory(args.factory, parse_input_shape(args.input_shape), args.output_channels,
-                              args.overrides, args.config, parse_memory(args.gpu_memory))
+        result = plan_factory(
+            args.factory,
+            parse_input_shape(args.input_shape),
+            args.output_channels,
+            args.overrides,
+            args.config,
+            parse_memory(args.gpu_memory),
+        )
     elif args.input_shape or args.output_channels is not None:
         raise VoxgenError("--input-shape and --output-channels go with --factory")
     else:
@@ -30,19 +36,25 @@ def run_plan(args) -> int:
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
-    print(f"{result.model}: {result.params:,} parameters ({result.params / 1e6:.1f} M), "
-          f"{result.in_channels} -> {result.out_channels} channels at {result.shape}, "
-          f"batch {result.batch_size}, {result.precision}")
+    print(
+        f"{result.model}: {result.params:,} parameters ({result.params / 1e6:.1f} M), "
+        f"{result.in_channels} -> {result.out_channels} channels at {result.shape}, "
+        f"batch {result.batch_size}, {result.precision}"
+    )
     for part, nbytes in result.breakdown.items():
         print(f"  {part:12s} {nbytes / GiB:8.2f} GiB")
-    print(f"  {'peak':12s} {result.peak_bytes / GiB:8.2f} GiB  ({result.peak_phase}: {result.peak_module or '-'}); "
-          f"first step {result.peak_bytes_first_step / GiB:.2f} GiB")
+    print(
+        f"  {'peak':12s} {result.peak_bytes / GiB:8.2f} GiB  ({result.peak_phase}: {result.peak_module or '-'}); "
+        f"first step {result.peak_bytes_first_step / GiB:.2f} GiB"
+    )
     print(f"  {'reserved':12s} {result.reserved_bytes / GiB:8.2f} GiB  (caching allocator with fragmentation)")
     verdict = "fits" if result.fits else "does NOT fit"
     print(f"{verdict} in {result.gpu_memory_bytes / GiB:.1f} GiB")
     if result.fits and result.allocator_oom:
-        print("warning: the caching allocator's fragmentation may still run out of memory; "
-              "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True avoids most of it")
+        print(
+            "warning: the caching allocator's fragmentation may still run out of memory; "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True avoids most of it"
+        )
     return 0
 
 
@@ -61,15 +73,19 @@ def _plan_grid(args) -> int:
     resolved = resolve(grid, items, args.overrides)
     rows, seconds = run_grid(resolved, lambda item: plan_row(item, gpu), "planning", str(grid.path))
     out = _grid_out(args)
-    notes = [f"Predicted by `voxgen plan --grid {args.grid}` (no GPU): peak GPU memory of one training step; "
-             f"first step = fresh optimiser, steady = optimiser state alive (what `fits` uses, {gpu / GiB:.0f} GiB)."]
+    notes = [
+        f"Predicted by `voxgen plan --grid {args.grid}` (no GPU): peak GPU memory of one training step; "
+        f"first step = fresh optimiser, steady = optimiser state alive (what `fits` uses, {gpu / GiB:.0f} GiB)."
+    ]
     notes += [f"Skipped (invalid): {'; '.join(grid.skipped)}."] if grid.skipped else []
     csv_path, md_path = write_tables(rows, out, "plan", PLAN_COLUMNS, grid.title, notes)
     chart = save_memory_chart(out / "plan.png", rows, gpu, f"{grid.title} (predicted)")
     fitting = sum(bool(r.fits) for r in rows)
     skipped = f", {len(grid.skipped)} invalid skipped" if grid.skipped else ""
-    print(f"planned {len(rows)} configurations in {seconds:.1f} s{skipped}: {fitting} fit in {gpu / GiB:.0f} GiB; "
-          f"{md_path}, {csv_path}, {chart}")
+    print(
+        f"planned {len(rows)} configurations in {seconds:.1f} s{skipped}: {fitting} fit in {gpu / GiB:.0f} GiB; "
+        f"{md_path}, {csv_path}, {chart}"
+    )
     return 0
 
 
@@ -82,8 +98,15 @@ def run_fit(args) -> int:
     axes = parse_vary(args.vary)
     console = Console(stderr=True)
     with console.status("planning") as status:
-        result = fit(axes, parse_memory(args.gpu_memory), args.margin, args.config, args.overrides, args.all,
-                     on_plan=lambda c: status.update(f"planning {c.label}"))
+        result = fit(
+            axes,
+            parse_memory(args.gpu_memory),
+            args.margin,
+            args.config,
+            args.overrides,
+            args.all,
+            on_plan=lambda c: status.update(f"planning {c.label}"),
+        )
     if args.json:
         print(json.dumps(result.to_json()))
     else:
@@ -91,12 +114,16 @@ def run_fit(args) -> int:
     if result.best is None:
         planned = [c for c in result.candidates if c.peak_bytes is not None]
         smallest = f"; the smallest needs {planned[-1].peak_bytes / GiB:.2f} GiB" if planned else ""
-        raise VoxgenError(f"no candidate fits in {result.budget_bytes / GiB:.2f} GiB "
-                          f"({result.gpu_memory_bytes / GiB:.0f} GiB - {100 * result.margin:.0f}% margin){smallest}")
+        raise VoxgenError(
+            f"no candidate fits in {result.budget_bytes / GiB:.2f} GiB "
+            f"({result.gpu_memory_bytes / GiB:.0f} GiB - {100 * result.margin:.0f}% margin){smallest}"
+        )
     if not args.json:
         best = result.best
-        print(f"largest that fits: {best.label} ({best.network.params / 1e6:.1f} M parameters, "
-              f"{best.peak_bytes / GiB:.2f} GiB of {result.budget_bytes / GiB:.2f} GiB budget); {result.why_not_next()}")
+        print(
+            f"largest that fits: {best.label} ({best.network.params / 1e6:.1f} M parameters, "
+            f"{best.peak_bytes / GiB:.2f} GiB of {result.budget_bytes / GiB:.2f} GiB budget); {result.why_not_next()}"
+        )
     return 0
 
 
@@ -122,10 +149,10 @@ def run_profile(args) -> int:
         return 0
     env = m.environment
     print(f"{cfg.model.name} on {env['gpu']} (torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}): {m.status}")
-    for label, alloc, reserved, pred in (("first step", m.first_allocated, m.first_reserved,
-                                          planned and planned.peak_bytes_first_step),
-                                         ("steady step", m.steady_allocated, m.steady_reserved,
-                                          planned and planned.peak_bytes)):
+    for label, alloc, reserved, pred in (
+        ("first step", m.first_allocated, m.first_reserved, planned and planned.peak_bytes_first_step),
+        ("steady step", m.steady_allocated, m.steady_reserved, planned and planned.peak_bytes),
+    ):
         if alloc is None:
             print(f"  {label:12s} -")
             continue
@@ -148,20 +175,30 @@ def _profile_grid(args) -> int:
     def work(item) -> Row:
         planned = None if args.no_plan else plan(item.cfg)
         m = profile(item.cfg)
-        return Row(config=item.entry.name, network=item.network, series=item.series,
-                   gpu_memory_bytes=m.environment.get("gpu_memory_bytes"),
-                   planned_first=planned and planned.peak_bytes_first_step, planned_steady=planned and planned.peak_bytes,
-                   measured_first=m.first_allocated, measured_steady=m.steady_allocated,
-                   reserved_first=m.first_reserved, reserved_steady=m.steady_reserved, status=m.status,
-                   environment=m.environment)
+        return Row(
+            config=item.entry.name,
+            network=item.network,
+            series=item.series,
+            gpu_memory_bytes=m.environment.get("gpu_memory_bytes"),
+            planned_first=planned and planned.peak_bytes_first_step,
+            planned_steady=planned and planned.peak_bytes,
+            measured_first=m.first_allocated,
+            measured_steady=m.steady_allocated,
+            reserved_first=m.first_reserved,
+            reserved_steady=m.steady_reserved,
+            status=m.status,
+            environment=m.environment,
+        )
 
     rows, seconds = run_grid(resolved, work, "profiling", str(grid.path))
     env = rows[0].environment
     out = _grid_out(args)
-    notes = [f"Measured by `voxgen profile --grid {args.grid}` on {env['gpu']} ({env['gpu_memory_bytes'] / GiB:.1f} GiB), "
-             f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, cudnn.benchmark={env['cudnn_benchmark']}: "
-             "max_memory_allocated / max_memory_reserved of the first (fresh optimiser) and the steady step; "
-             "error = planned vs measured."]
+    notes = [
+        f"Measured by `voxgen profile --grid {args.grid}` on {env['gpu']} ({env['gpu_memory_bytes'] / GiB:.1f} GiB), "
+        f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, cudnn.benchmark={env['cudnn_benchmark']}: "
+        "max_memory_allocated / max_memory_reserved of the first (fresh optimiser) and the steady step; "
+        "error = planned vs measured."
+    ]
     csv_path, md_path = write_tables(rows, out, "profile", PROFILE_COLUMNS, grid.title, notes)
     chart = save_memory_chart(out / "profile.png", rows, env["gpu_memory_bytes"], f"{grid.title} (measured)")
     ooms = sum(r.status != "OK" for r in rows)

@@ -36,27 +36,119 @@ T = torch.Tensor
 
 # CUDA autocast's "lower precision" list (PyTorch autocast op reference, CUDA section).
 _LOWER = {
-    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-    torch.conv1d, torch.conv2d, torch.conv3d, torch.convolution, F.linear, F.prelu,
-    torch.addmm, torch.addmv, torch.addr, torch.matmul, torch.einsum, torch.mm, torch.mv,
-    torch.addbmm, torch.baddbmm, torch.bmm, torch.chain_matmul, torch.linalg.multi_dot,
-    T.matmul, T.__matmul__, T.__rmatmul__, T.mm, T.mv, T.bmm, T.baddbmm, T.addmm, T.addbmm, T.addmv, T.addr,
+    F.conv1d,
+    F.conv2d,
+    F.conv3d,
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+    torch.conv1d,
+    torch.conv2d,
+    torch.conv3d,
+    torch.convolution,
+    F.linear,
+    F.prelu,
+    torch.addmm,
+    torch.addmv,
+    torch.addr,
+    torch.matmul,
+    torch.einsum,
+    torch.mm,
+    torch.mv,
+    torch.addbmm,
+    torch.baddbmm,
+    torch.bmm,
+    torch.chain_matmul,
+    torch.linalg.multi_dot,
+    T.matmul,
+    T.__matmul__,
+    T.__rmatmul__,
+    T.mm,
+    T.mv,
+    T.bmm,
+    T.baddbmm,
+    T.addmm,
+    T.addbmm,
+    T.addmv,
+    T.addr,
     F.scaled_dot_product_attention,
 }
 # CUDA autocast's "float32" list (ops that run in fp32 whatever their input dtype).
 _FP32 = {
-    F.group_norm, F.layer_norm, torch.group_norm, torch.layer_norm, F.softmax, F.log_softmax, torch.softmax,
-    torch.log_softmax, T.softmax, T.log_softmax, F.interpolate, F.upsample, F.mse_loss, F.l1_loss,
-    F.smooth_l1_loss, F.huber_loss, F.kl_div, F.nll_loss, F.cross_entropy, F.binary_cross_entropy_with_logits,
-    F.cosine_similarity, F.softplus, torch.exp, torch.log, torch.log2, torch.log10, torch.log1p, torch.expm1,
-    torch.pow, torch.reciprocal, torch.rsqrt, torch.acos, torch.asin, torch.cosh, torch.sinh, torch.tan,
-    torch.erfinv, torch.norm, torch.cumsum, torch.cumprod, torch.logsumexp, torch.cdist, torch.dist,
-    T.exp, T.log, T.log2, T.log10, T.log1p, T.expm1, T.pow, T.__pow__, T.reciprocal, T.rsqrt, T.norm,
-    T.cumsum, T.cumprod, T.logsumexp,
+    F.group_norm,
+    F.layer_norm,
+    torch.group_norm,
+    torch.layer_norm,
+    F.softmax,
+    F.log_softmax,
+    torch.softmax,
+    torch.log_softmax,
+    T.softmax,
+    T.log_softmax,
+    F.interpolate,
+    F.upsample,
+    F.mse_loss,
+    F.l1_loss,
+    F.smooth_l1_loss,
+    F.huber_loss,
+    F.kl_div,
+    F.nll_loss,
+    F.cross_entropy,
+    F.binary_cross_entropy_with_logits,
+    F.cosine_similarity,
+    F.softplus,
+    torch.exp,
+    torch.log,
+    torch.log2,
+    torch.log10,
+    torch.log1p,
+    torch.expm1,
+    torch.pow,
+    torch.reciprocal,
+    torch.rsqrt,
+    torch.acos,
+    torch.asin,
+    torch.cosh,
+    torch.sinh,
+    torch.tan,
+    torch.erfinv,
+    torch.norm,
+    torch.cumsum,
+    torch.cumprod,
+    torch.logsumexp,
+    torch.cdist,
+    torch.dist,
+    T.exp,
+    T.log,
+    T.log2,
+    T.log10,
+    T.log1p,
+    T.expm1,
+    T.pow,
+    T.__pow__,
+    T.reciprocal,
+    T.rsqrt,
+    T.norm,
+    T.cumsum,
+    T.cumprod,
+    T.logsumexp,
 }
 # Ops whose float inputs are promoted to the widest float dtype among them.
-_PROMOTE = {torch.cat, torch.stack, torch.addcmul, torch.addcdiv, torch.atan2, torch.cross, torch.dot,
-            torch.tensordot, torch.index_put, torch.scatter_add, torch.index_copy, F.grid_sample, F.bilinear}
+_PROMOTE = {
+    torch.cat,
+    torch.stack,
+    torch.addcmul,
+    torch.addcdiv,
+    torch.atan2,
+    torch.cross,
+    torch.dot,
+    torch.tensordot,
+    torch.index_put,
+    torch.scatter_add,
+    torch.index_copy,
+    F.grid_sample,
+    F.bilinear,
+}
 
 _LOW_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -140,12 +232,12 @@ def _gpu_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     """The fused kernel a GPU picks for SDPA: flash for half precision, memory-efficient otherwise."""
     head_dim = query.shape[-1]
     if attn_mask is None and query.dtype in _LOW_DTYPES and head_dim <= 256 and not enable_gqa:
-        out = torch.ops.aten._scaled_dot_product_flash_attention(
-            query, key, value, dropout_p, is_causal, False, scale=scale)
+        out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False, scale=scale)
         return out[0]
     if not enable_gqa:
         out = torch.ops.aten._scaled_dot_product_efficient_attention(
-            query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale)
+            query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale
+        )
         return out[0]
     return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa=enable_gqa)
 

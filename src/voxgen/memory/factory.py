@@ -15,13 +15,14 @@ import dataclasses
 import importlib
 import inspect
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from voxgen.errors import ConfigError
+
 
 def parse_input_shape(text: str) -> tuple[int, int, int, int]:
     """'2,160,256,256' -> (C, D, H, W)."""
@@ -97,23 +98,37 @@ def build_factory_module(spec: str, input_shape: Sequence[int], out_channels: in
     expected = (1, out_channels, *input_shape[1:])
     if not isinstance(y, torch.Tensor) or tuple(y.shape) != expected:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ConfigError(f"--factory {spec}: output {got} for input {tuple(x.shape)}; expected {expected} "
-                          f"(--output-channels {out_channels})")
+        raise ConfigError(
+            f"--factory {spec}: output {got} for input {tuple(x.shape)}; expected {expected} (--output-channels {out_channels})"
+        )
     return model
 
 
 def factory_overrides(input_shape: Sequence[int], out_channels: int) -> list[str]:
     c, d, h, w = input_shape
     if out_channels > c:
-        raise ConfigError(f"--output-channels {out_channels} is more than the {c} input channels: the training step "
-                          "feeds the noised target (N channels) plus conditions (C - N) to the network")
+        raise ConfigError(
+            f"--output-channels {out_channels} is more than the {c} input channels: the training step "
+            "feeds the noised target (N channels) plus conditions (C - N) to the network"
+        )
     mode = "seg" if out_channels == c else "bravo"
-    return ["space=pixel", f"mode={mode}", f"model.in_channels={c}", f"model.out_channels={out_channels}",
-            f"data.shape=[{d},{h},{w}]"]
+    return [
+        "space=pixel",
+        f"mode={mode}",
+        f"model.in_channels={c}",
+        f"model.out_channels={out_channels}",
+        f"data.shape=[{d},{h},{w}]",
+    ]
 
 
-def plan_factory(spec: str, input_shape: Sequence[int], out_channels: int | None = None,
-                 overrides: Sequence[str] = (), files: Sequence[str] = (), gpu_memory_bytes: int | None = None):
+def plan_factory(
+    spec: str,
+    input_shape: Sequence[int],
+    out_channels: int | None = None,
+    overrides: Sequence[str] = (),
+    files: Sequence[str] = (),
+    gpu_memory_bytes: int | None = None,
+):
     """Plan of one training step of the factory's network; `overrides` set batch size, precision..."""
     from voxgen.config import compose
     from voxgen.memory.planner import DEFAULT_GPU_MEMORY, plan

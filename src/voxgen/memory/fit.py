@@ -10,8 +10,8 @@ listed as invalid with their one-line reason.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from voxgen.errors import ConfigError
 from voxgen.memory.tables import GiB, Network
@@ -70,10 +70,17 @@ class Candidate:
     def to_json(self) -> dict:
         n = self.network
         return {
-            "label": self.label, "overrides": self.overrides, "status": self.status, "reason": self.reason or None,
-            "params": n.params if n else None, "tokens": n.tokens if n else None, "voxels": n.voxels if n else None,
-            "shape": list(n.shape) if n else None, "peak_bytes": self.peak_bytes,
-            "peak_bytes_first_step": self.peak_bytes_first_step, "peak_phase": self.peak_phase,
+            "label": self.label,
+            "overrides": self.overrides,
+            "status": self.status,
+            "reason": self.reason or None,
+            "params": n.params if n else None,
+            "tokens": n.tokens if n else None,
+            "voxels": n.voxels if n else None,
+            "shape": list(n.shape) if n else None,
+            "peak_bytes": self.peak_bytes,
+            "peak_bytes_first_step": self.peak_bytes_first_step,
+            "peak_phase": self.peak_phase,
             "peak_module": self.peak_module,
         }
 
@@ -93,13 +100,17 @@ class FitResult:
     def why_not_next(self) -> str:
         if self.next_up is None:
             return "it is the largest candidate" if self.best else "no candidate is valid"
-        return (f"next one up, {self.next_up.label} ({self.next_up.network.params / 1e6:.1f} M parameters), "
-                f"needs {self.next_up.peak_bytes / GiB:.2f} GiB > budget {self.budget_bytes / GiB:.2f} GiB "
-                f"({self.gpu_memory_bytes / GiB:.0f} GiB - {100 * self.margin:.0f}%)")
+        return (
+            f"next one up, {self.next_up.label} ({self.next_up.network.params / 1e6:.1f} M parameters), "
+            f"needs {self.next_up.peak_bytes / GiB:.2f} GiB > budget {self.budget_bytes / GiB:.2f} GiB "
+            f"({self.gpu_memory_bytes / GiB:.0f} GiB - {100 * self.margin:.0f}%)"
+        )
 
     def to_json(self) -> dict:
         return {
-            "gpu_memory_bytes": self.gpu_memory_bytes, "margin": self.margin, "budget_bytes": self.budget_bytes,
+            "gpu_memory_bytes": self.gpu_memory_bytes,
+            "margin": self.margin,
+            "budget_bytes": self.budget_bytes,
             "best": self.best.to_json() if self.best else None,
             "next_up": self.next_up.to_json() if self.next_up else None,
             "why_not_next": self.why_not_next(),
@@ -120,9 +131,16 @@ def _order_key(c: Candidate):
     return (c.network.params, c.network.size)
 
 
-def fit(axes: Sequence[tuple[str, list[str]]], gpu_memory_bytes: int, margin: float = 0.1,
-        files: Sequence[str] = (), overrides: Sequence[str] = (), plan_all: bool = False,
-        planner: Callable | None = None, on_plan: Callable[[Candidate], None] | None = None) -> FitResult:
+def fit(
+    axes: Sequence[tuple[str, list[str]]],
+    gpu_memory_bytes: int,
+    margin: float = 0.1,
+    files: Sequence[str] = (),
+    overrides: Sequence[str] = (),
+    plan_all: bool = False,
+    planner: Callable | None = None,
+    on_plan: Callable[[Candidate], None] | None = None,
+) -> FitResult:
     """Search the product of `axes` (over `files` and `overrides`) for the largest config that fits.
 
     `planner(cfg, gpu_memory_bytes) -> Plan` defaults to the memory planner; `on_plan` is called
@@ -178,8 +196,15 @@ def format_table(result: FitResult) -> list[str]:
         verdict = {INVALID: f"invalid: {c.reason}", NOT_PLANNED: "smaller (not planned; --all plans it)"}.get(c.status, c.status)
         if c is result.best:
             verdict = "FITS <- largest"
-        rows.append((c.label, f"{n.params / 1e6:.1f}" if n else "-", size or "-",
-                     f"{c.peak_bytes / GiB:.2f}" if c.peak_bytes is not None else "-",
-                     f"{c.peak_bytes_first_step / GiB:.2f}" if c.peak_bytes_first_step is not None else "-", verdict))
+        rows.append(
+            (
+                c.label,
+                f"{n.params / 1e6:.1f}" if n else "-",
+                size or "-",
+                f"{c.peak_bytes / GiB:.2f}" if c.peak_bytes is not None else "-",
+                f"{c.peak_bytes_first_step / GiB:.2f}" if c.peak_bytes_first_step is not None else "-",
+                verdict,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]

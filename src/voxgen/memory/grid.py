@@ -32,9 +32,9 @@ import itertools
 import json
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -107,6 +107,7 @@ def _files(value, base: Path, where: str) -> list[Path]:
 
 def fill_template(template: str, values: dict) -> str:
     """'S-p{model.patch_size}' with {'model.patch_size': 2} -> 'S-p2'."""
+
     def sub(match):
         key = match.group(1)
         if key not in values:
@@ -169,8 +170,12 @@ def load_grid(path: str | Path) -> tuple[Grid, list[tuple[GridEntry, bool]]]:
         unknown = set(spec) - _ENTRY_KEYS
         if unknown:
             raise ConfigError(f"{where}: unknown field {sorted(unknown)[0]!r} (fields: {', '.join(sorted(_ENTRY_KEYS))})")
-        entry = GridEntry(str(spec["name"]), overrides_of(spec.get("overrides"), where),
-                          _files(spec.get("config"), base_dir, where), spec.get("series"))
+        entry = GridEntry(
+            str(spec["name"]),
+            overrides_of(spec.get("overrides"), where),
+            _files(spec.get("config"), base_dir, where),
+            spec.get("series"),
+        )
         items.append((entry, False))
     products = data.get("product") or []
     for i, spec in enumerate(products if isinstance(products, list) else [products]):
@@ -193,17 +198,22 @@ def describe(cfg) -> Network:
 
     Raises the model's ConfigError for configs it cannot build (shape not divisible, ...).
     """
-    from voxgen.models.transformer import PatchEmbed
     from voxgen.diffusion.parts import build_parts
+    from voxgen.models.transformer import PatchEmbed
 
     with torch.device("meta"):
         parts = build_parts(cfg, "meta")
     net = parts.network
     patch = next((m.proj.kernel_size[0] for m in parts.model.modules() if isinstance(m, PatchEmbed)), None)
     return Network(
-        model=cfg.model.name, shape=net.shape,
-        in_channels=net.in_channels, out_channels=net.out_channels, params=sum(p.numel() for p in parts.model.parameters()),
-        patch=patch, batch_size=cfg.training.batch_size, precision=cfg.training.precision,
+        model=cfg.model.name,
+        shape=net.shape,
+        in_channels=net.in_channels,
+        out_channels=net.out_channels,
+        params=sum(p.numel() for p in parts.model.parameters()),
+        patch=patch,
+        batch_size=cfg.training.batch_size,
+        precision=cfg.training.precision,
     )
 
 
@@ -254,14 +264,21 @@ def plan_row(item: Resolved, gpu_memory_bytes: int) -> Row:
 
     result = plan(item.cfg, gpu_memory_bytes)
     return Row(
-        config=item.entry.name, network=item.network, series=item.series, gpu_memory_bytes=gpu_memory_bytes,
-        planned_first=result.peak_bytes_first_step, planned_steady=result.peak_bytes, fits=result.fits,
-        peak_phase=result.peak_phase, peak_module=result.peak_module,
+        config=item.entry.name,
+        network=item.network,
+        series=item.series,
+        gpu_memory_bytes=gpu_memory_bytes,
+        planned_first=result.peak_bytes_first_step,
+        planned_steady=result.peak_bytes,
+        fits=result.fits,
+        peak_phase=result.peak_phase,
+        peak_module=result.peak_module,
     )
 
 
-def run_grid(items: Sequence[Resolved], work: Callable[[Resolved], Row], label: str, where: str,
-             progress: bool = True) -> tuple[list[Row], float]:
+def run_grid(
+    items: Sequence[Resolved], work: Callable[[Resolved], Row], label: str, where: str, progress: bool = True
+) -> tuple[list[Row], float]:
     """`work` on every resolved entry with a progress bar (stderr); rows and wall seconds.
 
     A ConfigError raised while working on an entry is re-raised naming the entry.

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from voxgen.errors import ConfigError
 from voxgen.diffusion.parts import build_parts
+from voxgen.errors import ConfigError
 from voxgen.memory.allocator import replay
 from voxgen.memory.cuda_emulation import CudaSemantics, emulated_autocast_policy
 from voxgen.memory.tracker import AllocationTracker, track_modules
@@ -142,12 +142,12 @@ def _kernel_workspaces(tracker: AllocationTracker, func, args, out) -> None:
     where = tracker._where
     if func is torch.ops.aten.convolution.default and CONV_WORKSPACE:
         x, w = args[0], args[1]
-        tracker.transient(conv_workspace_bytes(x.shape, w.shape, out.shape, x.element_size()),
-                          f"{where()} (cuDNN workspace)")
+        tracker.transient(conv_workspace_bytes(x.shape, w.shape, out.shape, x.element_size()), f"{where()} (cuDNN workspace)")
     elif func is torch.ops.aten.convolution_backward.default and CONV_WORKSPACE:
         grad_out, x, w = args[0], args[1], args[2]
-        tracker.transient(conv_workspace_bytes(x.shape, w.shape, grad_out.shape, x.element_size()),
-                          f"{where()} (cuDNN workspace)")
+        tracker.transient(
+            conv_workspace_bytes(x.shape, w.shape, grad_out.shape, x.element_size()), f"{where()} (cuDNN workspace)"
+        )
     elif func is torch.ops.aten._softmax_backward_data.default:
         grad, output = args[0], args[1]
         itemsize = torch.promote_types(grad.dtype, output.dtype).itemsize
@@ -176,8 +176,9 @@ def _run_step(tracker, parts, optimizer, batch, cfg, ids) -> tuple:
     train_step(parts, optimizer, batch, None, cfg.training.grad_clip)
     params = [p for p in parts.model.parameters()]
     ids["gradients"] = {tracker.storage_id(p.grad) for p in params if p.grad is not None}
-    ids["optimizer"] = {tracker.storage_id(t) for s in optimizer.state.values() for t in s.values()
-                        if isinstance(t, torch.Tensor)}
+    ids["optimizer"] = {
+        tracker.storage_id(t) for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)
+    }
     peak = tracker.peak
     return peak, _breakdown(tracker, ids)
 
@@ -242,4 +243,3 @@ def plan(cfg, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY, model: torch.nn.Module
         reserved_bytes_first_step=first_replay.peak_reserved,
         allocator_oom=full_replay.oom,
     )
-

@@ -17,8 +17,8 @@ as the planner's workspace allowance assumes.
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -47,8 +47,8 @@ def require_cuda() -> None:
     if not torch.cuda.is_available():
         build = torch.__version__ + ("" if torch.version.cuda else " (a CPU-only build)")
         raise VoxgenError(
-            f"voxgen profile needs a CUDA GPU, and torch {build} sees none; "
-            "`voxgen plan` predicts the same figures without one")
+            f"voxgen profile needs a CUDA GPU, and torch {build} sees none; `voxgen plan` predicts the same figures without one"
+        )
 
 
 def environment(device: torch.device | str = "cuda") -> dict:
@@ -56,8 +56,11 @@ def environment(device: torch.device | str = "cuda") -> dict:
     props = torch.cuda.get_device_properties(device)
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {
-        "gpu": props.name, "gpu_memory_bytes": int(props.total_memory), "torch": torch.__version__,
-        "cuda": torch.version.cuda or "", "cudnn": str(cudnn) if cudnn else "",
+        "gpu": props.name,
+        "gpu_memory_bytes": int(props.total_memory),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "",
+        "cudnn": str(cudnn) if cudnn else "",
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
     }
 
@@ -134,8 +137,7 @@ def profile(cfg, device: torch.device | str = "cuda", memory=None) -> Measuremen
 
     memory.release()
     try:
-        status, peaks = measure([("build", build, False), ("first step", step, True), ("steady step", step, True)],
-                                memory)
+        status, peaks = measure([("build", build, False), ("first step", step, True), ("steady step", step, True)], memory)
     finally:
         state.clear()
         memory.release()

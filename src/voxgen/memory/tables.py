@@ -11,9 +11,9 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from voxgen.files import write_atomic
 
@@ -21,22 +21,62 @@ GiB = 2**30
 
 # Columns of a planner table and of a profiler table; the first ones are shared so the two
 # files line up when compared side by side.
-NETWORK_COLUMNS = ["config", "model", "D", "H", "W", "patch", "tokens", "voxels", "in_channels", "out_channels",
-                   "batch_size", "precision", "params_m"]
+NETWORK_COLUMNS = [
+    "config",
+    "model",
+    "D",
+    "H",
+    "W",
+    "patch",
+    "tokens",
+    "voxels",
+    "in_channels",
+    "out_channels",
+    "batch_size",
+    "precision",
+    "params_m",
+]
 PLAN_COLUMNS = NETWORK_COLUMNS + ["first_step_gib", "steady_gib", "gpu_gib", "fits", "peak_phase", "peak_module"]
-PROFILE_COLUMNS = NETWORK_COLUMNS + ["first_step_gib", "steady_gib", "reserved_first_gib", "reserved_steady_gib",
-                                     "status", "planned_first_gib", "planned_steady_gib", "error_first_pct",
-                                     "error_steady_pct", "gpu", "torch", "cudnn"]
+PROFILE_COLUMNS = NETWORK_COLUMNS + [
+    "first_step_gib",
+    "steady_gib",
+    "reserved_first_gib",
+    "reserved_steady_gib",
+    "status",
+    "planned_first_gib",
+    "planned_steady_gib",
+    "error_first_pct",
+    "error_steady_pct",
+    "gpu",
+    "torch",
+    "cudnn",
+]
 
 # Markdown headers (the CSV keeps the machine-readable names above).
 _LABELS = {
-    "config": "config", "model": "model", "patch": "patch", "tokens": "tokens", "voxels": "voxels",
-    "in_channels": "in", "out_channels": "out", "batch_size": "batch", "precision": "precision",
-    "params_m": "params M", "first_step_gib": "first step GiB", "steady_gib": "steady GiB", "gpu_gib": "GPU GiB",
-    "fits": "fits", "peak_phase": "peak phase", "peak_module": "peak module",
-    "reserved_first_gib": "reserved first GiB", "reserved_steady_gib": "reserved steady GiB", "status": "status",
-    "planned_first_gib": "planned first GiB", "planned_steady_gib": "planned steady GiB",
-    "error_first_pct": "error first", "error_steady_pct": "error steady",
+    "config": "config",
+    "model": "model",
+    "patch": "patch",
+    "tokens": "tokens",
+    "voxels": "voxels",
+    "in_channels": "in",
+    "out_channels": "out",
+    "batch_size": "batch",
+    "precision": "precision",
+    "params_m": "params M",
+    "first_step_gib": "first step GiB",
+    "steady_gib": "steady GiB",
+    "gpu_gib": "GPU GiB",
+    "fits": "fits",
+    "peak_phase": "peak phase",
+    "peak_module": "peak module",
+    "reserved_first_gib": "reserved first GiB",
+    "reserved_steady_gib": "reserved steady GiB",
+    "status": "status",
+    "planned_first_gib": "planned first GiB",
+    "planned_steady_gib": "planned steady GiB",
+    "error_first_pct": "error first",
+    "error_steady_pct": "error steady",
 }
 # Columns left out of the Markdown table (constant over a table: said once above it).
 _MARKDOWN_SKIP = {"gpu", "torch", "cudnn"}
@@ -95,19 +135,32 @@ class Row:
         """Every column of either table, formatted as it appears in the files."""
         n = self.network
         rec = {
-            "config": self.config, "model": n.model, "D": str(n.shape[0]), "H": str(n.shape[1]), "W": str(n.shape[2]),
-            "patch": _opt(n.patch), "tokens": _opt(n.tokens), "voxels": str(n.voxels),
-            "in_channels": str(n.in_channels), "out_channels": str(n.out_channels),
-            "batch_size": str(n.batch_size), "precision": n.precision, "params_m": f"{n.params / 1e6:.1f}",
+            "config": self.config,
+            "model": n.model,
+            "D": str(n.shape[0]),
+            "H": str(n.shape[1]),
+            "W": str(n.shape[2]),
+            "patch": _opt(n.patch),
+            "tokens": _opt(n.tokens),
+            "voxels": str(n.voxels),
+            "in_channels": str(n.in_channels),
+            "out_channels": str(n.out_channels),
+            "batch_size": str(n.batch_size),
+            "precision": n.precision,
+            "params_m": f"{n.params / 1e6:.1f}",
             "gpu_gib": _gib(self.gpu_memory_bytes, 1),
             "fits": "" if self.fits is None else ("yes" if self.fits else "no"),
-            "peak_phase": self.peak_phase, "peak_module": self.peak_module,
-            "reserved_first_gib": _gib(self.reserved_first), "reserved_steady_gib": _gib(self.reserved_steady),
+            "peak_phase": self.peak_phase,
+            "peak_module": self.peak_module,
+            "reserved_first_gib": _gib(self.reserved_first),
+            "reserved_steady_gib": _gib(self.reserved_steady),
             "status": self.status,
-            "planned_first_gib": _gib(self.planned_first), "planned_steady_gib": _gib(self.planned_steady),
+            "planned_first_gib": _gib(self.planned_first),
+            "planned_steady_gib": _gib(self.planned_steady),
             "error_first_pct": _error(self.planned_first, self.measured_first),
             "error_steady_pct": _error(self.planned_steady, self.measured_steady),
-            "gpu": self.environment.get("gpu", ""), "torch": self.environment.get("torch", ""),
+            "gpu": self.environment.get("gpu", ""),
+            "torch": self.environment.get("torch", ""),
             "cudnn": self.environment.get("cudnn", ""),
         }
         measured = self.measured_first is not None or self.status
@@ -166,8 +219,9 @@ def to_markdown(rows: Iterable[Row], columns: Sequence[str], title: str = "", no
     return "\n".join(lines) + "\n"
 
 
-def write_tables(rows: Sequence[Row], out_dir: str | Path, stem: str, columns: Sequence[str], title: str,
-                 notes: Sequence[str] = ()) -> tuple[Path, Path]:
+def write_tables(
+    rows: Sequence[Row], out_dir: str | Path, stem: str, columns: Sequence[str], title: str, notes: Sequence[str] = ()
+) -> tuple[Path, Path]:
     """DIR/STEM.csv and DIR/STEM.md; returns their paths."""
     out_dir = Path(out_dir)
     csv_path = write_atomic(out_dir / f"{stem}.csv", to_csv(rows, columns))

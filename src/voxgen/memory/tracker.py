@@ -162,5 +162,4 @@ def track_modules(model: nn.Module, tracker: AllocationTracker):
         if module in names and tracker.module_stack:
             tracker.module_stack.pop()
 
-    return (nn.modules.module.register_module_forward_pre_hook(pre),
-            nn.modules.module.register_module_forward_hook(post))
+    return (nn.modules.module.register_module_forward_pre_hook(pre), nn.modules.module.register_module_forward_hook(post))

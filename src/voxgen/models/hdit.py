@@ -22,7 +22,7 @@ design reproduces the parameter counts of the profiled reference models to 0.1%.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -12,8 +12,8 @@ Python runs that `__init__` before any `voxgen.models.*` module, so every import
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn

@@ -13,7 +13,8 @@ family lists its blocks in `transformer_blocks()`, which its factory hands to
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

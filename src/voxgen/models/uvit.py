@@ -23,8 +23,8 @@ Conditions enter as extra input channels (see `mode`), so there is no class toke
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -65,9 +65,7 @@ def uvit_size(variant: str, hidden_size: int | None = None, depth: int | None = 
             raise ConfigError(f"{key}={value} must be at least 1")
     hidden = size.hidden if hidden_size is None else hidden_size
     if hidden % size.heads:
-        raise ConfigError(
-            f"model.hidden_size={hidden} is not divisible by the {size.heads} heads of U-ViT variant {variant}"
-        )
+        raise ConfigError(f"model.hidden_size={hidden} is not divisible by the {size.heads} heads of U-ViT variant {variant}")
     depth = size.depth if depth is None else depth
     if depth % 2 == 0:
         raise ConfigError(f"model.depth={depth} must be odd for U-ViT (in blocks, one middle block, as many out blocks)")

@@ -23,7 +23,7 @@ parameter counts (74M, 77M, 268M, 279M, 639M).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

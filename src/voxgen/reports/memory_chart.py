@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from voxgen.reports import save_png
 
@@ -73,8 +73,7 @@ def save_memory_chart(path: str | Path, rows: Sequence, gpu_memory_bytes: int | 
             any_measured |= any(m for *_, m in pts)
             if ok:
                 ax.plot([p[0] for p in ok], [p[1] for p in ok], "-o", color=color, label=series, markersize=6, lw=1.5)
-                ax.plot([p[0] for p in ok if p[2]], [p[2] for p in ok if p[2]], "o", mfc="none", color=color,
-                        markersize=10, lw=0)
+                ax.plot([p[0] for p in ok if p[2]], [p[2] for p in ok if p[2]], "o", mfc="none", color=color, markersize=10, lw=0)
             ooms = [r.network.size for r in srows if r.status.startswith("OOM")]
             if ooms and gpu_gib:
                 ax.plot(ooms, [gpu_gib] * len(ooms), "x", color="red", markersize=10, mew=2)
@@ -86,8 +85,16 @@ def save_memory_chart(path: str | Path, rows: Sequence, gpu_memory_bytes: int | 
         _place_labels(ax, labels)
         if gpu_gib:
             ax.axhline(gpu_gib, color="red", ls="--", lw=1)
-            ax.text(0.99, gpu_gib, f"GPU {gpu_gib:.0f} GiB", color="red", fontsize=8, va="bottom", ha="right",
-                    transform=ax.get_yaxis_transform())
+            ax.text(
+                0.99,
+                gpu_gib,
+                f"GPU {gpu_gib:.0f} GiB",
+                color="red",
+                fontsize=8,
+                va="bottom",
+                ha="right",
+                transform=ax.get_yaxis_transform(),
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(FixedLocator(_NICE))
@@ -100,8 +107,10 @@ def save_memory_chart(path: str | Path, rows: Sequence, gpu_memory_bytes: int | 
         ax.grid(True, which="major", alpha=0.4)
         ax.grid(True, which="minor", alpha=0.15)
         handles, names = ax.get_legend_handles_labels()
-        handles = [plt.Line2D([], [], marker="o", color="0.3", lw=0, markersize=6),
-                   plt.Line2D([], [], marker="o", mfc="none", color="0.3", lw=0, markersize=9)] + handles
+        handles = [
+            plt.Line2D([], [], marker="o", color="0.3", lw=0, markersize=6),
+            plt.Line2D([], [], marker="o", mfc="none", color="0.3", lw=0, markersize=9),
+        ] + handles
         names = ["steady step", "first step (fresh optimiser)"] + names
         ax.legend(handles, names, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         # Room on the right for the names of the largest points (log axis: in decades).

@@ -96,14 +96,22 @@ class Position:
     history: list[dict] = field(default_factory=list)
 
 
-def checkpoint_payload(model: nn.Module, ema, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                       position: Position, *, lr_scale: float, guards: dict, config: dict) -> tuple[dict, dict]:
+def checkpoint_payload(
+    model: nn.Module,
+    ema,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    position: Position,
+    *,
+    lr_scale: float,
+    guards: dict,
+    config: dict,
+) -> tuple[dict, dict]:
     """(tensors, state) of a checkpoint: weights, EMA, optimiser and RNG as tensors under the
     prefixes model/, ema/, optimizer/, rng/; everything else as JSON-able state."""
     optim_tensors, groups = optimizer_to_checkpoint(optimizer)
     rng_tensors, rng_state = rng_to_checkpoint(generator)
-    prefixed = {"model/": model.state_dict(), "ema/": ema.module.state_dict(), "optimizer/": optim_tensors,
-                "rng/": rng_tensors}
+    prefixed = {"model/": model.state_dict(), "ema/": ema.module.state_dict(), "optimizer/": optim_tensors, "rng/": rng_tensors}
     tensors = {prefix + name: t for prefix, part in prefixed.items() for name, t in part.items()}
     state = {
         "step": position.step,
@@ -123,8 +131,9 @@ def checkpoint_payload(model: nn.Module, ema, optimizer: torch.optim.Optimizer, 
     return tensors, state
 
 
-def restore_weights(tensors: dict[str, torch.Tensor], state: dict, model: nn.Module, ema,
-                    optimizer: torch.optim.Optimizer) -> Position:
+def restore_weights(
+    tensors: dict[str, torch.Tensor], state: dict, model: nn.Module, ema, optimizer: torch.optim.Optimizer
+) -> Position:
     """Load weights, EMA and optimiser of a checkpoint (what a rollback restores); its data position."""
     model.load_state_dict(split_prefix(tensors, "model/"))
     ema.module.load_state_dict(split_prefix(tensors, "ema/"))

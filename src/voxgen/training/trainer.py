@@ -113,8 +113,16 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------
     def _save(self) -> Path:
         """Checkpoint the whole training state; CheckpointError (disk full, I/O error) stops the run."""
-        tensors, state = checkpoint_payload(self.parts.model, self.ema, self.optimizer, self.generator, self.position,
-                                            lr_scale=self.lr_scale, guards=self.guards.state_dict(), config=to_dict(self.cfg))
+        tensors, state = checkpoint_payload(
+            self.parts.model,
+            self.ema,
+            self.optimizer,
+            self.generator,
+            self.position,
+            lr_scale=self.lr_scale,
+            guards=self.guards.state_dict(),
+            config=to_dict(self.cfg),
+        )
         c, step = self.cfg.checkpoint, self.position.step
         with self._in_phase(f"checkpoint at step {step}"):
             folder = store.save_checkpoint(self.run_dir, step, tensors, state, c.max_shard_bytes)
@@ -161,16 +169,20 @@ class Trainer:
         self.guards.rolled_back()
         found = self._last_good_checkpoint()
         if found is None:
-            self.console.print(f"{skipped} skipped steps in a row at step {at} and no checkpoint to roll back to; "
-                               f"learning rate now {self.lr_scale:g}x")
+            self.console.print(
+                f"{skipped} skipped steps in a row at step {at} and no checkpoint to roll back to; "
+                f"learning rate now {self.lr_scale:g}x"
+            )
             return False
         _, tensors, state = found
         self.position = restore_weights(tensors, state, self.parts.model, self.ema, self.optimizer)
         # The checkpoint has the old LR scale and guard counts: a stop now must save anew.
         self._saved = None
         self._purge_logs_after(state["step"])
-        self.console.print(f"rolled back to step {state['step']} after {skipped} skipped steps (at step {at}); "
-                           f"learning rate now {self.lr_scale:g}x")
+        self.console.print(
+            f"rolled back to step {state['step']} after {skipped} skipped steps (at step {at}); "
+            f"learning rate now {self.lr_scale:g}x"
+        )
         return True
 
     def _open_writer(self) -> None:
@@ -193,8 +205,9 @@ class Trainer:
 
     def _check_data(self) -> None:
         """Read every case once before training: bad data stops the run now, not hours in."""
-        with Progress(TextColumn("[bold]reading data"), BarColumn(), MofNCompleteColumn(), console=self.console,
-                      transient=True) as bar:
+        with Progress(
+            TextColumn("[bold]reading data"), BarColumn(), MofNCompleteColumn(), console=self.console, transient=True
+        ) as bar:
             for dataset in (self.train_set, self.val_set):
                 task = bar.add_task(dataset.split, total=len(dataset))
                 for i in range(len(dataset)):
@@ -237,8 +250,9 @@ class Trainer:
 
         x0, cond = self.parts.mode.split(collate([self.val_set[0]]))
         sampling = sampling_settings(self.cfg.sample, self.parts.strategy, cond is not None)
-        sample = generate(self.ema_parts, [self.cfg.run.seed], cond, solver=sampling.solver,
-                          guidance_scale=sampling.guidance_scale).volumes
+        sample = generate(
+            self.ema_parts, [self.cfg.run.seed], cond, solver=sampling.solver, guidance_scale=sampling.guidance_scale
+        ).volumes
         image = mosaic_array([sample[0, 0].numpy(), x0[0, 0].numpy()])
         self.writer.add_image("samples/ema_vs_real", image[None], self.position.step, dataformats="CHW")
 
@@ -280,8 +294,9 @@ class Trainer:
         by = stop.name if stop.requested else "stop_at"
         code = stop.exit_code if stop.requested else EXIT_PREEMPTED
         when = f" during {stop.phase}" if stop.requested else ""
-        self.console.print(f"stopped at step {step} ({by}{when}): checkpoint {folder}; "
-                           f"run the same command to resume (exit {code})")
+        self.console.print(
+            f"stopped at step {step} ({by}{when}): checkpoint {folder}; run the same command to resume (exit {code})"
+        )
         return TrainResult(self.run_dir, step, p.history, True, resumed_from, code, by)
 
     def _should_stop(self, stop: StopRequest, stop_at: int | None) -> bool:
@@ -305,8 +320,16 @@ class Trainer:
         """Run steps until `training.steps`, a stop request or `stop_at`."""
         t = self.cfg.training
         ran, started = 0, time.perf_counter()
-        columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("loss {task.fields[loss]}")]
+        columns = [
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+        ]
         self.parts.model.train()
         # Between steps (fetching a batch, drawing the bar) a stop signal still lets the step
         # whose batch is being fetched run; "training" names that gap.
@@ -364,7 +387,8 @@ class Trainer:
         return False
 
 
-def train(cfg, console: Console | None = None, stop_at: int | None = None,
-          pending_signals: list[int] | None = None) -> TrainResult:
+def train(
+    cfg, console: Console | None = None, stop_at: int | None = None, pending_signals: list[int] | None = None
+) -> TrainResult:
     """Build the trainer and fit; `pending_signals`: stop signals received before it started."""
     return Trainer(cfg, console).fit(stop_at, pending_signals)

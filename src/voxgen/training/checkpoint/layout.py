@@ -1,7 +1,7 @@
 """Names on disk and small helpers every part of the store shares.
 
-    RUN/checkpoints/step_NNNNNNNN/{tensors-*.safetensors, index.json, state.json}
-    RUN/checkpoints/{latest, best}     pointers: the name of one checkpoint folder, one line
+RUN/checkpoints/step_NNNNNNNN/{tensors-*.safetensors, index.json, state.json}
+RUN/checkpoints/{latest, best}     pointers: the name of one checkpoint folder, one line
 """
 
 from __future__ import annotations

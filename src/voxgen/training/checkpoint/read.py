@@ -172,9 +172,7 @@ def read_checkpoint(folder: Path, prefix: str | None = None) -> tuple[dict[str, 
     return dict(iter_tensors(folder, prefix)), state
 
 
-def load_latest(
-    run_dir: str | Path, warn=print, prefix: str | None = None
-) -> tuple[Path, dict[str, torch.Tensor], dict] | None:
+def load_latest(run_dir: str | Path, warn=print, prefix: str | None = None) -> tuple[Path, dict[str, torch.Tensor], dict] | None:
     """(folder, tensors, state) of the newest checkpoint that reads back whole, or None when the run has none.
 
     The `latest` pointer is tried first; a damaged checkpoint is reported through `warn` and

@@ -187,9 +187,7 @@ def save_checkpoint(
             raise
         free_now = _free_bytes(root)
         if committed:
-            raise CheckpointError(
-                f"checkpoint {root / name} written but not synced to disk: {exc.strerror or exc}"
-            ) from None
+            raise CheckpointError(f"checkpoint {root / name} written but not synced to disk: {exc.strerror or exc}") from None
         raise CheckpointError(
             f"checkpoint {root / name} not written: {exc.strerror or exc} while {doing} "
             f"({_sizes(needs, free_now)} in {root}); {intact}"
