@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.voxgen-installed
 # torch is pinned here (a local CPU build exists for this machine); the package itself asks for torch>=2.4.
 TORCH_PIN ?= torch==2.13.0
+# Test processes run torch on one thread each (tests/conftest.py): one worker per core.
+TEST_WORKERS ?= 2
 
 .PHONY: quickstart test install clean
 
@@ -22,7 +24,7 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info
