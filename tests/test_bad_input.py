@@ -25,19 +25,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from tiny_run import TINY_RUN
 from voxgen.cli import main
 
 # A model small enough that a run which wrongly gets past the data check still ends quickly.
-TINY = [
-    "data.shape=[16,16,16]",
-    "model.channels=[8,16]",
-    "model.attention_levels=[false,true]",
-    "model.num_head_channels=8",
-    "model.norm_num_groups=4",
-    "training.steps=2",
-    "training.val_batches=1",
-    "training.device=cpu",
-]
+TINY = [*TINY_RUN, "training.device=cpu"]
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -6,17 +6,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from tiny_run import TINY_RUN
 from voxgen.cli import main
 
-TINY = [
-    "data.shape=[16,16,16]",
-    "model.channels=[8,16]",
-    "model.attention_levels=[false,true]",
-    "model.num_head_channels=8",
-    "model.norm_num_groups=4",
-    "training.steps=2",
-    "training.val_batches=1",
-]
+TINY = TINY_RUN
 
 
 def _run(capsys, *argv):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tiny_run import TINY_RUN
 from voxgen.cli import main
 from voxgen.config import compose
 from voxgen.diffusion.sampling import sampling_settings
@@ -20,13 +21,7 @@ from voxgen.diffusion.strategies import build_strategy
 from voxgen.errors import ConfigError
 
 TINY = [
-    "data.shape=[16,16,16]",
-    "model.channels=[8,16]",
-    "model.attention_levels=[false,false]",
-    "model.num_head_channels=8",
-    "model.norm_num_groups=4",
-    "training.steps=2",
-    "training.val_batches=1",
+    *TINY_RUN,
     "training.val_every=2",
     "training.checkpoint_every=2",
     "training.device=cpu",

@@ -3,18 +3,10 @@
 import nibabel as nib
 import numpy as np
 
+from tiny_run import TINY_RUN
 from voxgen.cli import main
 
-TINY = [
-    "data.shape=[16,16,16]",
-    "model.channels=[8,16]",
-    "model.attention_levels=[false,true]",
-    "model.num_head_channels=8",
-    "model.norm_num_groups=4",
-    "training.steps=2",
-    "training.val_batches=1",
-    "training.batch_size=2",
-]
+TINY = [*TINY_RUN, "training.batch_size=2"]
 
 
 def test_samples_keep_the_data_affine_and_seeds_are_per_sample(phantom_root, tmp_path, capsys):

@@ -5,20 +5,12 @@ import math
 
 import pytest
 
+from tiny_run import TINY_RUN
 from voxgen.cli import main
 from voxgen.errors import VoxgenError
 from voxgen.evaluation.evaluate import RunEvaluator, expand_solvers, golden_section
 
-TINY = [
-    "data.shape=[16,16,16]",
-    "model.channels=[8,16]",
-    "model.attention_levels=[false,true]",
-    "model.num_head_channels=8",
-    "model.norm_num_groups=4",
-    "training.steps=2",
-    "training.val_batches=1",
-    "training.batch_size=2",
-]
+TINY = [*TINY_RUN, "training.batch_size=2"]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +58,7 @@ def test_nfe_is_the_number_of_network_calls(tiny_run):
     ev.parts.model.register_forward_hook(lambda *_: calls.append(1))
     for text in ("euler:3", "heun2:2", "dopri5:1e-2"):
         calls.clear()
-        row = ev.evaluate(ev.solver(text))
+        row = ev.evaluate(ev.sampling(text))
         assert row.nfe == len(calls), text  # one batch of both samples: calls = evaluations per volume
     assert row.setting == "tol 0.01"
 
@@ -124,7 +116,7 @@ def test_ms_ssim_uses_the_scales_that_fit_and_says_how_many(tiny_run):
     ev = RunEvaluator(tiny_run, samples=2, metrics=["ms_ssim"], batch_size=2)
     assert [c.metric.name for c in ev.columns] == ["ms_ssim"]
     assert note in ev.notes and note in ev.describe()
-    row = ev.evaluate(ev.solver("euler:1"))
+    row = ev.evaluate(ev.sampling("euler:1"))
     assert 0 <= row.values["MS-SSIM"] <= 1
     default = RunEvaluator(tiny_run, samples=2, batch_size=2)
     assert "ms_ssim" in [c.metric.name for c in default.columns]

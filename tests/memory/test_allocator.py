@@ -1,5 +1,7 @@
 """The caching-allocator model: pools, segment sizes, splitting, merging, release under pressure."""
 
+from test_planner import TINY
+
 from voxgen.config import compose
 from voxgen.memory.allocator import AllocatorReplay, replay, segment_size
 from voxgen.memory.planner import plan
@@ -71,17 +73,7 @@ def test_replay_of_an_event_log_matches_the_tracker_convention():
 
 
 def test_plan_reports_reserved_memory_at_least_the_allocated_peak():
-    cfg = compose(
-        [],
-        [
-            "model.channels=[16,32]",
-            "model.attention_levels=[false,true]",
-            "model.num_head_channels=16",
-            "model.norm_num_groups=8",
-            "data.shape=[8,16,16]",
-            "training.batch_size=1",
-        ],
-    )
+    cfg = compose([], TINY)
     result = plan(cfg)
     assert result.reserved_bytes >= result.peak_bytes
     assert result.reserved_bytes_first_step <= result.reserved_bytes

@@ -87,6 +87,10 @@ class Sampler:
         """The settings that follow the value in a spec text, as the text writes them."""
         return ", ".join(self.text_key(k) for k in self.settings if k != self.value) or "none"
 
+    def not_an_option(self, spec_text: str, setting: str) -> ConfigError:
+        """The one refusal of a setting this sampler does not have, from text, code or flag."""
+        return ConfigError(f"solver '{spec_text}': '{setting}' is not an option of {self.name} (options: {self.option_names()})")
+
 
 def _restart_check(s: dict) -> str | None:
     if not 0.0 < s["t_min"] < s["t_max"] <= 1.0:
@@ -152,7 +156,7 @@ class SolverSpec:
         entry = _entry(name, name)
         for key in given:
             if key not in entry.settings:
-                raise ConfigError(f"solver '{name}': '{key}' is not an option of {name} (options: {entry.option_names()})")
+                raise entry.not_an_option(name, key)
         object.__setattr__(self, "name", name)
         # Settings equal to their default are dropped: a spec is equal to its text's parse.
         object.__setattr__(self, "_given", {k: v for k, v in given.items() if v is not None and v != entry.settings[k]})
@@ -199,10 +203,7 @@ class SolverSpec:
         given = {k: v for k, v in given.items() if v is not None}
         for key, value in given.items():
             if key not in self.entry.settings:
-                raise ConfigError(
-                    f"solver '{self}': '{self.entry.text_key(key)}={value:g}' is not an option of "
-                    f"{self.name} (options: {self.entry.option_names()})"
-                )
+                raise self.entry.not_an_option(str(self), f"{self.entry.text_key(key)}={value:g}")
         return SolverSpec(self.name, **{**self._given, **given})
 
 
@@ -235,9 +236,7 @@ def parse_solver(text: str, sample=None) -> SolverSpec:
         key, sep, val = pair.partition("=")
         keyword = entry.keyword(key.strip())
         if not sep or keyword not in entry.settings or keyword == entry.value:
-            raise ConfigError(
-                f"solver '{whole}': '{pair.strip()}' is not an option of {entry.name} (options: {entry.option_names()})"
-            )
+            raise entry.not_an_option(whole, pair.strip())
         given[keyword] = _number(val.strip(), entry.settings[keyword], keyword, whole)
     if sample is not None:
         defaults = {"steps": sample.steps, "tolerance": sample.tolerance, "shift": sample.shift, "eta": sample.eta}
@@ -251,14 +250,10 @@ def check_solver(spec: SolverSpec, complete: bool = True) -> None:
     """ConfigError unless the spec's settings are usable; with complete=False a missing number
     of steps or tolerance is allowed (filled in later)."""
     entry, s = spec.entry, spec.settings
-    if entry.value == "steps" and s["steps"] is None:
-        if complete:
-            raise ConfigError(f"solver '{spec}' needs a number of steps >= 1, e.g. {spec.name}:25")
-    elif entry.value == "steps" and s["steps"] < 1:
+    value = s[entry.value]  # steps (None until given) or tolerance (its keyword's default otherwise)
+    if entry.value == "steps" and (value is None and complete or value is not None and value < 1):
         raise ConfigError(f"solver '{spec}' needs a number of steps >= 1, e.g. {spec.name}:25")
-    if entry.value == "tolerance" and (
-        s["tolerance"] is None and complete or s["tolerance"] is not None and not 0.0 < s["tolerance"] < 1.0
-    ):
+    if entry.value == "tolerance" and not 0.0 < value < 1.0:
         raise ConfigError(f"solver '{spec}' needs a tolerance in (0, 1), e.g. {spec.name}:1e-3")
     if s.get("shift", 1.0) <= 0:
         raise ConfigError(f"solver '{spec}': shift must be positive")

@@ -15,7 +15,6 @@ from voxgen.data.layout import MASK_MODALITIES
 from voxgen.data.nifti import save_volume
 from voxgen.diffusion.generate import generate
 from voxgen.diffusion.samplers import SolverSpec, check_solver, check_strategy, parse_solver
-from voxgen.errors import ConfigError
 from voxgen.reports.mosaic import save_mosaic
 
 
@@ -42,17 +41,15 @@ def sampling_settings(
     `solver` (a spec text) replaces `sample.solver`, which null makes the strategy's default
     sampler; both are completed by `sample.steps`, `sample.tolerance`, `sample.shift` and
     `sample.eta`. `steps` and `shift` then replace the spec's settings, refused (ConfigError)
-    for a sampler without them, as the same settings in the spec text are. `guidance_scale`
-    replaces `sample.guidance_scale`; the config's scale is for conditional modes and is not
-    applied to unconditional ones, an explicit scale there is refused. Every check runs here,
-    before any sampling: the solver against the strategy too.
+    for a sampler without them, as the same settings in the spec text are; the solver is
+    checked against the strategy too. `guidance_scale` replaces `sample.guidance_scale`; the
+    config's scale is for conditional modes and is not applied to unconditional ones (an
+    explicit one there is refused by `generate`, before it samples).
     """
     text = solver or sample.solver or strategy.default_sampler
     spec = parse_solver(text, sample).with_settings(steps=steps, shift=shift)
     check_solver(spec)
     check_strategy(spec, strategy)
-    if guidance_scale is not None and guidance_scale != 1.0 and not conditional:
-        raise ConfigError(f"guidance scale {guidance_scale:g} needs a conditional mode; this mode has no condition (use 1)")
     scale = guidance_scale if guidance_scale is not None else sample.guidance_scale if conditional else 1.0
     return Sampling(spec, scale)
 

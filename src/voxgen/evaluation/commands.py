@@ -113,7 +113,7 @@ def run_evaluate(args) -> int:
     began = time.perf_counter()
     ev = _evaluator(args, _metric_list(args.metrics))
     texts = expand_solvers(args.solvers) if args.solvers else [ev.cfg.sample.solver]
-    settings = [ev.solver(t) for t in texts]  # every spec checked before any sampling starts
+    settings = [ev.sampling(t) for t in texts]  # every spec checked before any sampling starts
     headers = ev.headers()
     rows = []
     for i, sampling in enumerate(settings, 1):
@@ -155,7 +155,7 @@ def run_find_steps(args) -> int:
     rows = {}
 
     def objective(steps: int) -> float:
-        row = ev.evaluate(ev.solver(f"{args.solver}:{steps}"))
+        row = ev.evaluate(ev.sampling(f"{args.solver}:{steps}"))
         rows[steps] = row
         _say(f"{args.solver}:{steps}: {_line(row, [head])}")
         return sign * row.values[head]

@@ -177,7 +177,7 @@ class RunEvaluator:
             out.append(f"{c.modality} {head}" if self._several else head)
         return out
 
-    def solver(self, text: str):
+    def sampling(self, text: str):
         """How to sample with `text`: the SolverSpec completed by the run's sample settings
         (shift, eta), checked against the run's strategy, with the run's guidance scale."""
         from voxgen.diffusion.sampling import sampling_settings
@@ -190,20 +190,20 @@ class RunEvaluator:
         the first row's seconds per volume."""
         from voxgen.diffusion.sampling import sample_volumes
 
-        sampling = self.solver(f"{self.parts.strategy.default_sampler}:1")
+        one_step = self.sampling(f"{self.parts.strategy.default_sampler}:1")
         sample_volumes(
             self.cfg,
             self.parts,
             min(self.batch_size, self.samples),
             self.seed,
-            sampling,
+            one_step,
             split=self.split,
             batch_size=self.batch_size,
         )
         self._warm = True
 
     def evaluate(self, sampling, progress: Callable[[int], None] | None = None) -> Row:
-        """Sample with `sampling` (from `solver`) and compute every column."""
+        """Sample with `sampling` (from `sampling(text)`) and compute every column."""
         from voxgen.diffusion.sampling import sample_volumes
 
         if not self._warm:
