@@ -302,6 +302,39 @@ def _constant_image(root):
     return path
 
 
+def _header_claims_huge_volume(root):
+    """A file of about 60 bytes whose header claims 1600^3 voxels: reading it would allocate 4 GB."""
+    path = _case(root) / "bravo.nii.gz"
+    header = nib.Nifti1Header()
+    header.set_data_shape((1600, 1600, 1600))
+    header.set_data_dtype(np.uint8)
+    header.set_sform(_affine(path), code=1)
+    path.write_bytes(gzip.compress(header.binaryblock + bytes(4 + 16)))  # extension flag, 16 voxels
+    return path
+
+
+def _no_orientation(root):
+    path = _case(root) / "bravo.nii.gz"
+
+    def edit(header):
+        header["sform_code"] = 0
+        header["qform_code"] = 0
+
+    _edit_header(path, edit)
+    return path
+
+
+def _image_copied_into(split: str) -> Callable[[Path], Path]:
+    """A train case's image copied over the same modality of a case with another name in `split`."""
+
+    def plant(root):
+        path = _case(root, split) / "bravo.nii.gz"
+        shutil.copy(_case(root, "train") / "bravo.nii.gz", path)
+        return path
+
+    return plant
+
+
 DATA_FAULTS = [
     Fault("missing data root", _missing_root, "data folder not found"),
     Fault("data root is a file", _root_is_file, "data root is a file, not a folder"),
@@ -314,12 +347,28 @@ DATA_FAULTS = [
     Fault("unknown modality file", _unknown_modality_file, r"unknown file in case '\w+' .*did you mean 'bravo.nii.gz'"),
     Fault("modality is a folder", _modality_is_folder, "is a folder, not a NIfTI file"),
     Fault("case in two splits", _duplicate_case, r"case '\w+' is also in split 'train' .* leaks data"),
+    Fault(
+        "image copied into val",
+        _image_copied_into("val"),
+        r"same voxels as \S+/train/\w+/bravo\.nii\.gz in split 'train': the same image in two splits leaks data",
+    ),
+    Fault(
+        "image copied into test",
+        _image_copied_into("test"),
+        r"same voxels as \S+/train/\w+/bravo\.nii\.gz in split 'train': the same image in two splits leaks data",
+        training_refuses=False,
+    ),
     Fault("corrupt gzip", _corrupt_gzip, r"cannot read NIfTI \(corrupt gzip data"),
     Fault("truncated gzip", _truncated_gzip, r"cannot read NIfTI \(truncated file"),
     Fault("plain text", _plain_text, r"not gzip-compressed \(it looks like text starting 'this is not a NIfTI"),
     Fault("PNG renamed", _png_renamed, r"not gzip-compressed \(it looks like a PNG image\)"),
     Fault("gzip of text", _gzip_of_text, r"not a NIfTI image \(it holds text starting 'patient notes"),
     Fault("empty file", _empty_file, r"file is empty \(0 bytes\)"),
+    Fault(
+        "header claims a huge volume",
+        _header_claims_huge_volume,
+        r"header claims a 1600 x 1600 x 1600 uint8 volume \(4096000352 bytes\), more than \d+ bytes of gzip data",
+    ),
     pytest.param(
         Fault("unreadable file", _unreadable, "permission denied"),
         marks=pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file"),
@@ -332,6 +381,7 @@ DATA_FAULTS = [
     Fault("NaN and Inf voxels", _nan_voxels, "has 2 NaN or Inf voxels"),
     Fault("non-finite affine", _non_finite_affine, r"affine \(sform/qform\) has non-finite entries"),
     Fault("singular affine", _singular_affine, "affine is not invertible"),
+    Fault("no orientation", _no_orientation, r"both sform_code and qform_code are 0 \(no orientation\)"),
     Fault("negative voxel size", _negative_pixdim, r"voxel size in the header \(pixdim\) is -10 x"),
     Fault("voxels too large", _voxels_too_large, r"voxel size 30 x 30 x 30 mm \(x, y, z\) is implausible"),
     Fault("voxels too small", _voxels_too_small, r"voxel size 0.01 x 0.01 x 0.01 mm \(x, y, z\) is implausible"),

@@ -10,7 +10,9 @@ SRC = Path(__file__).parents[1] / "src" / "voxgen"
 
 # Lowest first. A module may import its own package and any lower layer.
 LAYERS = [
-    ("base", ["voxgen", "voxgen.errors", "voxgen.precision", "voxgen.files", "voxgen.reports"]),
+    ("base", ["voxgen", "voxgen.errors", "voxgen.precision"]),
+    ("files", ["voxgen.files"]),
+    ("figures", ["voxgen.reports"]),
     ("data and models", ["voxgen.data", "voxgen.models"]),
     ("diffusion", ["voxgen.diffusion"]),
     ("config", ["voxgen.config"]),

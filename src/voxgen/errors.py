@@ -25,3 +25,11 @@ class CheckpointError(VoxgenError):
 
 class TrainingCollapsed(VoxgenError):
     """Training degenerated: the model's predictions lost their spread (it predicts the mean)."""
+
+
+class TrainingDiverged(VoxgenError):
+    """Training cannot go on: weights or losses stay non-finite, rollbacks do not help."""
+
+
+class WriteError(VoxgenError):
+    """A file could not be written: disk full, read-only folder, I/O error."""

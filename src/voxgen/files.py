@@ -1,18 +1,68 @@
-"""Files written whole or not at all."""
+"""Files written whole or not at all, and one error for a write that fails.
+
+Every file of a run (config, history, samples, figures, reports) is written through
+`atomic_path`: into a temporary file beside it, fsynced, renamed into place, the folder
+fsynced. A kill leaves the old file or the new one, never half of one; a failed write (disk
+full, read-only folder, I/O error) removes the temporary file and raises `WriteError`, which
+the command line prints as one `error:` line (exit 2).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+from voxgen.errors import WriteError
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path to write `path` through; it replaces `path` when the block ends.
+
+    suffix: kept at the end of the temporary name, for writers that choose the format from
+    it (nibabel: '.nii.gz').
+    """
+    path = Path(path)
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+        os.close(fd)
+        tmp = Path(name)
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets the usual mode
+        _fsync(tmp)
+        os.replace(tmp, path)
+        tmp = None
+        _fsync(path.parent)
+    except OSError as exc:
+        raise WriteError(f"{path}: not written: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 def write_atomic(path: str | Path, text: str | bytes) -> Path:
-    """Write `path` whole or not at all: a temporary file beside it, renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(text, bytes):
-        tmp.write_bytes(text)
-    else:
-        tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    """Write `path` whole or not at all (see `atomic_path`); WriteError when it cannot be written."""
+    data = text if isinstance(text, bytes) else text.encode()
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

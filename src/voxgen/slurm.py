@@ -4,6 +4,9 @@ The script (template: src/voxgen/config/slurm/train.sbatch) asks SLURM for SIGUS
 wall-time limit, passes it to `voxgen train`, and when training exits 75 (checkpoint written,
 not finished) submits itself again with the segment counter VOXGEN_SEGMENT raised by one, up
 to a number of segments. Exit 0 ends the chain; any other exit code stops it.
+
+Paths reach the script twice: in `#SBATCH` lines, which sbatch reads itself (not the shell: see
+`_directive`), and in the shell body, where every one is shell-quoted.
 """
 
 from __future__ import annotations
@@ -55,10 +58,14 @@ def time_seconds(text: str) -> int:
 
 
 def _run_dir(overrides: list[str]) -> Path:
-    given = [o.split("=", 1)[1] for o in overrides if o.startswith("run.dir=")]
+    from voxgen.config.compose import parse_override
+
+    # Read as `voxgen train` reads it, so that the script's folder and the run's are the same.
+    given = [parse_override(o)[1] for o in overrides if o.startswith("run.dir=")]
     if not given or not given[-1]:
         raise ConfigError("voxgen slurm needs run.dir=DIR: every job of the chain resumes that run folder")
-    return Path(given[-1]).expanduser().resolve()
+    # os.path leaves an unknown `~user` as it is; composing the config then refuses it in one line.
+    return Path(os.path.expanduser(given[-1])).resolve()
 
 
 def _beside(path: Path, suffix: str) -> Path:
@@ -86,6 +93,35 @@ def _check(job: SlurmJob) -> None:
             raise ConfigError(f"--sbatch {option!r}: give one sbatch option, e.g. --account=abc")
 
 
+def _one_line(paths: dict[str, Path]) -> None:
+    """A line break in a path cannot be written into an #SBATCH line, quoted or not."""
+    for what, path in paths.items():
+        if any(c in str(path) for c in "\n\r"):
+            raise ConfigError(f"{what} {str(path)!r} holds a line break, which an #SBATCH line cannot take: choose another path")
+
+
+def _sbatch_quoted(value: str) -> str:
+    """`value` in double quotes, written so that sbatch reads it back whole from an #SBATCH line.
+
+    sbatch reads those lines itself, not the shell: it splits at blanks outside quotes, takes the
+    character after a backslash as it is, and ends the line at an unquoted '#' (older releases at
+    any '#', and know only double quotes). So '\\', '"' and '#' are escaped inside double
+    quotes, which work mid-word (`--output="..."`).
+    """
+    return '"' + "".join("\\" + c if c in '\\"#' else c for c in value) + '"'
+
+
+def _log_pattern(script: Path) -> str:
+    """SCRIPT-%j.out beside the script, for --output, where '%' starts a pattern (%j: the job id)."""
+    stem = str(script.with_name(script.stem))
+    # sbatch expands no pattern in a name that holds a backslash: the log would be named '...%j.out'.
+    if "\\" in stem:
+        raise ConfigError(
+            f"script {str(script)!r}: sbatch takes no backslash in the log path beside it (it turns off %j); choose another path"
+        )
+    return stem.replace("%", "%%") + "-%j.out"
+
+
 def _fill(template: str, values: dict[str, str], source: Path) -> str:
     unknown = sorted(set(_PLACEHOLDER.findall(template)) - set(values))
     if unknown:
@@ -102,6 +138,7 @@ def render(overrides: list[str], config_files: list[str], job: SlurmJob, script:
 
     _check(job)
     run_dir = _run_dir(overrides)
+    _one_line({"run.dir": run_dir, "script": script, "working folder": Path.cwd()})
     files = [str(Path(f).expanduser().resolve()) for f in config_files]
     compose(files, overrides)  # a wrong key fails now, not in the queue hours later
     train = ["voxgen", "train"]
@@ -120,12 +157,12 @@ def render(overrides: list[str], config_files: list[str], job: SlurmJob, script:
         raise VoxgenError(f"{template}: cannot read the sbatch template ({exc.strerror or exc}); pass --template FILE") from None
     values = {
         "generated_by": "Written by `voxgen slurm`; run it again to change the job, rather than editing here.",
-        "job_name": f"voxgen-{run_dir.name}",
+        "job_name": _sbatch_quoted(f"voxgen-{run_dir.name}"),
         "time": job.time,
         "signal_lead": str(job.signal_lead),
         # Relative paths in the overrides (data.root, ...) mean what they meant here.
-        "workdir": shlex.quote(str(Path.cwd())),
-        "log": str(script.with_name(script.stem)) + "-%j.out",
+        "workdir": _sbatch_quoted(str(Path.cwd())),
+        "log": _sbatch_quoted(_log_pattern(script)),
         "sbatch_options": "\n".join(f"#SBATCH {o}" for o in options),
         "script": shlex.quote(str(script)),
         "segments": str(job.segments),
@@ -166,6 +203,6 @@ def run_slurm(args) -> int:
     path = write_script(args.overrides, args.config, job, args.out, Path(args.template) if args.template else TEMPLATE)
     print(
         f"wrote {path}: up to {job.segments} jobs of {job.time}, each warned {job.signal_lead} s before its limit; "
-        f"submit it with: sbatch {path}"
+        f"submit it with: sbatch {shlex.quote(str(path))}"
     )
     return 0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
+
 import nibabel as nib
 import numpy as np
 import pytest
 
-from voxgen.data import MODALITIES, VolumeDataset, check_folder, list_cases, load_volume, save_volume
+from voxgen.data import MASK_MODALITIES, MODALITIES, VolumeDataset, check_folder, list_cases, load_volume, save_volume
 from voxgen.errors import DataError, VoxgenError
 
 from .conftest import SHAPE
@@ -254,3 +256,162 @@ def test_voxel_size_check_leaves_written_samples_readable(tmp_path):
     assert load_volume(path)[0].shape == (4, 4, 4)
     assert "25 x 25 x 25 mm" in voxel_size_problem(coarse)
     assert voxel_size_problem(np.diag([0.05, 1.0, 20.0, 1.0])) is None
+
+
+# ---- headers that claim more data than the file holds ------------------------------------------
+
+
+def _header_only(shape, dtype=np.uint8) -> bytes:
+    """A single-file NIfTI-1 header (with its extension flag) for `shape`, and no voxels."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_sform(np.eye(4), code=1)
+    return header.binaryblock + bytes(4)
+
+
+def test_tiny_gzip_claiming_a_huge_volume_is_refused_before_reading(tmp_path):
+    path = tmp_path / "huge.nii.gz"
+    path.write_bytes(gzip.compress(_header_only((1600, 1600, 1600))))
+    message = expect_error("huge.nii.gz", load_volume, path)
+    assert message.startswith(f"{path}: header claims a 1600 x 1600 x 1600 uint8 volume (4096000352 bytes), more than ")
+    assert f"{path.stat().st_size} bytes of gzip data can hold (at most " in message
+
+
+def test_gzip_whose_data_ends_early_is_refused_by_its_decompressed_size(tmp_path):
+    """Within the deflate bound, but the gzip trailer and then a count show the data is not there."""
+    path = tmp_path / "short.nii.gz"
+    raw = _header_only((64, 64, 64), np.float32) + np.random.default_rng(0).random(16**3, np.float32).tobytes()
+    path.write_bytes(gzip.compress(raw))
+    message = expect_error("short.nii.gz", load_volume, path)
+    assert message == (
+        f"{path}: header claims a 64 x 64 x 64 float32 volume (1048928 bytes), more than the file holds "
+        f"({len(raw)} bytes decompressed): the header is wrong or the file is truncated"
+    )
+
+
+def test_plain_nifti_shorter_than_its_header_claims_is_refused(tmp_path):
+    path = tmp_path / "short.nii"
+    path.write_bytes(_header_only((400, 400, 400)) + bytes(100))
+    message = expect_error("short.nii", load_volume, path)
+    assert message == (
+        f"{path}: header claims a 400 x 400 x 400 uint8 volume (64000352 bytes), more than the file holds "
+        "(452 bytes): the header is wrong or the file is truncated"
+    )
+
+
+def test_all_zero_mask_compressed_near_the_deflate_limit_is_accepted(tmp_path):
+    """A large empty mask compresses about 1000:1 at gzip level 9: a rule of thumb such as
+    '1000:1 at most' would refuse it; the deflate format's own limit, 1032:1, does not."""
+    plain = save_volume(tmp_path / "seg.nii", np.zeros((160, 160, 160), np.float32), np.eye(4), dtype=np.uint8)
+    path = tmp_path / "seg.nii.gz"
+    path.write_bytes(gzip.compress(plain.read_bytes(), compresslevel=9))
+    assert plain.stat().st_size / path.stat().st_size > 1000
+    volume, _ = load_volume(path)
+    assert volume.shape == (160, 160, 160) and not volume.any()
+
+
+def test_multi_member_and_padded_gzip_files_are_read(tmp_path):
+    """Their gzip trailer does not give the whole size; the data is counted instead of refused."""
+    plain = save_volume(tmp_path / "x.nii", np.arange(60, dtype=np.float32).reshape(3, 4, 5), np.eye(4))
+    raw = plain.read_bytes()
+    for name, content in [
+        ("members.nii.gz", gzip.compress(raw[:200]) + gzip.compress(raw[200:])),
+        ("padded.nii.gz", gzip.compress(raw) + bytes(512)),
+    ]:
+        (tmp_path / name).write_bytes(content)
+        assert np.array_equal(load_volume(tmp_path / name)[0], load_volume(plain)[0]), name
+
+
+# ---- orientation --------------------------------------------------------------------------------
+
+
+def test_file_without_sform_or_qform_is_refused(tmp_path):
+    path = tmp_path / "bare.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((4, 5, 6), np.float32), None), str(path))
+    message = expect_error("bare.nii.gz", load_volume, path)
+    assert message.startswith(f"{path}: both sform_code and qform_code are 0 (no orientation): ")
+
+
+def test_either_orientation_code_alone_is_enough(tmp_path):
+    data = np.random.default_rng(0).random((4, 5, 6), np.float32)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    for sform_code, qform_code in [(0, 1), (2, 0)]:
+        img = nib.Nifti1Image(data, affine)
+        img.set_sform(affine, code=sform_code)
+        img.set_qform(affine, code=qform_code)
+        path = tmp_path / f"s{sform_code}q{qform_code}.nii.gz"
+        nib.save(img, str(path))
+        assert np.allclose(load_volume(path)[1], affine), path
+
+
+def test_voxgen_writers_set_an_orientation(small_phantoms, tmp_path):
+    path = save_volume(tmp_path / "x.nii.gz", np.ones((2, 3, 4), np.float32), np.eye(4))
+    for written in [path, *sorted(small_phantoms.glob("*/*/*.nii.gz"))]:
+        header = nib.load(str(written)).header
+        assert header["sform_code"] > 0 and header["qform_code"] > 0, written
+
+
+# ---- the same image in two splits ---------------------------------------------------------------
+
+
+def test_a_case_copied_into_val_under_another_name_is_a_leak(data_copy):
+    import shutil
+
+    case = case_dir(data_copy, "train")
+    copy = data_copy / "val" / "renamed"
+    shutil.copytree(case, copy)
+    leaks = [p for p in check_folder(data_copy) if "leaks data" in p]
+    # One line per file, except an empty mask: masks without lesions coincide in any data set.
+    read = [m for m in MODALITIES if m not in MASK_MODALITIES or load_volume(case / f"{m}.nii.gz")[0].any()]
+    assert leaks == [
+        f"{copy / f'{m}.nii.gz'}: same voxels as {case / f'{m}.nii.gz'} in split 'train': "
+        "the same image in two splits leaks data between them"
+        for m in read
+    ]
+    # Training reads train, then val: the val copy stops it with the first of those lines.
+    VolumeDataset(data_copy, "train", MODS, SHAPE)[0]
+    val = VolumeDataset(data_copy, "val", MODS, SHAPE)
+    with pytest.raises(DataError) as info:
+        [val[i] for i in range(len(val))]
+    assert str(info.value) in leaks
+
+
+def test_a_resaved_copy_with_the_same_voxels_is_a_leak(data_copy):
+    """Compared by voxels, not file bytes: a copy written again (another orientation on disk) is found."""
+    train = case_dir(data_copy, "train") / "flair.nii.gz"
+    img = nib.load(str(train))
+    target = case_dir(data_copy, "test") / "flair.nii.gz"
+    # x stored right -> left: the first voxel on disk is the last one of the original.
+    affine = img.affine @ np.diag([-1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = img.affine[:3, 3] + img.affine[:3, 0] * (img.shape[0] - 1)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::-1], affine), str(target))
+    assert target.read_bytes() != train.read_bytes()
+    assert check_folder(data_copy) == [
+        f"{target}: same voxels as {train} in split 'train': the same image in two splits leaks data between them"
+    ]
+
+
+def test_empty_masks_in_two_splits_are_not_a_leak(data_copy):
+    for split in ("train", "val"):
+        path = case_dir(data_copy, split) / "seg.nii.gz"
+        volume, affine = load_volume(path)
+        save_volume(path, np.zeros_like(volume), affine, dtype=np.uint8)
+    assert check_folder(data_copy) == []
+
+
+def test_the_same_image_twice_in_one_split_is_a_warning(data_copy, capsys):
+    import shutil
+
+    from voxgen.cli import main
+
+    case = case_dir(data_copy, "train")
+    shutil.copy(case / "bravo.nii.gz", case / "t1_pre.nii.gz")
+    line = f"{case / 't1_pre.nii.gz'}: same voxels as {case / 'bravo.nii.gz'} in the same split: a duplicate counts twice"
+    warnings = []
+    assert check_folder(data_copy, warn=warnings.append) == []
+    assert warnings == [line]
+    # The command prints it and still passes; the data sets read the case.
+    assert main(["data", "check", str(data_copy)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"warning: {line}", f"{data_copy}: no problems found"]
+    assert load_first(data_copy, modalities=("bravo", "t1_pre"))["t1_pre"].shape == (1, *SHAPE)

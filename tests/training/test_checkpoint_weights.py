@@ -161,10 +161,10 @@ def test_load_run_reads_only_the_chosen_weights_and_falls_back_per_prefix(tmp_pa
     capsys.readouterr()
 
     _, parts, step = load_run(tmp_path, weights="ema", device="cpu")
-    assert step == 20 and "warning" not in capsys.readouterr().out
+    assert step == 20 and "warning" not in capsys.readouterr().err
     _assert_bit_equal(parts.model.state_dict(), like(21))
     # The raw weights of step 20 are damaged: the previous checkpoint's are used, with a warning.
     _, parts, step = load_run(tmp_path, weights="model", device="cpu")
-    out = capsys.readouterr().out
-    assert step == 10 and out.count("warning:") == 1 and "step_00000020" in out
+    err = capsys.readouterr().err  # warnings go to stderr: stdout is for results
+    assert step == 10 and err.count("warning:") == 1 and "step_00000020" in err
     _assert_bit_equal(parts.model.state_dict(), like(10))

@@ -39,6 +39,7 @@ echo "$*" >> "$FAKE_DIR/scontrol.log"
 n=$(( $(cat "$FAKE_DIR/count" 2>/dev/null || echo 0) + 1 ))
 echo "$n" > "$FAKE_DIR/count"
 echo "$*" >> "$FAKE_DIR/voxgen.log"
+printf '%s\n' "$@" > "$FAKE_DIR/argv"
 if [ "$n" = 1 ] && [ -n "${FAKE_WAIT_USR1:-}" ]; then
     trap 'echo USR1 >> "$FAKE_DIR/signals"; exit 75' USR1
     touch "$FAKE_DIR/started"
@@ -189,3 +190,77 @@ def test_cli_writes_the_script_and_reports_errors_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().count("\n") == 0
     assert main(["slurm", f"run.dir={tmp_path}", "training.nonsense=1"]) == 2
     assert not (tmp_path / "run").exists()  # writing the script creates no run folder
+
+
+def _sbatch_directives(text: str) -> dict[str, str]:
+    """The options sbatch reads from the #SBATCH lines, by its rules: blanks split words outside
+    quotes, single or double quotes group, a backslash takes the next character as it is, and an
+    unquoted '#' ends the line."""
+    options = {}
+    for line in text.split("\n")[1:]:
+        if not line.startswith("#"):
+            break
+        if not line.startswith("#SBATCH"):
+            continue
+        words, word, quote, escaped, started = [], "", None, False, False
+        for c in line[len("#SBATCH") :]:
+            if escaped:
+                word, escaped, started = word + c, False, True
+            elif c == "\\":
+                escaped = True
+            elif quote:
+                if c == quote:
+                    quote = None
+                else:
+                    word += c
+            elif c in "'\"":
+                quote, started = c, True
+            elif c == "#":
+                break
+            elif c.isspace():
+                if started:
+                    words.append(word)
+                word, started = "", False
+            else:
+                word, started = word + c, True
+        assert quote is None and not escaped, line
+        if started:
+            words.append(word)
+        for w in words:
+            name, _, value = w.partition("=")
+            options[name] = value
+    return options
+
+
+def test_paths_with_blanks_and_shell_characters_reach_sbatch_and_training_whole(tmp_path, fakes, monkeypatch):
+    state, env = fakes
+    odd = tmp_path / "my runs #1 'a' \"b\" $HOME 50%"
+    odd.mkdir()
+    monkeypatch.chdir(odd)
+    run_dir = odd / "run one"
+    script = write_script(["data.root=data", f"run.dir={run_dir}"], [], SlurmJob(), odd / "train job.sbatch")
+    directives = _sbatch_directives(script.read_text())
+    assert directives["--job-name"] == "voxgen-run one"
+    assert directives["--chdir"] == str(odd)
+    # '%' is a pattern character in --output: doubled, so that only %j (the job id) is expanded.
+    assert directives["--output"] == str(odd / "train job").replace("%", "%%") + "-%j.out"
+    assert directives["--signal"] == "B:USR1@300" and directives["--open-mode"] == "append"
+    result = _run(script, env, "75 0")
+    assert result.returncode == 0, result.stderr
+    assert _lines(state / "segments") == ["2"] and _lines(state / "job_codes") == ["0"]
+    assert _lines(state / "argv") == ["train", "data.root=data", f"run.dir={run_dir}"]
+
+
+@pytest.mark.parametrize(
+    "run_dir, out, words",
+    [
+        ("line\nbreak/run", None, ["run.dir", "holds a line break", "#SBATCH"]),
+        ("run", "back\\slash/job.sbatch", ["script", "backslash"]),
+    ],
+)
+def test_paths_sbatch_cannot_take_are_refused_in_one_line(tmp_path, run_dir, out, words, capsys):
+    argv = ["slurm", f"run.dir={tmp_path / run_dir}"] + (["--out", str(tmp_path / out)] if out else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and all(w in err for w in words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -2,6 +2,10 @@
 
 Everything is checked against the schema before any work starts: an unknown key comes
 back with the nearest known key, a wrong type names the key and the value.
+
+The composed config is literal: run folders and checkpoints store it as it is, and a resumed
+run reads it back. So interpolations (`${...}`) are refused rather than resolved (their value
+could differ on resume), and `~` in path keys is expanded here, once.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import os
 import re
 import typing
 from collections.abc import Iterable, Sequence
@@ -18,7 +24,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from voxgen.config.schema import Config
+from voxgen.config.schema import Config, path_keys
 from voxgen.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -86,17 +92,23 @@ _TYPE_WORDS = {
 }
 
 
-def _expected(key: str) -> str:
-    """What the schema expects at a dotted key, in words: 'an integer', 'a list of integers', ..."""
+def _annotation(key: str):
+    """The schema's type at a dotted key; None for a key the schema does not have."""
     annotation = Config
     for part in key.split("."):
         if not dataclasses.is_dataclass(annotation):
-            return "a valid value"
+            return None
         hints = typing.get_type_hints(annotation)
         if part not in hints:
-            return "a valid value"
+            return None
         annotation = hints[part]
-    return _describe_type(annotation)
+    return annotation
+
+
+def _expected(key: str) -> str:
+    """What the schema expects at a dotted key, in words: 'an integer', 'a list of integers', ..."""
+    annotation = _annotation(key)
+    return "a valid value" if annotation is None else _describe_type(annotation)
 
 
 def _describe_type(annotation) -> str:
@@ -117,7 +129,9 @@ def _show(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _parse_override(text: str) -> tuple[str, object]:
+def parse_override(text: str) -> tuple[str, object]:
+    """`key=value` -> (key, value): YAML for numbers, lists, booleans and null; text as written for
+    a string key."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value")
     key, raw = text.split("=", 1)
@@ -126,11 +140,57 @@ def _parse_override(text: str) -> tuple[str, object]:
         raise ConfigError(f"override '{text}' has no key")
     if any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}': key '{key}' has an empty part between dots")
+    if not raw.strip():
+        return key, None
+    if _is_text(_annotation(key)):
+        return key, _text(raw)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
     return key, value
+
+
+def _is_text(annotation) -> bool:
+    """A string key: `str`, or `Optional[str]`."""
+    if typing.get_origin(annotation) is typing.Union:
+        return set(typing.get_args(annotation)) == {str, type(None)}
+    return annotation is str
+
+
+_NULLS = ("null", "Null", "NULL")
+
+
+def _text(raw: str) -> str | None:
+    """The value of a string key. As YAML, `run.dir=/tmp/hash #1` would lose ' #1' (a comment),
+    `yes` would become true and `a: b` a mapping; the text is kept as written instead. Quotes
+    still make a string of anything (`run.dir="null"`), and null still clears an optional key."""
+    stripped = raw.strip()
+    if stripped in _NULLS:
+        return None
+    if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
+        try:
+            quoted = yaml.safe_load(stripped)
+        except yaml.YAMLError:
+            return raw
+        return quoted if isinstance(quoted, str) else raw
+    return raw
+
+
+def _refuse_interpolations(data, source: str, key: str = "") -> None:
+    """No `${...}` anywhere (escaped `\\${` included: it turns back into an interpolation when the
+    saved config is read again)."""
+    if isinstance(data, dict):
+        for name, value in data.items():
+            _refuse_interpolations(value, source, f"{key}.{name}" if key else str(name))
+    elif isinstance(data, list):
+        for value in data:
+            _refuse_interpolations(value, source, key)
+    elif isinstance(data, str) and "${" in data:
+        raise ConfigError(
+            f"{source}: {key}={_show(data)} is an interpolation: write the value itself (run folders keep "
+            "the literal config, so that a resumed run means the same)"
+        )
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -154,21 +214,41 @@ def compose(files: Iterable[str | Path] = (), overrides: Iterable[str] = (), *, 
     """
     cfg = OmegaConf.structured(Config)
     for path in files:
-        cfg = _merge(cfg, OmegaConf.create(load_yaml(path)), str(path))
+        data = load_yaml(path)
+        _refuse_interpolations(data, str(path))
+        cfg = _merge(cfg, OmegaConf.create(data), str(path))
     for text in overrides:
-        key, value = _parse_override(text)
+        key, value = parse_override(text)
+        _refuse_interpolations({key: value}, f"override '{text}'")
         layer = OmegaConf.create()
         OmegaConf.update(layer, key, value, force_add=True)
         cfg = _merge(cfg, layer, f"override '{text}'")
+    _expand_home(cfg)
     validate(cfg, network=network)
     return cfg
 
 
 def from_dict(data: dict) -> DictConfig:
     """Rebuild a config saved as plain data (run folders, checkpoint metadata)."""
+    _refuse_interpolations(data, "saved config")
     cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(data), "saved config")
+    _expand_home(cfg)
     validate(cfg)
     return cfg
+
+
+def _expand_home(cfg: DictConfig) -> None:
+    """`~` and `~user` in path keys, which no shell expands inside `run.dir=~/x`; left alone, they
+    would make a folder named '~' in the working directory."""
+    for key in path_keys():
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, str) or not value.startswith("~"):
+            continue
+        expanded = os.path.expanduser(value)
+        if expanded.startswith("~"):
+            user = value.split("/", 1)[0]
+            raise ConfigError(f"{key}={value!r}: cannot expand '{user}': no such user (or no home folder)")
+        OmegaConf.update(cfg, key, expanded)
 
 
 def to_dict(cfg: DictConfig) -> dict:
@@ -194,6 +274,10 @@ def _require(ok: bool, message: str) -> None:
 
 
 MiB = 2**20
+# numpy's seed range: the trainer seeds numpy's global generator with `seed % 2**32`, which is
+# then one to one, and seeds derived from the run's (seed * 100_003 + epoch for the data
+# order) stay within the 64-bit range that torch's generators take.
+SEED_MAX = 2**32 - 1
 # ddpm.schedule names; the DDPM strategy builds its betas from them.
 DDPM_SCHEDULES = ("linear", "cosine")
 
@@ -214,6 +298,7 @@ def validate(cfg: DictConfig, network: bool = True) -> None:
     from voxgen.models.registry import MODELS
     from voxgen.precision import PRECISIONS
 
+    _check_finite(OmegaConf.to_container(cfg))
     _choice(cfg.mode, sorted(MODES), "mode")
     _choice(cfg.strategy, sorted(STRATEGIES), "strategy")
     _choice(cfg.space, sorted(SPACES), "space")
@@ -250,6 +335,23 @@ def validate(cfg: DictConfig, network: bool = True) -> None:
     _check_sampling(cfg)
 
 
+def _check_finite(data, key: str = "") -> None:
+    """Every number in the config, wherever it is, before the range checks: inf passes `lr > 0`,
+    nan fails every comparison (or none, for keys without a range such as rflow.logit_mean), and
+    either trains to NaN weights or never ends."""
+    if isinstance(data, dict):
+        for name, value in data.items():
+            _check_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(data, list):
+        _require(_all_finite(data), f"{key}={data} must hold only finite numbers")
+    elif isinstance(data, float):
+        _require(math.isfinite(data), f"{key}={data} must be a finite number")
+
+
+def _all_finite(items: list) -> bool:
+    return all(_all_finite(x) if isinstance(x, list) else not isinstance(x, float) or math.isfinite(x) for x in items)
+
+
 def _check_counts(cfg: DictConfig) -> None:
     """Whole numbers with a lower bound (0 where the schema says 0 disables or means 'none')."""
     t, g = cfg.training, cfg.guards
@@ -276,12 +378,15 @@ def _check_counts(cfg: DictConfig) -> None:
             "training.mosaic_every": t.mosaic_every,
             "data.num_workers": cfg.data.num_workers,
             "guards.max_consecutive_skips": g.max_consecutive_skips,
+            "guards.max_rollbacks": g.max_rollbacks,
             "guards.collapse_patience": g.collapse_patience,
         },
     }
     for low, keys in at_least.items():
         for key, value in keys.items():
             _require(value >= low, f"{key}={value} must be at least {low}")
+    seed = cfg.run.seed
+    _require(0 <= seed <= SEED_MAX, f"run.seed={seed} must be a whole number in [0, {SEED_MAX}]")
     _require(
         g.spike_min_history <= g.spike_window,
         f"guards.spike_min_history={g.spike_min_history} exceeds guards.spike_window={g.spike_window}: "

@@ -5,8 +5,15 @@ Defaults live here and nowhere else; code reads `cfg.section.key`, never `get(ke
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
+
+
+def path(default: str):
+    """A key that names a file or folder: `~` in it is expanded when the config is composed."""
+    return field(default=default, metadata={"path": True})
 
 
 @dataclass
@@ -38,7 +45,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "data/cohort"
+    root: str = path("data/cohort")
     # [D, H, W] the model sees before its space.
     shape: List[int] = field(default_factory=lambda: [32, 48, 40])
     # Keep decoded volumes in memory after the first read (small data sets).
@@ -114,6 +121,9 @@ class GuardsConfig:
     # and multiply the learning rate by rollback_lr_factor (0 disables rollback).
     max_consecutive_skips: int = 10
     rollback_lr_factor: float = 0.5
+    # A run that needs more rollbacks than this stops (exit 2): its learning rate is down to
+    # rollback_lr_factor ** max_rollbacks of the schedule and it is not recovering.
+    max_rollbacks: int = 5
     # Mean collapse: stop when the predictions' spatial std stays below collapse_std_ratio
     # of the target's for collapse_patience consecutive checks (0 disables).
     collapse_std_ratio: float = 0.05
@@ -138,7 +148,8 @@ class SampleConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
+    dir: str = path("runs/default")
+    # In [0, 2**32 - 1] (see voxgen.config.compose.SEED_MAX).
     seed: int = 0
 
 
@@ -156,3 +167,15 @@ class Config:
     guards: GuardsConfig = field(default_factory=GuardsConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+def path_keys(section=Config, prefix: str = "") -> list[str]:
+    """The dotted keys declared with `path(...)`, in every section."""
+    keys = []
+    types = typing.get_type_hints(section)
+    for f in dataclasses.fields(section):
+        if f.metadata.get("path"):
+            keys.append(prefix + f.name)
+        elif dataclasses.is_dataclass(types[f.name]):
+            keys.extend(path_keys(types[f.name], f"{prefix}{f.name}."))
+    return keys

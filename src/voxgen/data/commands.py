@@ -11,8 +11,10 @@ def run_data(args, modalities: Sequence[str] | None = None) -> int:
     """`check` reads `modalities` (default: every modality voxgen knows); the others make a data set."""
     if args.data_command == "check":
         from voxgen.data.dataset import check_folder
+        from voxgen.data.layout import MODALITIES
 
-        problems = check_folder(args.root, modalities) if modalities else check_folder(args.root)
+        # An image repeated within one split is worth knowing but does not fail the check.
+        problems = check_folder(args.root, modalities or MODALITIES, warn=lambda line: print(f"warning: {line}"))
         for line in problems:
             print(line)
         if problems:

@@ -6,7 +6,9 @@ Model space: images in [-1, 1], masks in {-1, 1}, each modality a float32 tensor
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,14 +73,94 @@ def resample(volume: torch.Tensor, shape: Sequence[int], is_mask: bool) -> torch
     return F.interpolate(volume[None], size=tuple(shape), mode=mode, **kwargs)[0]
 
 
-def read_case(case: Case, modalities: Iterable[str], report: Callable[[str], None]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+@dataclass(frozen=True)
+class _Seen:
+    """Where an image was first read, and the file's state then (to notice that it changed)."""
+
+    split: str
+    case: str
+    path: Path
+    stamp: tuple[int, int, int] | None
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _split_order(split: str) -> int:
+    return SPLITS.index(split) if split in SPLITS else len(SPLITS)
+
+
+class ImageIndex:
+    """Digests of the images read from one data folder, to find the same image read twice.
+
+    The digest is BLAKE2b of the shape and the canonical float32 voxels that `read_case` holds
+    anyway: no file is read a second time, and a copy written again (another compression level,
+    on-disk type or axis order) is found, which a digest of the file's bytes would miss (gzip
+    even stores a time stamp). Constant volumes are left out: every case without a lesion has the
+    same empty mask, and a constant image is refused on its own.
+    """
+
+    def __init__(self):
+        self._seen: dict[bytes, _Seen] = {}
+        # Repeats within one split, one line each in the order found (a data set made again
+        # finds them again): a duplicate that counts twice, not a leak; `check_folder` warns.
+        self.within_split: dict[str, None] = {}
+
+    def add(self, case: Case, path: Path, volume: np.ndarray) -> str | None:
+        """Record an image; the problem line when the same voxels were read in another split.
+
+        The line blames the file of the later split (train, val, test) whichever was read
+        first, so `voxgen train` and `voxgen data check` say the same.
+        """
+        if float(volume.min()) == float(volume.max()):
+            return None
+        digest = hashlib.blake2b(repr(volume.shape).encode(), digest_size=16)
+        digest.update(np.ascontiguousarray(volume).data)
+        key = digest.digest()
+        here = _Seen(case.split, case.id, path, _stamp(path))
+        first = self._seen.get(key)
+        if first is None or first.path == path or _stamp(first.path) != first.stamp:
+            # New, read again, or the earlier file has changed since: this one holds the image now.
+            self._seen[key] = here
+            return None
+        if first.split == case.split:
+            self.within_split[f"{path}: same voxels as {first.path} in the same split: a duplicate counts twice"] = None
+            return None
+        if first.case == case.id:
+            return None  # the same case name in two splits: `shared_cases` reports the folder
+        later, earlier = (here, first) if _split_order(case.split) > _split_order(first.split) else (first, here)
+        return (
+            f"{later.path}: same voxels as {earlier.path} in split '{earlier.split}': "
+            "the same image in two splits leaks data between them"
+        )
+
+
+# One index per data folder in this process: the trainer builds its train and val sets apart,
+# and a copy between them is found when the second of them reads it.
+_FOLDER_INDEXES: dict[Path, ImageIndex] = {}
+
+
+def folder_index(root) -> ImageIndex:
+    """The ImageIndex that every `VolumeDataset` of the folder `root` shares in this process."""
+    return _FOLDER_INDEXES.setdefault(Path(root).resolve(), ImageIndex())
+
+
+def read_case(
+    case: Case, modalities: Iterable[str], report: Callable[[str], None], images: ImageIndex | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Load a case's modalities and check each file and the files against each other.
 
     Returns {modality: (volume (D, H, W), affine)} for the files that passed. Each problem
     is passed to `report` as one line naming the file; `report` may raise. Problems: the
     file cannot be loaded (see `load_volume`), implausible voxel sizes, a shape or affine
     differing from the case's first file, a mask that is not binary, an image whose voxels
-    are all equal (scaling it to [-1, 1] gives a blank volume the model would learn from).
+    are all equal (scaling it to [-1, 1] gives a blank volume the model would learn from),
+    and, with `images`, the same voxels as a file of another split already read into it.
     """
     loaded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     first: tuple[Path, np.ndarray, np.ndarray] | None = None
@@ -111,6 +193,10 @@ def read_case(case: Case, modalities: Iterable[str], report: Callable[[str], Non
         if problem:
             report(f"{path}: {problem}")
             continue
+        leak = images.add(case, path, volume) if images is not None else None
+        if leak:
+            report(leak)
+            continue
         loaded[modality] = (volume, affine)
     return loaded
 
@@ -127,6 +213,10 @@ class VolumeDataset(torch.utils.data.Dataset):
     (modalities in MASK_MODALITIES) are {-1, 1}. Volumes whose grid differs from
     `shape` are resampled (trilinear for images, nearest for masks). With
     cache=True processed tensors are kept in memory; treat them as read-only.
+
+    The first read of each case also compares its images with those every data set of the same
+    folder has read in this process (`folder_index`): training reads train, then val, and a
+    train image copied into val stops it there.
     """
 
     def __init__(self, root, split: str, modalities: Sequence[str], shape: Sequence[int], cache: bool = True):
@@ -143,6 +233,8 @@ class VolumeDataset(torch.utils.data.Dataset):
         leaks = shared_cases(self.root, involving=split)
         if leaks:
             raise DataError(leaks[0])
+        self.images = folder_index(self.root)
+        self._compared: set[int] = set()  # without the cache, later reads need not compare again
         self._cache: dict[int, dict] = {}
         self._affine: np.ndarray | None = None
 
@@ -154,7 +246,10 @@ class VolumeDataset(torch.utils.data.Dataset):
             return dict(self._cache[index])
         case = self.cases[index]
         item: dict = {"case": case.id}
-        for modality, (volume, _) in read_case(case, self.modalities, _raise).items():
+        images = None if index in self._compared else self.images
+        volumes = read_case(case, self.modalities, _raise, images)
+        self._compared.add(index)
+        for modality, (volume, _) in volumes.items():
             is_mask = modality in MASK_MODALITIES
             if is_mask:
                 values = (volume > 0.5).astype(np.float32)
@@ -180,13 +275,15 @@ class VolumeDataset(torch.utils.data.Dataset):
         return self._affine.copy()
 
 
-def check_folder(root, modalities: Sequence[str] = MODALITIES) -> list[str]:
+def check_folder(root, modalities: Sequence[str] = MODALITIES, warn: Callable[[str], None] | None = None) -> list[str]:
     """Every problem of a data folder, one line each naming the file; [] means OK.
 
     Checks every split (missing, a file, empty), every case folder (no files, unknown
     NIfTI files, missing modalities), every requested modality file of every case (see
-    `read_case`), and case ids shared between splits; it collects problems instead of
-    stopping at the first. A `VolumeDataset` raises the same lines, the first it meets.
+    `read_case`), case ids shared between splits and images repeated in another split; it
+    collects problems instead of stopping at the first. A `VolumeDataset` raises the same
+    lines, the first it meets. An image repeated within one split is not a problem: it is
+    passed to `warn`, one line each.
     """
     root = Path(root)
     modalities = (modalities,) if isinstance(modalities, str) else tuple(modalities)
@@ -194,6 +291,7 @@ def check_folder(root, modalities: Sequence[str] = MODALITIES) -> list[str]:
     if problem:
         return [problem]
     problems: list[str] = []
+    images = ImageIndex()
     for split in SPLITS:
         try:
             cases = case_folders(root, split)
@@ -203,6 +301,9 @@ def check_folder(root, modalities: Sequence[str] = MODALITIES) -> list[str]:
         for case in cases:
             problems.extend(case_problems(case, modalities))
             present = [m for m in modalities if case.path(m).is_file()]
-            read_case(case, present, problems.append)
+            read_case(case, present, problems.append, images)
     problems.extend(shared_cases(root))
+    if warn is not None:
+        for line in images.within_split:
+            warn(line)
     return problems

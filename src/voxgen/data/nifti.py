@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from voxgen.errors import DataError
+from voxgen.files import atomic_path
 
 GZIP_MAGIC = b"\x1f\x8b"
 # Enough bytes for a NIfTI-2 header (540) and its 4-byte extension flag.
@@ -31,6 +32,13 @@ HEADER_BYTES = 544
 # voxel one in micrometres; resampling would silently make a volume of noise or one voxel.
 MIN_VOXEL_MM = 0.05
 MAX_VOXEL_MM = 20.0
+# Deflate spends at least 2 bits (a length code and a distance code) on a run of at most 258
+# bytes, so no deflate stream decompresses to more than 258 * 8 / 2 = 1032 times its size, and a
+# gzip file's header and trailer decompress to nothing. An all-zero mask at gzip level 9 comes
+# close (about 1025:1), so the bound must be this one and not a rule of thumb such as 1000:1.
+MAX_DEFLATE_RATIO = 1032
+# Decompressed bytes counted at a time when a gzip file's size must be measured.
+COUNT_CHUNK = 1 << 20
 
 
 def _one_line(exc: BaseException, path: Path) -> str:
@@ -96,16 +104,120 @@ def _read_head(path: Path) -> bytes:
     return head
 
 
-def _header_problem(head: bytes) -> str | None:
-    """Problems nibabel silently repairs on load (it logs them and takes abs() or 1 instead):
-    a zero, negative or non-finite voxel size in the header's pixdim."""
-    header_class = nib.Nifti2Header if _nifti_header_size(head) == 540 else nib.Nifti1Header
+def _header_problem(path: Path, head: bytes) -> str | None:
+    """What is wrong with the header, found before nibabel reads any voxel, or None.
+
+    A size the file cannot hold (nibabel allocates the claimed size before it finds out), and
+    what nibabel silently repairs or guesses on load: a zero, negative or non-finite voxel size
+    (it logs them and takes abs() or 1 instead), and a missing orientation.
+    """
+    header_size = _nifti_header_size(head)
+    header_class = nib.Nifti2Header if header_size == 540 else nib.Nifti1Header
     header = header_class.from_fileobj(io.BytesIO(head), check=False)
+    return _size_problem(path, header, header_size) or _pixdim_problem(header) or _orientation_problem(header)
+
+
+def _claimed(header, header_size: int) -> tuple[str, int] | None:
+    """The volume a single-file header describes ('1600 x 1600 x 1600 uint8') and the bytes the
+    file needs for it; None where the header is too broken to say (nibabel then says why)."""
+    ndim = int(header["dim"][0])
+    offset = float(header["vox_offset"])
+    single_file = bytes(header["magic"])[:3] in (b"n+1", b"n+2")
+    if not single_file or not 1 <= ndim <= 7 or not np.isfinite(offset):
+        return None
+    shape = [int(v) for v in header["dim"][1 : 1 + ndim]]
+    try:
+        dtype = header.get_data_dtype()
+    except Exception:  # an unknown datatype code
+        return None
+    if min(shape) < 0:
+        return None
+    # The voxels start at vox_offset, which the standard puts after the header and its 4-byte
+    # extension flag; a file with a smaller one would hand out its header as voxels.
+    start = max(int(offset), header_size + 4)
+    described = " x ".join(str(n) for n in shape) + f" {dtype.name}"
+    return described, start + math.prod(shape) * dtype.itemsize
+
+
+def _size_problem(path: Path, header, header_size: int) -> str | None:
+    """Why the file cannot hold the volume its header claims, or None.
+
+    nibabel allocates the claimed size before it reads, so a 60-byte file whose header claims
+    1600^3 voxels would cost 4 GB before failing. Each refusal compares the claim with an upper
+    bound on what the file holds, so no intact file is refused: a plain .nii holds its size; a
+    .nii.gz at most MAX_DEFLATE_RATIO times its size, and, when its gzip trailer disagrees with
+    the claim, exactly what it decompresses to (counted without keeping it).
+    """
+    claim = _claimed(header, header_size)
+    if claim is None:
+        return None
+    described, needed = claim
+    size = path.stat().st_size
+    if not path.name.endswith(".gz"):
+        holds = f"more than the file holds ({size} bytes)" if needed > size else None
+    elif needed > MAX_DEFLATE_RATIO * size:
+        bound = MAX_DEFLATE_RATIO * size
+        holds = f"more than {size} bytes of gzip data can hold (at most {bound} bytes decompressed)"
+    elif _trailer_allows(path, size, needed):
+        holds = None
+    else:
+        count = _decompressed_size(path, needed)
+        holds = f"more than the file holds ({count} bytes decompressed)" if count < needed else None
+    if holds is None:
+        return None
+    return f"header claims a {described} volume ({needed} bytes), {holds}: the header is wrong or the file is truncated"
+
+
+def _trailer_allows(path: Path, size: int, needed: int) -> bool:
+    """Whether the gzip trailer leaves room for `needed` decompressed bytes.
+
+    Its last 4 bytes (ISIZE) are the decompressed size modulo 2^32, but only of the last member of
+    a multi-member file, and a file padded after its end has no trailer there: a disagreement is a
+    reason to count the bytes, never to refuse the file.
+    """
+    with open(path, "rb") as raw:
+        raw.seek(-4, os.SEEK_END)
+        isize = int.from_bytes(raw.read(4), "little")
+    bound = MAX_DEFLATE_RATIO * size
+    if isize > bound:
+        return False
+    largest = isize + (bound - isize) // 2**32 * 2**32  # the largest size within the bound it allows
+    return largest >= needed
+
+
+def _decompressed_size(path: Path, limit: int) -> int:
+    """Bytes a gzip file decompresses to, counted up to `limit` a chunk at a time.
+
+    A truncated or corrupt stream raises as it would when nibabel reads it.
+    """
+    total = 0
+    with gzip.open(path, "rb") as inner:
+        while total < limit:
+            chunk = inner.read(min(COUNT_CHUNK, limit - total))
+            if not chunk:
+                break
+            total += len(chunk)
+    return total
+
+
+def _pixdim_problem(header) -> str | None:
+    """A zero, negative or non-finite voxel size in the header's pixdim."""
     ndim = int(header["dim"][0])
     pixdim = [float(v) for v in header["pixdim"][1 : 1 + min(max(ndim, 0), 3)]]
     if any(not np.isfinite(v) or v <= 0 for v in pixdim):
         shown = " x ".join(f"{v:g}" for v in pixdim)
         return f"voxel size in the header (pixdim) is {shown} mm: every size must be a positive number"
+    return None
+
+
+def _orientation_problem(header) -> str | None:
+    """Neither an sform nor a qform: nibabel would build an affine from pixdim alone, with x
+    flipped on a guess (radiological order), so a left-right mirror would pass unnoticed."""
+    if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
+        return (
+            "both sform_code and qform_code are 0 (no orientation): the header does not say which way "
+            "the voxel axes point, and a guessed orientation may swap left and right"
+        )
     return None
 
 
@@ -128,8 +240,10 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     A file with trailing singleton dimensions ((x, y, z, 1)) is accepted. Every failure
     raises DataError naming the file: missing, a folder, empty, unreadable, not gzip
     (a PNG renamed, text), not NIfTI, corrupt or truncated, not 3-D (2-D, a 4-D series,
-    an empty axis, a single slice), complex or RGB voxels, a non-positive voxel size in the
-    header, a non-finite or non-invertible affine, NaN/Inf voxels.
+    an empty axis, a single slice), a header claiming more voxels than the file holds (refused
+    before they are allocated), complex or RGB voxels, a non-positive voxel size in the header,
+    no orientation (sform_code and qform_code both 0), a non-finite or non-invertible affine,
+    NaN/Inf voxels.
     """
     path = Path(path)
     if path.is_dir():
@@ -146,7 +260,7 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         with warnings.catch_warnings(), nib.imageglobals.LoggingOutputSuppressor():
             warnings.simplefilter("ignore")
             head = _read_head(path)
-            problem = _header_problem(head)
+            problem = _header_problem(path, head)
             if problem:
                 raise DataError(f"{path}: {problem}")
             img = nib.load(str(path))
@@ -235,16 +349,9 @@ def save_volume(path: str | Path, volume: np.ndarray, affine: np.ndarray, dtype=
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii" if path.name.endswith(".nii") else None
     if suffix is None:
         raise DataError(f"{path}: NIfTI file name must end in .nii.gz or .nii")
-    path.parent.mkdir(parents=True, exist_ok=True)
     # nibabel picks compression from the extension, so the temp name keeps the suffix.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=suffix) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -104,8 +104,7 @@ def to_data_space(volume: np.ndarray, modality: str) -> tuple[np.ndarray, type]:
 
 def write_samples(samples: Samples, out_dir: str | Path, affine: np.ndarray) -> tuple[list[Path], Path]:
     """NIfTI files `sample_000_<modality>.nii.gz` (conditions too) and `mosaic.png`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # created by the first write
     paths = []
     for group in (samples.volumes, samples.conditions):
         for modality, volumes in group.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -42,9 +43,15 @@ def _train_run(args, pending: list[int]) -> int:
 
 
 def saved_config(overrides) -> Path | None:
-    """A run folder's own config is the base when training resumes in it."""
-    for text in overrides:
-        if text.startswith("run.dir="):
-            path = Path(text.split("=", 1)[1]) / "config.yaml"
-            return path if path.is_file() else None
-    return None
+    """A run folder's own config is the base when training resumes in it.
+
+    run.dir is read as the config reads it (the override's text, `~` expanded); the last
+    run.dir override wins, as it does in the config.
+    """
+    from voxgen.config.compose import parse_override
+
+    run_dirs = [parse_override(text)[1] for text in overrides if text.strip().startswith("run.dir=")]
+    if not run_dirs or not isinstance(run_dirs[-1], str):
+        return None
+    path = Path(os.path.expanduser(run_dirs[-1])) / "config.yaml"
+    return path if path.is_file() else None

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-import yaml
-
-from voxgen.config import from_dict
 from voxgen.diffusion.parts import Parts, build_parts
 from voxgen.errors import CheckpointError
 from voxgen.training import checkpoint as store
+from voxgen.training.resume import run_config
 from voxgen.training.trainer import resolve_device
-
-
-def run_config(run_dir: str | Path):
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir}: not a run folder (no config.yaml)")
-    return from_dict(yaml.safe_load(path.read_text()))
 
 
 def load_run(run_dir: str | Path, weights: str = "ema", device: str = "auto") -> tuple[object, Parts, int]:
@@ -30,11 +22,14 @@ def load_run(run_dir: str | Path, weights: str = "ema", device: str = "auto") ->
     """
     cfg = run_config(run_dir)
     prefix = f"{weights}/"
-    found = store.load_latest(run_dir, prefix=prefix)
+    parts = build_parts(cfg, resolve_device(device))
+
+    def use(folder, tensors, state) -> None:
+        parts.model.load_state_dict(store.split_prefix(tensors, prefix))
+
+    found = store.load_latest(run_dir, warn=lambda m: print(m, file=sys.stderr), prefix=prefix, use=use)
     if found is None:
         raise CheckpointError(f"{run_dir}: run has no checkpoint yet")
-    folder, tensors, state = found
-    parts = build_parts(cfg, resolve_device(device))
-    parts.model.load_state_dict(store.split_prefix(tensors, prefix))
+    _, _, state = found
     parts.model.eval()
     return cfg, parts, state["step"]

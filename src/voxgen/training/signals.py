@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -30,6 +31,8 @@ class StopRequest:
         self._phase_of = phase
         self._pending = pending if pending is not None else []
         self._previous: dict = {}
+        self._arrivals: int | None = None  # read end of the wakeup pipe
+        self._previous_wakeup_fd = -1
 
     @property
     def requested(self) -> bool:
@@ -43,22 +46,41 @@ class StopRequest:
     def exit_code(self) -> int:
         return EXIT_INTERRUPTED if self.signum == signal.SIGINT else EXIT_PREEMPTED
 
+    def _first_arrived(self, signum: int) -> int:
+        """The stop signal that arrived first among those not yet handled (see the class doc)."""
+        if self._arrivals is None:
+            return signum
+        try:
+            arrived = os.read(self._arrivals, 256)
+        except BlockingIOError:
+            return signum
+        return next((s for s in arrived if s in STOP_SIGNALS), signum)
+
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             return
-        self.signum, self.phase = signum, self._phase_of()
+        self.signum, self.phase = self._first_arrived(signum), self._phase_of()
 
     def __enter__(self) -> StopRequest:
+        if self._pending:
+            self.signum, self.phase = self._pending[0], "start-up"
         if threading.current_thread() is threading.main_thread():
+            read_end, write_end = os.pipe()
+            os.set_blocking(read_end, False)
+            os.set_blocking(write_end, False)
+            self._arrivals = read_end
+            self._previous_wakeup_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
-        if self._pending and self.signum is None:
-            self.signum, self.phase = self._pending[0], "start-up"
         return self
 
     def __exit__(self, *exc) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
+        if self._arrivals is not None:
+            os.close(signal.set_wakeup_fd(self._previous_wakeup_fd))
+            os.close(self._arrivals)
+            self._arrivals = None

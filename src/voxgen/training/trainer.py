@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,14 +20,17 @@ from voxgen.config import to_dict, to_yaml
 from voxgen.data.batches import collate, epoch_batches, to_device
 from voxgen.data.dataset import VolumeDataset
 from voxgen.diffusion.parts import Parts, build_parts, require_data_channels
-from voxgen.errors import CheckpointError, ConfigError
+from voxgen.errors import ConfigError, TrainingCollapsed, TrainingDiverged, WriteError
 from voxgen.files import write_atomic
 from voxgen.training import checkpoint as store
 from voxgen.training.ema import EMA
 from voxgen.training.guards import Guards, spread
-from voxgen.training.signals import EXIT_PREEMPTED, StopRequest
+from voxgen.training.resume import check_resume
+from voxgen.training.run_lock import run_lock
+from voxgen.training.signals import EXIT_PREEMPTED, STOP_SIGNALS, StopRequest
 from voxgen.training.state import Position, checkpoint_payload, lr_at, restore_weights, rng_from_checkpoint, seed_everything
 from voxgen.training.step import make_optimizer, prediction_and_target, train_step
+from voxgen.training.tblog import TensorBoardLog
 
 VAL_SEED_OFFSET = 10_000
 
@@ -63,6 +69,7 @@ def validation_loss(parts: Parts, dataset: VolumeDataset, batch_size: int, batch
     parts.model.eval()
     generator = torch.Generator(device).manual_seed(seed)
     n = len(dataset)
+    batches = min(batches, math.ceil(n / batch_size))  # more would only repeat cases
     losses, spreads = [], None
     for b in range(batches):
         items = [dataset[(b * batch_size + j) % n] for j in range(batch_size)]
@@ -112,7 +119,12 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------
     def _save(self) -> Path:
-        """Checkpoint the whole training state; CheckpointError (disk full, I/O error) stops the run."""
+        """Checkpoint the whole training state; CheckpointError (disk full, I/O error) stops the run.
+
+        Weights that are not finite are never saved: the run stops (TrainingDiverged) with the
+        checkpoints on disk, all older and finite, as they are.
+        """
+        self._check_finite_weights()
         tensors, state = checkpoint_payload(
             self.parts.model,
             self.ema,
@@ -130,52 +142,79 @@ class Trainer:
         self._saved = (step, folder)
         return folder
 
-    def _restore(self) -> int | None:
-        found = store.load_latest(self.run_dir, warn=lambda m: self.console.print(f"[yellow]{m}"))
-        if found is None:
-            return None
-        folder, tensors, state = found
+    def _warn(self, message: str) -> None:
+        self.console.print(message, style="yellow", markup=False, highlight=False)
+
+    def _check_finite_weights(self) -> None:
+        for name, module in (("model", self.parts.model), ("EMA", self.ema.module)):
+            if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+                newest = self._saved[1].name if self._saved else "none"
+                raise TrainingDiverged(
+                    f"training diverged at step {self.position.step}: the {name} weights are not finite "
+                    f"(NaN or Inf); not saved, the newest checkpoint ({newest}) is kept"
+                )
+
+    def _apply(self, folder: Path, tensors: dict, state: dict) -> None:
+        """Load a checkpoint's whole training state into this trainer (raises if it does not fit)."""
         self.position = restore_weights(tensors, state, self.parts.model, self.ema, self.optimizer)
         # Checkpoints written before these entries existed resume with their defaults.
         rng_from_checkpoint(self.generator, store.split_prefix(tensors, "rng/"), state.get("rng"))
-        self.lr_scale = state.get("lr_scale", 1.0)
+        self.lr_scale = float(state.get("lr_scale", 1.0))
         if "guards" in state:
             self.guards.load_state_dict(state["guards"])
         self._saved = (state["step"], folder)
+
+    def _restore(self) -> int | None:
+        """Resume from the newest checkpoint that loads; None for a new run.
+
+        CheckpointError when the run has checkpoints and none of them loads: training from
+        step 0 would overwrite checkpoints that may still be recovered.
+        """
+        store.remove_leftovers(self.run_dir)
+        found = store.load_latest(self.run_dir, warn=self._warn, use=self._apply)
+        if found is None:
+            return None
+        folder, _, state = found
         self.console.print(f"resumed from {folder} (step {state['step']} of {self.cfg.training.steps})")
         return state["step"]
-
-    def _last_good_checkpoint(self):
-        """(folder, tensors, state) of the newest checkpoint not taken during a run of skipped steps."""
-        for folder in store.list_checkpoints(self.run_dir):
-            try:
-                state = store.read_state(folder)
-                if state["step"] > self.position.step or state.get("guards", {}).get("consecutive_skips", 0) > 0:
-                    continue
-                return store.load_named(self.run_dir, folder.name)
-            except CheckpointError as exc:
-                self.console.print(f"[yellow]warning: {exc}; trying the previous checkpoint")
-        return None
 
     def _roll_back(self) -> bool:
         """After too many skipped steps in a row: back to the last good checkpoint, lower LR.
 
-        The training generator is not rewound, so the replayed steps draw new noise and times
-        instead of meeting the same failure again. True when the position moved.
+        The last good checkpoint is the newest one not taken during a run of skipped steps;
+        checkpoints after it belong to the abandoned steps and are deleted, so that the newest
+        checkpoint is again the one training continues from. The training generator is not
+        rewound, so the replayed steps draw new noise and times instead of meeting the same
+        failure again. True when the position moved. TrainingDiverged after
+        guards.max_rollbacks rollbacks: the learning rate is then down to
+        rollback_lr_factor ** max_rollbacks of the schedule and the run is not recovering.
         """
-        p, skipped = self.position, self.guards.consecutive_skips
+        p, g, skipped = self.position, self.cfg.guards, self.guards.consecutive_skips
         at = p.step
-        self.lr_scale *= self.cfg.guards.rollback_lr_factor
+        if self.guards.rollbacks >= g.max_rollbacks:
+            raise TrainingDiverged(
+                f"training diverged at step {at}: {skipped} skipped steps in a row after {self.guards.rollbacks} "
+                f"rollbacks (guards.max_rollbacks={g.max_rollbacks}); the checkpoints on disk are kept"
+            )
+        self.lr_scale *= g.rollback_lr_factor
         self.guards.rolled_back()
-        found = self._last_good_checkpoint()
+        last_good = p.step
+
+        def good(state: dict) -> bool:
+            return state["step"] <= last_good and state.get("guards", {}).get("consecutive_skips", 0) == 0
+
+        def weights_only(folder: Path, tensors: dict, state: dict) -> None:
+            self.position = restore_weights(tensors, state, self.parts.model, self.ema, self.optimizer)
+
+        found = store.load_latest(self.run_dir, warn=self._warn, use=weights_only, accept=good)
         if found is None:
             self.console.print(
                 f"{skipped} skipped steps in a row at step {at} and no checkpoint to roll back to; "
                 f"learning rate now {self.lr_scale:g}x"
             )
             return False
-        _, tensors, state = found
-        self.position = restore_weights(tensors, state, self.parts.model, self.ema, self.optimizer)
+        folder, _, state = found
+        store.discard_after(self.run_dir, folder)
         # The checkpoint has the old LR scale and guard counts: a stop now must save anew.
         self._saved = None
         self._purge_logs_after(state["step"])
@@ -186,11 +225,9 @@ class Trainer:
         return True
 
     def _open_writer(self) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
         # Events after the resumed step came from a process that was killed after it.
         purge = self.position.step + 1 if self.position.step else None
-        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
+        self.writer = TensorBoardLog(self.run_dir / "tb", purge, self._warn)
 
     def _purge_logs_after(self, step: int) -> None:
         """Make TensorBoard hide what the abandoned steps after `step` logged.
@@ -201,7 +238,7 @@ class Trainer:
         """
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
-        self.writer._get_file_writer().add_event(Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
+        self.writer.add_event(Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
 
     def _check_data(self) -> None:
         """Read every case once before training: bad data stops the run now, not hours in."""
@@ -235,6 +272,11 @@ class Trainer:
         self.writer.add_scalar("val/prediction_std", raw.prediction_std, record["step"])
         self.writer.add_scalar("val/target_std", raw.target_std, record["step"])
         write_atomic(self.run_dir / "history.json", json.dumps(p.history, indent=1))
+        if not (math.isfinite(raw.loss) and math.isfinite(ema.loss)):
+            raise TrainingCollapsed(
+                f"training collapsed at step {p.step}: validation loss is {raw.loss} (EMA: {ema.loss}); "
+                "the checkpoints on disk predate it"
+            )
         # The raw weights, not the EMA: they show a collapse first. Not during warm-up: output
         # layers initialised to zero (MONAI's UNet) predict a constant at first, which is where
         # training starts, not where it collapsed to. Raising here skips this step's checkpoint,
@@ -269,18 +311,24 @@ class Trainer:
         with StopRequest(lambda: self.phase, pending_signals) as stop:
             self._check_data()
             # Only now that every case read back: bad data leaves no run folder behind.
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
-            resumed_from = self._restore()
-            self._open_writer()
-            try:
-                if not self.position.history and not stop.requested:
-                    record = self._validate()
-                    self.console.print(f"step 0: val loss {record['val_loss']:.4f}")
-                self._loop(stop, stop_at)
-                return self._finish(stop, resumed_from)
-            finally:
-                self.writer.close()
+            _make_folder(self.run_dir)
+            with run_lock(self.run_dir):
+                return self._fit_locked(stop, stop_at)
+
+    def _fit_locked(self, stop: StopRequest, stop_at: int | None) -> TrainResult:
+        # Nothing is written before the config is known to resume the run's checkpoints.
+        check_resume(self.cfg, self.run_dir)
+        resumed_from = self._restore()
+        write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
+        self._open_writer()
+        try:
+            if not self.position.history and not stop.requested:
+                record = self._validate()
+                self.console.print(f"step 0: val loss {record['val_loss']:.4f}")
+            self._loop(stop, stop_at)
+            return self._finish(stop, resumed_from)
+        finally:
+            self.writer.close()
 
     def _finish(self, stop: StopRequest, resumed_from: int | None) -> TrainResult:
         p, steps = self.position, self.cfg.training.steps
@@ -312,6 +360,7 @@ class Trainer:
             batch_sampler=batches[p.batch_index :],
             num_workers=cfg.data.num_workers,
             collate_fn=collate,
+            worker_init_fn=_ignore_stop_signals,
             # Its own generator keeps the loader from drawing on the global RNG (exact resume).
             generator=torch.Generator().manual_seed(cfg.run.seed * 100_003 + p.epoch),
         )
@@ -336,7 +385,9 @@ class Trainer:
         with Progress(*columns, console=self.console, transient=False) as bar, self._in_phase("training"):
             task = bar.add_task("train", total=t.steps, completed=self.position.step, loss="-", rate="")
             while not self._should_stop(stop, stop_at):
-                for batch in self._loader():
+                with _forking_workers():
+                    batches = iter(self._loader())
+                for batch in batches:
                     moved = self._one_step(to_device(batch, self.device))
                     ran += 1
                     rate = ran / (time.perf_counter() - started)
@@ -385,6 +436,37 @@ class Trainer:
         if p.step % t.checkpoint_every == 0 or p.step == t.steps:
             self._save()
         return False
+
+
+def _make_folder(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(f"{path}: run folder not created: {exc.strerror or exc}") from None
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data-loader workers leave stop signals to the main process: `scancel` signals the whole
+    process group, and a worker killed by it would take the run down without a checkpoint.
+    They are forked with the signals blocked (`_forking_workers`), so none can arrive before
+    this runs; a signal sent meanwhile is discarded here, once it is ignored."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def _forking_workers():
+    """Block stop signals while data-loader workers are forked; the main process receives any
+    that arrived in between when they are unblocked."""
+    blocked = threading.current_thread() is threading.main_thread()
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def train(

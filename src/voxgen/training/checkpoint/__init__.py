@@ -2,7 +2,8 @@
 
     RUN/checkpoints/step_00000100/
         tensors-00001-of-00002.safetensors   tensors, in files of at most max_shard_bytes
-        index.json                           tensor -> shard, pieces of split tensors, size and crc32 of every file
+        index.json                           tensor -> shard, pieces of split tensors, size and crc32 of
+                                             every file, and its own crc32
         state.json                           everything else (step, data position, metrics, config, versions)
     RUN/checkpoints/latest                   name of the newest complete checkpoint
     RUN/checkpoints/best                     name of the checkpoint with the lowest best_metric
@@ -11,10 +12,13 @@ No file, safetensors header included, is larger than max_shard_bytes: a tensor t
 fit in one file is cut into flat pieces, each in its own shard, and put back together on load.
 
 A checkpoint is written into a temporary folder, every file fsynced, then renamed into place;
-`latest` is replaced atomically last. A failed write (disk full, I/O error) removes what it wrote
-and leaves the previous checkpoint and `latest` as they were. Reading checks every file it
-reads, size and crc32, against index.json, so a truncated or bit-flipped shard is reported,
-and `load_latest` falls back to the previous checkpoint. A read can be restricted to the
+`latest` is replaced atomically last; a deleted one is renamed to a trash name first. A
+failed write (disk full, I/O error) removes what it wrote and leaves the previous checkpoint
+and `latest` as they were. Reading checks every file it reads, size and crc32, against
+index.json (itself checked against its own crc32), so a truncated or bit-flipped file is
+reported, and `load_latest` falls back to the previous checkpoint; when no checkpoint loads
+it raises rather than let a run start over. Pointers are hints, checked against the
+checkpoints and ignored when damaged. A read can be restricted to the
 tensors under one prefix ('ema/'): only the shards holding them are read. Nothing is pickled:
 tensors go to safetensors, the rest to JSON.
 
@@ -39,6 +43,9 @@ from voxgen.training.checkpoint.write import (
     DEFAULT_MAX_SHARD_BYTES,
     FREE_SPACE_MARGIN,
     MIN_SHARD_BYTES,
+    delete_checkpoint,
+    discard_after,
+    remove_leftovers,
     save_checkpoint,
 )
 
@@ -52,6 +59,8 @@ __all__ = [
     "MIN_SHARD_BYTES",
     "STATE",
     "checkpoint_root",
+    "delete_checkpoint",
+    "discard_after",
     "iter_tensors",
     "list_checkpoints",
     "load_latest",
@@ -59,6 +68,7 @@ __all__ = [
     "prune",
     "read_checkpoint",
     "read_state",
+    "remove_leftovers",
     "retain",
     "save_checkpoint",
     "split_prefix",

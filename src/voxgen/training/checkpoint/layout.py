@@ -2,10 +2,13 @@
 
 RUN/checkpoints/step_NNNNNNNN/{tensors-*.safetensors, index.json, state.json}
 RUN/checkpoints/{latest, best}     pointers: the name of one checkpoint folder, one line
+RUN/checkpoints/.step_NNNNNNNN.trash   a checkpoint being deleted (renamed first, so a kill
+                                       during the deletion never leaves a half checkpoint)
 """
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
 from pathlib import Path
@@ -16,7 +19,9 @@ INDEX = "index.json"
 STATE = "state.json"
 LATEST = "latest"
 BEST = "best"
-FORMAT = 2  # 1: weight_map only, no sizes or checksums (still readable)
+# 3: index.json carries its own crc32. 2: sizes and crc32 of the other files.
+# 1: weight_map only, no sizes or checksums (still readable).
+FORMAT = 3
 _STEP_NAME = re.compile(r"step_(\d+)")
 # Bytes per read or write call: a checksum pass over a 1.9 GiB shard holds this much, not the file.
 _IO_CHUNK = 16 * 2**20
@@ -32,11 +37,17 @@ def _step_of(folder: Path) -> int:
 
 
 def _read_pointer(root: Path, pointer: str) -> str | None:
-    """The folder name `latest` or `best` holds; None when the pointer is missing or empty."""
+    """The folder name `latest` or `best` holds; None when the pointer is missing or holds
+    anything but a checkpoint folder name (unreadable, damaged, empty).
+
+    Pointers are hints: the checkpoints themselves are the truth, so a damaged pointer is
+    ignored, never a reason to fail.
+    """
     try:
-        return (root / pointer).read_text().strip() or None
-    except OSError:
+        name = (root / pointer).read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
         return None
+    return name if _STEP_NAME.fullmatch(name) else None
 
 
 def _file_crc(path: Path) -> tuple[int, int]:
@@ -49,6 +60,16 @@ def _file_crc(path: Path) -> tuple[int, int]:
             crc = zlib.crc32(view[:n], crc)
             size += n
     return size, crc
+
+
+def json_bytes(data) -> bytes:
+    """The one serialisation of the JSON files: index_crc32 is taken over these exact bytes."""
+    return json.dumps(data, indent=1, sort_keys=True).encode()
+
+
+def index_crc(index: dict) -> int:
+    """crc32 of index.json's content without its own `index_crc32` entry."""
+    return zlib.crc32(json_bytes({k: v for k, v in index.items() if k != "index_crc32"}))
 
 
 def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from voxgen.errors import CheckpointError
 from voxgen.training.checkpoint.layout import (
     _STEP_NAME,
     BEST,
+    FORMAT,
     INDEX,
     LATEST,
     STATE,
@@ -27,15 +28,16 @@ from voxgen.training.checkpoint.layout import (
     _read_pointer,
     _step_of,
     checkpoint_root,
+    index_crc,
 )
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete-looking checkpoint folders, newest (highest step) first."""
+    """Checkpoint folders (step_NNNNNNNN), complete or not, newest (highest step) first."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _STEP_NAME.fullmatch(p.name) and p.is_dir() and (p / STATE).is_file()]
+    found = [p for p in root.iterdir() if _STEP_NAME.fullmatch(p.name) and p.is_dir()]
     return sorted(found, key=_step_of, reverse=True)
 
 
@@ -76,10 +78,38 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
+_INDEX_KEYS = {"format", "total_bytes", "weight_map", "split_tensors", "files", "index_crc32"}
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    # A flipped bit can turn one tensor name into another: json.loads would keep the second
+    # entry and drop the first tensor without a word.
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
 def _read_index(folder: Path) -> dict:
-    index = json.loads((folder / INDEX).read_text())
+    """index.json, verified: no duplicate or unknown keys, and whatever a format promises is there.
+
+    Every entry that can verify something is used when present, whatever `format` says, so a
+    damaged `format` value cannot switch verification off.
+    """
+    index = json.loads((folder / INDEX).read_bytes(), object_pairs_hook=_refuse_duplicates)
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise TypeError(f"{INDEX} has no weight_map")
+    if unknown := sorted(set(index) - _INDEX_KEYS):
+        raise ValueError(f"{INDEX} has unknown entries {unknown[:3]}")
+    version = index.get("format", 1)
+    if version not in range(1, FORMAT + 1):
+        raise ValueError(f"{INDEX} has unknown format {version!r}")
+    if version >= 2 and not isinstance(index.get("files"), dict):
+        raise ValueError(f"{INDEX} of format {version} lacks the sizes and checksums of its files")
+    if version >= 3 and "index_crc32" not in index:
+        raise ValueError(f"{INDEX} of format {version} lacks its own checksum")
+    if "index_crc32" in index and index["index_crc32"] != index_crc(index):
+        raise ValueError(f"{INDEX} fails its own crc32 check: its bytes changed after it was written")
     return index
 
 
@@ -156,7 +186,10 @@ def read_state(folder: str | Path) -> dict:
         files = _read_index(folder).get("files")
         data = (folder / STATE).read_bytes()
         _verify(folder, STATE, files, len(data), zlib.crc32(data))
-        return json.loads(data)
+        state = json.loads(data)
+        if not isinstance(state, dict):
+            raise TypeError(f"{STATE} holds no JSON object")
+        return state
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -172,28 +205,80 @@ def read_checkpoint(folder: Path, prefix: str | None = None) -> tuple[dict[str, 
     return dict(iter_tensors(folder, prefix)), state
 
 
-def load_latest(run_dir: str | Path, warn=print, prefix: str | None = None) -> tuple[Path, dict[str, torch.Tensor], dict] | None:
-    """(folder, tensors, state) of the newest checkpoint that reads back whole, or None when the run has none.
+# What applying a checkpoint's tensors can raise when they do not fit what they are loaded
+# into (load_state_dict: missing or unexpected keys, shapes; an optimiser state that does not
+# match its parameters).
+_APPLY_ERRORS = (RuntimeError, KeyError, ValueError, TypeError, IndexError)
 
-    The `latest` pointer is tried first; a damaged checkpoint is reported through `warn` and
-    the previous complete one is used. prefix: read only the tensors under it (see
-    `iter_tensors`), e.g. 'ema/' for sampling, a quarter of the bytes of a training state of
-    weights, EMA and two Adam moments; "reads back whole" then means: state.json and the
-    shards holding those tensors.
+
+def load_latest(
+    run_dir: str | Path,
+    warn=print,
+    prefix: str | None = None,
+    use: Callable[[Path, dict[str, torch.Tensor], dict], None] | None = None,
+    accept: Callable[[dict], bool] | None = None,
+) -> tuple[Path, dict[str, torch.Tensor], dict] | None:
+    """(folder, tensors, state) of the newest checkpoint that reads back whole and applies.
+
+    Newest means the highest step: the `latest` pointer is only checked against it (a pointer
+    that is unreadable, names no checkpoint or an older one is reported through `warn`).
+    A damaged checkpoint is reported through `warn` and the previous one is tried.
+
+    prefix: read only the tensors under it (see `iter_tensors`), e.g. 'ema/' for sampling, a
+    quarter of the bytes of a training state of weights, EMA and two Adam moments; "reads
+    back whole" then means: state.json and the shards holding those tensors.
+    use(folder, tensors, state): applies the checkpoint (load_state_dict ...); when it raises
+    what loading into a model raises, the checkpoint counts as damaged too.
+    accept(state): checkpoints it refuses are passed over without a warning.
+
+    Returns None when the run has no checkpoint folder (or none accepted). Raises
+    CheckpointError, naming them, when there are checkpoints and none of them loads: a run
+    whose checkpoints are all damaged must not quietly start again from step 0 over them.
     """
-    candidates = list_checkpoints(run_dir)
-    named = _read_pointer(checkpoint_root(run_dir), LATEST)
-    if named is not None and checkpoint_root(run_dir) / named in candidates:
-        candidates.remove(checkpoint_root(run_dir) / named)
-        candidates.insert(0, checkpoint_root(run_dir) / named)
-    for folder in candidates:
+    root = checkpoint_root(run_dir)
+    folders = list_checkpoints(run_dir)
+    damaged: list[str] = []
+    for i, folder in enumerate(folders):
         try:
-            tensors, state = read_checkpoint(folder, prefix)
+            state = read_state(folder)
+            if accept is not None and not accept(state):
+                continue
+            tensors = dict(iter_tensors(folder, prefix))
+            if use is not None:
+                use(folder, tensors, state)
         except CheckpointError as exc:
-            warn(f"warning: {exc}; trying the previous checkpoint")
-            continue
-        return folder, tensors, state
+            reason = str(exc)
+        except _APPLY_ERRORS as exc:
+            reason = f"{folder}: checkpoint does not load ({type(exc).__name__}: {_first_line(exc)})"
+        else:
+            _check_pointer(root, folder, {f.name for f in folders}, warn)
+            return folder, tensors, state
+        damaged.append(folder.name)
+        then = "trying the previous checkpoint" if i + 1 < len(folders) else "no older checkpoint"
+        warn(f"warning: {reason}; {then}")
+    if damaged:
+        raise CheckpointError(
+            f"{root}: no checkpoint of this run loads ({', '.join(damaged)} damaged, see the warnings above); "
+            "they are left as they are: restore them from a backup, or move them away to start the run again"
+        )
     return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def _check_pointer(root: Path, loaded: Path, names: set[str], warn) -> None:
+    """Warn when `latest` disagrees with the checkpoint that loaded (it is not used otherwise)."""
+    if not (root / LATEST).exists():
+        return
+    named = _read_pointer(root, LATEST)
+    if named is None or named not in names:
+        what = "is unreadable" if named is None else f"names {named}, which does not exist"
+        warn(f"warning: {root / LATEST} {what}; using {loaded.name}, the newest checkpoint that loads")
+    elif _step_of(root / named) < _step_of(loaded):
+        warn(f"warning: {root / LATEST} names {named}, but {loaded.name} is newer and loads; using {loaded.name}")
 
 
 def load_named(run_dir: str | Path, name: str) -> tuple[Path, dict[str, torch.Tensor], dict]:
@@ -205,7 +290,7 @@ def load_named(run_dir: str | Path, name: str) -> tuple[Path, dict[str, torch.Te
     if name in (LATEST, BEST):
         target = _read_pointer(root, name)
         if target is None:
-            raise CheckpointError(f"{root / name}: no {name} checkpoint recorded in this run")
+            raise CheckpointError(f"{root / name}: no {name} checkpoint recorded in this run (pointer missing or unreadable)")
     elif _STEP_NAME.fullmatch(name):
         target = name
     else:

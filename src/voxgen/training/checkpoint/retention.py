@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 from voxgen.errors import CheckpointError
 from voxgen.training.checkpoint.layout import BEST, LATEST, STATE, _read_pointer, _step_of, checkpoint_root
 from voxgen.training.checkpoint.read import _read_index, list_checkpoints, read_state
-from voxgen.training.checkpoint.write import _write_pointer
+from voxgen.training.checkpoint.write import _write_pointer, delete_checkpoint
 
 
 def _looks_complete(folder: Path) -> bool:
@@ -58,7 +57,10 @@ def retain(run_dir: str | Path, keep_last: int, best_metric: str = "") -> list[P
         newer_complete = sum(1 for f in complete if _step_of(f) > _step_of(folder))
         if folder.name in protected or newer_complete < keep_last:
             continue
-        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            delete_checkpoint(folder)
+        except OSError:  # left for the next retention pass; the checkpoint just written is safe
+            continue
         deleted.append(folder)
     return deleted
 

@@ -8,7 +8,6 @@ wrote and leaves the previous checkpoint and `latest` as they were.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -22,13 +21,17 @@ from safetensors.torch import save_file
 from voxgen.errors import CheckpointError
 from voxgen.training.checkpoint.layout import (
     _IO_CHUNK,
+    _STEP_NAME,
     BEST,
     INDEX,
     LATEST,
     STATE,
     _file_crc,
     _read_pointer,
+    _step_of,
     checkpoint_root,
+    index_crc,
+    json_bytes,
 )
 from voxgen.training.checkpoint.plan import _SAFETENSORS_METADATA, _index, _plan, _shard_name, _shard_payload
 
@@ -47,7 +50,7 @@ def _sizes(needs: int, free: int) -> str:
 
 def _write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to a new file and fsync it: the JSON files and the pointers."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # less the umask, as any file
     try:
         view = memoryview(data)
         while view:
@@ -74,8 +77,16 @@ def _write_shard(path: Path, payload: dict[str, torch.Tensor]) -> tuple[int, int
         if code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+    # safetensors creates its files 0600; give shards the permissions of the run's other files.
+    os.chmod(path, 0o666 & ~_umask())
     _fsync_path(path)
     return _file_crc(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_path(path: Path) -> None:
@@ -84,10 +95,6 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _json_bytes(data) -> bytes:
-    return json.dumps(data, indent=1, sort_keys=True).encode()
 
 
 def _write_pointer(root: Path, pointer: str, name: str) -> None:
@@ -100,9 +107,10 @@ def _write_pointer(root: Path, pointer: str, name: str) -> None:
 
 
 def _remove_stale(root: Path) -> None:
-    """Leftovers of writes that were killed: temporary folders and pointers, set-aside folders."""
+    """Leftovers of writes and deletions that were killed: temporary folders and pointers,
+    folders being deleted, set-aside folders."""
     for path in root.iterdir():
-        if re.fullmatch(r"\.step_\d+\.tmp", path.name) and path.is_dir():
+        if re.fullmatch(r"\.step_\d+\.(tmp|trash)", path.name) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         elif path.name in (f".{LATEST}.tmp", f".{BEST}.tmp"):
             path.unlink(missing_ok=True)
@@ -113,6 +121,35 @@ def _remove_stale(root: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 os.replace(path, root / m.group(1))
+
+
+def remove_leftovers(run_dir: str | Path) -> None:
+    """Clear what killed writes and deletions left behind (the trainer calls it at start)."""
+    root = checkpoint_root(run_dir)
+    if root.is_dir():
+        _remove_stale(root)
+
+
+def delete_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint folder: renamed to a trash name first, so a kill half-way through
+    leaves a name that `remove_leftovers` sweeps, never a half checkpoint under a step name."""
+    trash = folder.with_name(f".{folder.name}.trash")
+    os.replace(folder, trash)
+    _fsync_path(folder.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def discard_after(run_dir: str | Path, kept: Path) -> list[Path]:
+    """Delete the checkpoints newer than `kept`, pointing `latest` at it first (a rollback
+    abandons the steps after it). Returns the deleted folders."""
+    root = checkpoint_root(run_dir)
+    newer = [p for p in root.iterdir() if _STEP_NAME.fullmatch(p.name) and p.is_dir() and _step_of(p) > _step_of(kept)]
+    if not newer:
+        return []
+    _write_pointer(root, LATEST, kept.name)
+    for folder in newer:
+        delete_checkpoint(folder)
+    return newer
 
 
 def save_checkpoint(
@@ -132,7 +169,7 @@ def save_checkpoint(
     name = f"step_{step:08d}"
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < MIN_SHARD_BYTES:
         raise CheckpointError(f"{root}: max_shard_bytes={max_shard_bytes} is below the minimum of {MIN_SHARD_BYTES} (1 MiB)")
-    state_bytes = _json_bytes(state)  # unserialisable state fails here, before the disk is touched
+    state_bytes = json_bytes(state)  # unserialisable state fails here, before the disk is touched
     shards, bounds = _plan(tensors, max_shard_bytes)
     needs = sum(bounds) + len(state_bytes) + 4096 + 256 * sum(map(len, shards))
     try:
@@ -167,7 +204,9 @@ def save_checkpoint(
         files[STATE] = {"bytes": len(state_bytes), "crc32": zlib.crc32(state_bytes)}
         _write_bytes(tmp / STATE, state_bytes)
         doing = f"writing {INDEX}"
-        _write_bytes(tmp / INDEX, _json_bytes(_index(shards, tensors, files)))
+        index = _index(shards, tensors, files)
+        index["index_crc32"] = index_crc(index)
+        _write_bytes(tmp / INDEX, json_bytes(index))
         _fsync_path(tmp)
         doing = "moving the folder into place"
         if final.exists():  # the same step saved again: keep the old one until the new one is in
