@@ -27,11 +27,11 @@ def _fsync(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+def atomic_path(path: str | Path, suffix: str = "", mode: int = 0o666) -> Iterator[Path]:
     """A temporary path to write `path` through; it replaces `path` when the block ends.
 
     suffix: kept at the end of the temporary name, for writers that choose the format from
-    it (nibabel: '.nii.gz').
+    it (nibabel: '.nii.gz'). mode: the file's permissions, less the umask (0o777: executable).
     """
     path = Path(path)
     tmp: Path | None = None
@@ -41,7 +41,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         os.close(fd)
         tmp = Path(name)
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets the usual mode
+        os.chmod(tmp, mode & ~_umask())  # mkstemp makes it 0600
         _fsync(tmp)
         os.replace(tmp, path)
         tmp = None

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from voxgen.errors import ConfigError, VoxgenError
+from voxgen.files import atomic_path
 
 TEMPLATE = Path(__file__).resolve().parent / "config" / "slurm" / "train.sbatch"
 # sbatch's --signal accepts at most this many seconds before the limit.
@@ -178,14 +179,8 @@ def write_script(
     """Write the script (default: RUN_DIR.sbatch beside the run folder), executable; returns its path."""
     script = Path(out).expanduser().resolve() if out else _beside(_run_dir(overrides), ".sbatch")
     text = render(overrides, config_files, job, script, template)
-    try:
-        script.parent.mkdir(parents=True, exist_ok=True)
-        tmp = script.with_name(f".{script.name}.tmp")
+    with atomic_path(script, mode=0o777) as tmp:  # executable, as `sbatch` and `bash` take it
         tmp.write_text(text)
-        tmp.chmod(0o755)
-        os.replace(tmp, script)
-    except OSError as exc:
-        raise VoxgenError(f"{script}: cannot write the sbatch script ({exc.strerror or exc})") from None
     return script
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from voxgen.data import MASK_MODALITIES, MODALITIES, VolumeDataset, check_folder, list_cases, load_volume, save_volume
+from voxgen.data.dataset import ImageIndex
 from voxgen.errors import DataError, VoxgenError
 
 from .conftest import SHAPE
@@ -369,9 +370,10 @@ def test_a_case_copied_into_val_under_another_name_is_a_leak(data_copy):
         "the same image in two splits leaks data between them"
         for m in read
     ]
-    # Training reads train, then val: the val copy stops it with the first of those lines.
-    VolumeDataset(data_copy, "train", MODS, SHAPE)[0]
-    val = VolumeDataset(data_copy, "val", MODS, SHAPE)
+    # Training reads train, then val, into one index: the val copy stops it with the first of those lines.
+    images = ImageIndex()
+    VolumeDataset(data_copy, "train", MODS, SHAPE, images=images)[0]
+    val = VolumeDataset(data_copy, "val", MODS, SHAPE, images=images)
     with pytest.raises(DataError) as info:
         [val[i] for i in range(len(val))]
     assert str(info.value) in leaks

@@ -140,16 +140,6 @@ class ImageIndex:
         )
 
 
-# One index per data folder in this process: the trainer builds its train and val sets apart,
-# and a copy between them is found when the second of them reads it.
-_FOLDER_INDEXES: dict[Path, ImageIndex] = {}
-
-
-def folder_index(root) -> ImageIndex:
-    """The ImageIndex that every `VolumeDataset` of the folder `root` shares in this process."""
-    return _FOLDER_INDEXES.setdefault(Path(root).resolve(), ImageIndex())
-
-
 def read_case(
     case: Case, modalities: Iterable[str], report: Callable[[str], None], images: ImageIndex | None = None
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -214,12 +204,20 @@ class VolumeDataset(torch.utils.data.Dataset):
     `shape` are resampled (trilinear for images, nearest for masks). With
     cache=True processed tensors are kept in memory; treat them as read-only.
 
-    The first read of each case also compares its images with those every data set of the same
-    folder has read in this process (`folder_index`): training reads train, then val, and a
-    train image copied into val stops it there.
+    images: an ImageIndex shared by the data sets of one folder (the trainer's train and val
+    sets): the first read of each case compares its images with those the others read, and a
+    train image copied into val stops training when val is read.
     """
 
-    def __init__(self, root, split: str, modalities: Sequence[str], shape: Sequence[int], cache: bool = True):
+    def __init__(
+        self,
+        root,
+        split: str,
+        modalities: Sequence[str],
+        shape: Sequence[int],
+        cache: bool = True,
+        images: ImageIndex | None = None,
+    ):
         self.root = Path(root)
         self.split = split
         self.modalities = (modalities,) if isinstance(modalities, str) else tuple(modalities)
@@ -233,7 +231,7 @@ class VolumeDataset(torch.utils.data.Dataset):
         leaks = shared_cases(self.root, involving=split)
         if leaks:
             raise DataError(leaks[0])
-        self.images = folder_index(self.root)
+        self.images = images
         self._compared: set[int] = set()  # without the cache, later reads need not compare again
         self._cache: dict[int, dict] = {}
         self._affine: np.ndarray | None = None

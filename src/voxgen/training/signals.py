@@ -48,12 +48,16 @@ class StopRequest:
 
     def _first_arrived(self, signum: int) -> int:
         """The stop signal that arrived first among those not yet handled (see the class doc)."""
-        if self._arrivals is None:
-            return signum
-        try:
-            arrived = os.read(self._arrivals, 256)
-        except BlockingIOError:
-            return signum
+        arrived = bytearray()
+        while self._arrivals is not None:
+            try:
+                chunk = os.read(self._arrivals, 4096)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            arrived += chunk
+        # Other signals with Python handlers (SIGCHLD of data-loader workers) are there too.
         return next((s for s in arrived if s in STOP_SIGNALS), signum)
 
     def _handle(self, signum, frame) -> None:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from voxgen.config import to_dict, to_yaml
 from voxgen.data.batches import collate, epoch_batches, to_device
-from voxgen.data.dataset import VolumeDataset
+from voxgen.data.dataset import ImageIndex, VolumeDataset
 from voxgen.diffusion.parts import Parts, build_parts, require_data_channels
 from voxgen.errors import ConfigError, TrainingCollapsed, TrainingDiverged, WriteError
 from voxgen.files import write_atomic
@@ -92,8 +92,10 @@ class Trainer:
         require_data_channels(cfg)
         self.parts = build_parts(cfg, self.device)
         modalities = self.parts.mode.modalities
-        self.train_set = VolumeDataset(cfg.data.root, "train", modalities, cfg.data.shape, cache=cfg.data.cache)
-        self.val_set = VolumeDataset(cfg.data.root, "val", modalities, cfg.data.shape, cache=cfg.data.cache)
+        # One index of the images read: a train image copied into val is a leak the data check stops.
+        images = ImageIndex()
+        self.train_set = VolumeDataset(cfg.data.root, "train", modalities, cfg.data.shape, cfg.data.cache, images)
+        self.val_set = VolumeDataset(cfg.data.root, "val", modalities, cfg.data.shape, cfg.data.cache, images)
         self.optimizer = make_optimizer(self.parts.model, cfg)
         self.ema = EMA(self.parts.model, cfg.training.ema_decay)
         self.ema_parts = replace(self.parts, model=self.ema.module)
@@ -147,7 +149,7 @@ class Trainer:
 
     def _check_finite_weights(self) -> None:
         for name, module in (("model", self.parts.model), ("EMA", self.ema.module)):
-            if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+            if not bool(torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all()):  # one sync
                 newest = self._saved[1].name if self._saved else "none"
                 raise TrainingDiverged(
                     f"training diverged at step {self.position.step}: the {name} weights are not finite "
