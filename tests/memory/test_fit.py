@@ -40,7 +40,9 @@ def _fake_planner(bytes_per_param: int):
         params = describe(cfg).params
         calls.append(params)
         peak = params * bytes_per_param
-        return SimpleNamespace(peak_bytes=peak, peak_bytes_first_step=peak - 1, peak_phase="forward", peak_module="m")
+        return SimpleNamespace(
+            peak_bytes=peak, peak_bytes_first_step=peak - 1, peak_phase="forward", peak_module="m", band_bytes=[peak, peak, peak]
+        )
 
     return planner, calls
 
@@ -57,7 +59,7 @@ def test_fit_picks_the_largest_within_the_margin_and_names_the_next_one_up():
     result = fit(axes, gpu, 0.1, overrides=TINY_DIT, planner=planner)
     assert result.best.label == "model.depth=2 model.patch_size=2"
     assert result.next_up.label == "model.depth=3 model.patch_size=2" and result.next_up.status == TOO_BIG
-    assert result.next_up.peak_bytes > result.budget_bytes >= result.best.peak_bytes
+    assert result.next_up.needs_bytes > result.budget_bytes >= result.best.needs_bytes
     assert result.budget_bytes == int(gpu * 0.9)
     statuses = [c.status for c in result.candidates]
     assert statuses == [TOO_BIG, TOO_BIG, FITS, NOT_PLANNED] + [INVALID] * 4

@@ -128,7 +128,7 @@ configs:
     assert rows[1]["first_step_gib"] == f"{single.peak_bytes_first_step / GiB:.2f}"
     assert rows[1]["steady_gib"] == f"{single.peak_bytes / GiB:.2f}"
     assert float(rows[1]["params_m"]) == round(single.params / 1e6, 1) and rows[1]["voxels"] == "4096"
-    assert rows[1]["fits"] == "yes" and rows[1]["gpu_gib"] == "1.0"
+    assert rows[1]["verdict"] == single.verdict == "fits" and rows[1]["gpu_gib"] == "1.0"
     assert float(rows[0]["steady_gib"]) < float(rows[1]["steady_gib"])
     md = (out / "plan.md").read_text()
     assert md.startswith("# tiny") and "| small |" in md and "All rows: model unet" in md
@@ -143,7 +143,7 @@ def test_tables_format_planned_and_measured_rows():
         net,
         planned_first=GiB,
         planned_steady=2 * GiB,
-        fits=True,
+        verdict="fits",
         gpu_memory_bytes=80 * GiB,
         peak_phase="backward",
         peak_module="MulBackward0",

@@ -172,3 +172,76 @@ def test_qk_norm_keeps_about_14_bytes_per_token_channel_and_block():
     tokens, width, blocks, head_dim = 8 * 16 * 16, 384, 12, 64
     extra = on.breakdown_first_step["activations"] - off.breakdown_first_step["activations"]
     assert extra / (tokens * width * blocks) == pytest.approx(14 + 16 / head_dim, rel=0.03)
+
+
+def test_monai_materialised_attention_keeps_6_bytes_per_score_and_peaks_at_16_in_backward():
+    """MONAI's naive attention (SABlock) under bf16 autocast on a GPU, per score (token pair and
+    head), counted by hand: the forward keeps the fp32 softmax output (4 B; softmax runs in fp32
+    under CUDA autocast) and the bf16 copy of it that the value matmul casts and saves (2 B).
+    Its transient peak is 10 B: the bf16 scaled scores (2), their fp32 cast (4) and the softmax
+    output (4). The backward peaks at 16 B, in the softmax backward: the saved output (4), the
+    incoming fp32 gradient (4), the grad*output temporary of the CUDA kernel (4) and its result
+    (4). Tokens 16^3 = 4,096, 2 heads of 32 channels."""
+    from monai.networks.blocks.spatialattention import SpatialAttentionBlock
+
+    from voxgen.memory.planner import _kernel_workspaces
+
+    channels, side = 64, 16
+    with torch.device("meta"):
+        block = SpatialAttentionBlock(3, channels, num_head_channels=32, norm_num_groups=32, use_flash_attention=False)
+        x = torch.empty(1, channels, side, side, side, requires_grad=True)
+    scores = (side**3) ** 2 * (channels // 32)
+    saved = []
+
+    def pack(t):
+        if t.numel() >= scores:
+            saved.append((t.dtype, t.numel()))
+        return t
+
+    tracker = AllocationTracker(on_op=_kernel_workspaces)
+    tracker.register(x, "input")
+    for p in block.parameters():
+        tracker.register(p, "parameters")
+    before = tracker.live
+    with CudaSemantics(), tracker, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with cuda_autocast(torch.bfloat16):
+            y = block(x)
+        kept = tracker.live - before
+        forward_peak = tracker.peak.bytes - before
+        tracker.set_phase("backward")
+        tracker.reset_peak()
+        y.float().sum().backward()
+    assert sorted(saved, key=str) == [(torch.bfloat16, scores), (torch.float32, scores)]
+    # Everything else the block keeps grows with tokens x channels: under 3% here.
+    assert kept / scores == pytest.approx(6, rel=0.03)
+    assert forward_peak / scores == pytest.approx(10, rel=0.03)
+    assert (tracker.peak.bytes - before) / scores == pytest.approx(16, rel=0.03)
+    assert tracker.peak.where.startswith("SoftmaxBackward0")
+
+
+def test_plan_json_carries_verdict_band_and_versions():
+    cfg = compose(
+        [],
+        [
+            "data.shape=[16,16,16]",
+            "model.channels=[8,16]",
+            "model.attention_levels=[false,true]",
+            "model.num_head_channels=8",
+            "model.norm_num_groups=4",
+            "model.attention=naive",
+        ],
+    )
+    p = plan(cfg, 80 * GiB)
+    low, expected, high = p.band_bytes
+    assert low < expected <= high and expected >= max(p.peak_bytes, p.reserved_bytes)
+    assert p.verdict == "fits" and p.fits and p.error_class == "activations" and p.attention_tokens == 512
+    assert p.versions["torch"] == torch.__version__ and "monai" in p.versions
+    # The same step on a GPU whose usable memory lies inside the band is tight; below it, does not fit.
+    from voxgen.memory.planner import CONTEXT_BYTES, DRIVER_SHARE
+
+    def gpu_for(usable):
+        return int((usable + CONTEXT_BYTES) / (1 - DRIVER_SHARE)) + 1
+
+    assert plan(cfg, gpu_for((expected + high) // 2)).verdict == "tight"
+    tiny = plan(cfg, gpu_for(low // 2))
+    assert tiny.verdict == "does not fit" and not tiny.fits

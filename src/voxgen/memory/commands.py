@@ -48,13 +48,14 @@ def run_plan(args) -> int:
         f"first step {result.peak_bytes_first_step / GiB:.2f} GiB"
     )
     print(f"  {'reserved':12s} {result.reserved_bytes / GiB:8.2f} GiB  (caching allocator with fragmentation)")
-    verdict = "fits" if result.fits else "does NOT fit"
-    print(f"{verdict} in {result.gpu_memory_bytes / GiB:.1f} GiB")
-    if result.fits and result.allocator_oom:
-        print(
-            "warning: the caching allocator's fragmentation may still run out of memory; "
-            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True avoids most of it"
-        )
+    low, expected, high = (b / GiB for b in result.band_bytes)
+    print(f"  {'band':12s} {low:.2f} / {expected:.2f} / {high:.2f} GiB reserved (low / expected / high: {result.error_class})")
+    print(
+        f"{result.verdict} in {result.gpu_memory_bytes / GiB:.1f} GiB "
+        f"({result.usable_bytes / GiB:.1f} GiB usable after the CUDA context)"
+    )
+    if result.verdict == "tight":
+        print("tight: the band crosses the limit; measure it on the GPU (voxgen profile) or choose a smaller config")
     return 0
 
 
@@ -75,12 +76,13 @@ def _plan_grid(args) -> int:
     out = _grid_out(args)
     notes = [
         f"Predicted by `voxgen plan --grid {args.grid}` (no GPU): peak GPU memory of one training step; "
-        f"first step = fresh optimiser, steady = optimiser state alive (what `fits` uses, {gpu / GiB:.0f} GiB)."
+        f"first step = fresh optimiser, steady = optimiser state alive; verdict at {gpu / GiB:.0f} GiB from the reserved "
+        "memory and the planner's error band (docs/memory.md)."
     ]
     notes += [f"Skipped (invalid): {'; '.join(grid.skipped)}."] if grid.skipped else []
     csv_path, md_path = write_tables(rows, out, "plan", PLAN_COLUMNS, grid.title, notes)
     chart = save_memory_chart(out / "plan.png", rows, gpu, f"{grid.title} (predicted)")
-    fitting = sum(bool(r.fits) for r in rows)
+    fitting = sum(r.verdict == "fits" for r in rows)
     skipped = f", {len(grid.skipped)} invalid skipped" if grid.skipped else ""
     print(
         f"planned {len(rows)} configurations in {seconds:.1f} s{skipped}: {fitting} fit in {gpu / GiB:.0f} GiB; "
@@ -122,7 +124,8 @@ def run_fit(args) -> int:
         best = result.best
         print(
             f"largest that fits: {best.label} ({best.network.params / 1e6:.1f} M parameters, "
-            f"{best.peak_bytes / GiB:.2f} GiB of {result.budget_bytes / GiB:.2f} GiB budget); {result.why_not_next()}"
+            f"needs up to {best.needs_bytes / GiB:.2f} GiB of {result.budget_bytes / GiB:.2f} GiB budget); "
+            f"{result.why_not_next()}"
         )
     return 0
 

@@ -1,9 +1,10 @@
 """`voxgen fit`: the largest configuration of a cartesian product that fits a GPU, with a margin.
 
 Candidates are ordered by parameters, ties broken by tokens (transformers) or voxels. They are
-planned from the largest down; the first whose steady-state peak (`Plan.peak_bytes`, the figure
-`fits` uses) is within the budget, GPU memory x (1 - margin), is the answer, and the candidate
-just above it in that order is the one that does not fit. Candidates the model cannot build are
+planned from the largest down; the first whose band top (`Plan.band_bytes[2]`: reserved memory
+with the planner's measured error added, see `voxgen.memory.planner`) is within the budget, GPU
+memory x (1 - margin), is the answer, and the candidate just above it in that order is the one
+that does not fit. Candidates the model cannot build are
 listed as invalid with their one-line reason.
 """
 
@@ -65,7 +66,13 @@ class Candidate:
     peak_bytes_first_step: int | None = None
     peak_phase: str = ""
     peak_module: str = ""
+    band_bytes: list[int] | None = None  # [low, expected, high] reserved bytes
     cfg: object = field(default=None, repr=False)
+
+    @property
+    def needs_bytes(self) -> int | None:
+        """What is compared with the budget: the band's top."""
+        return self.band_bytes[2] if self.band_bytes else None
 
     def to_json(self) -> dict:
         n = self.network
@@ -82,6 +89,7 @@ class Candidate:
             "peak_bytes_first_step": self.peak_bytes_first_step,
             "peak_phase": self.peak_phase,
             "peak_module": self.peak_module,
+            "band_bytes": self.band_bytes,
         }
 
 
@@ -102,7 +110,7 @@ class FitResult:
             return "it is the largest candidate" if self.best else "no candidate is valid"
         return (
             f"next one up, {self.next_up.label} ({self.next_up.network.params / 1e6:.1f} M parameters), "
-            f"needs {self.next_up.peak_bytes / GiB:.2f} GiB > budget {self.budget_bytes / GiB:.2f} GiB "
+            f"needs up to {self.next_up.needs_bytes / GiB:.2f} GiB > budget {self.budget_bytes / GiB:.2f} GiB "
             f"({self.gpu_memory_bytes / GiB:.0f} GiB - {100 * self.margin:.0f}%)"
         )
 
@@ -176,8 +184,9 @@ def fit(
             c.status, c.reason = INVALID, str(exc)
             continue
         c.peak_bytes, c.peak_bytes_first_step = p.peak_bytes, p.peak_bytes_first_step
-        c.peak_phase, c.peak_module = p.peak_phase, p.peak_module
-        c.status = FITS if p.peak_bytes <= budget else TOO_BIG
+        c.peak_phase, c.peak_module, c.band_bytes = p.peak_phase, p.peak_module, p.band_bytes
+        # The band's top (reserved memory, error included): a pick never runs out on the GPU.
+        c.status = FITS if c.needs_bytes <= budget else TOO_BIG
         if c.status == FITS and result.best is None:
             result.best, result.next_up = c, previous
         if c.status == TOO_BIG:
@@ -189,7 +198,7 @@ def fit(
 
 def format_table(result: FitResult) -> list[str]:
     """Text table of the candidates, largest first."""
-    rows = [("candidate", "params M", "tokens/voxels", "steady GiB", "first GiB", "verdict")]
+    rows = [("candidate", "params M", "tokens/voxels", "steady GiB", "needs up to GiB", "verdict")]
     for c in result.candidates:
         n = c.network
         size = "" if n is None else (f"{n.tokens:,} tok" if n.tokens is not None else f"{n.voxels:,} vox")
@@ -202,7 +211,7 @@ def format_table(result: FitResult) -> list[str]:
                 f"{n.params / 1e6:.1f}" if n else "-",
                 size or "-",
                 f"{c.peak_bytes / GiB:.2f}" if c.peak_bytes is not None else "-",
-                f"{c.peak_bytes_first_step / GiB:.2f}" if c.peak_bytes_first_step is not None else "-",
+                f"{c.needs_bytes / GiB:.2f}" if c.needs_bytes is not None else "-",
                 verdict,
             )
         )

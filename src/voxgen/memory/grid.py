@@ -270,7 +270,7 @@ def plan_row(item: Resolved, gpu_memory_bytes: int) -> Row:
         gpu_memory_bytes=gpu_memory_bytes,
         planned_first=result.peak_bytes_first_step,
         planned_steady=result.peak_bytes,
-        fits=result.fits,
+        verdict=result.verdict,
         peak_phase=result.peak_phase,
         peak_module=result.peak_module,
     )

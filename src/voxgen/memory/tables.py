@@ -36,7 +36,7 @@ NETWORK_COLUMNS = [
     "precision",
     "params_m",
 ]
-PLAN_COLUMNS = NETWORK_COLUMNS + ["first_step_gib", "steady_gib", "gpu_gib", "fits", "peak_phase", "peak_module"]
+PLAN_COLUMNS = NETWORK_COLUMNS + ["first_step_gib", "steady_gib", "gpu_gib", "verdict", "peak_phase", "peak_module"]
 PROFILE_COLUMNS = NETWORK_COLUMNS + [
     "first_step_gib",
     "steady_gib",
@@ -67,7 +67,7 @@ _LABELS = {
     "first_step_gib": "first step GiB",
     "steady_gib": "steady GiB",
     "gpu_gib": "GPU GiB",
-    "fits": "fits",
+    "verdict": "verdict",
     "peak_phase": "peak phase",
     "peak_module": "peak module",
     "reserved_first_gib": "reserved first GiB",
@@ -121,7 +121,7 @@ class Row:
     gpu_memory_bytes: int | None = None
     planned_first: int | None = None
     planned_steady: int | None = None
-    fits: bool | None = None
+    verdict: str = ""  # the planner's: fits, tight, does not fit
     peak_phase: str = ""
     peak_module: str = ""
     measured_first: int | None = None
@@ -149,7 +149,7 @@ class Row:
             "precision": n.precision,
             "params_m": f"{n.params / 1e6:.1f}",
             "gpu_gib": _gib(self.gpu_memory_bytes, 1),
-            "fits": "" if self.fits is None else ("yes" if self.fits else "no"),
+            "verdict": self.verdict,
             "peak_phase": self.peak_phase,
             "peak_module": self.peak_module,
             "reserved_first_gib": _gib(self.reserved_first),

@@ -37,10 +37,24 @@ class Peak:
     event: int = -1  # index into the log just after the peak's allocation
 
 
+# Materialised attention: a score or probability matrix (..., N, N) over at least this many
+# tokens (and the gradients and copies of one). The planner's error differs for these (see
+# voxgen.memory.planner's error classes), so they are told apart from other activations.
+MIN_ATTENTION_TOKENS = 256
+
+
+def attention_tokens(t: torch.Tensor) -> int:
+    """N of a materialised attention matrix (3-D (B*heads, N, N) or 4-D (B, heads, N, N)); else 0."""
+    if t.dim() in (3, 4) and t.shape[-1] == t.shape[-2] >= MIN_ATTENTION_TOKENS:
+        return int(t.shape[-1])
+    return 0
+
+
 @dataclass
 class _Allocation:
     bytes: int
     phase: str
+    attention_tokens: int = 0  # N when the storage holds a materialised N x N attention matrix
 
 
 class AllocationTracker(TorchDispatchMode):
@@ -75,7 +89,7 @@ class AllocationTracker(TorchDispatchMode):
         nbytes = block_bytes(storage.nbytes())
         alloc_id = len(self.allocations)
         self._ids[key] = alloc_id
-        self.allocations[alloc_id] = _Allocation(nbytes, phase or self.phase)
+        self.allocations[alloc_id] = _Allocation(nbytes, phase or self.phase, attention_tokens(t))
         weakref.finalize(storage, self._release, key, alloc_id, nbytes)
         self._change(alloc_id, nbytes)
         return alloc_id
@@ -83,12 +97,12 @@ class AllocationTracker(TorchDispatchMode):
     def storage_id(self, t: torch.Tensor) -> int | None:
         return self._ids.get(t.untyped_storage()._cdata) if isinstance(t, torch.Tensor) else None
 
-    def transient(self, nbytes: int, where: str) -> None:
+    def transient(self, nbytes: int, where: str, attention_tokens: int = 0) -> None:
         nbytes = block_bytes(nbytes)
         if nbytes:
             # Logged as an allocation and its release, so the allocator replay sees the request.
             alloc_id = len(self.allocations)
-            self.allocations[alloc_id] = _Allocation(nbytes, self.phase)
+            self.allocations[alloc_id] = _Allocation(nbytes, self.phase, attention_tokens)
             self.log += [(alloc_id, nbytes), (alloc_id, -nbytes)]
         if nbytes and self.live + nbytes > self.phase_peaks.get(self.phase, 0):
             self.phase_peaks[self.phase] = self.live + nbytes

@@ -40,7 +40,7 @@ def _values(row) -> tuple[float | None, float | None, bool]:
 def save_memory_chart(path: str | Path, rows: Sequence, gpu_memory_bytes: int | None = None, title: str = "") -> Path:
     """Write a PNG of `rows` (voxgen.memory.tables.Row); appears whole or not at all.
 
-    Filled markers joined by a line: steady-state peak (what `fits` is judged on); hollow markers:
+    Filled markers joined by a line: steady-state peak (allocated); hollow markers:
     first step (fresh optimiser, the seeds' protocol). Rows that ran out of memory are drawn as
     red crosses at the GPU's memory.
     """
