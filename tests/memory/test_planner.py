@@ -181,14 +181,28 @@ def test_monai_materialised_attention_keeps_6_bytes_per_score_and_peaks_at_16_in
     Its transient peak is 10 B: the bf16 scaled scores (2), their fp32 cast (4) and the softmax
     output (4). The backward peaks at 16 B, in the softmax backward: the saved output (4), the
     incoming fp32 gradient (4), the grad*output temporary of the CUDA kernel (4) and its result
-    (4). Tokens 16^3 = 4,096, 2 heads of 32 channels."""
+    (4). The attention block of a MONAI UNet built by voxgen, at its second level: 16^3 = 4,096
+    tokens, 2 heads of 32 channels."""
     from monai.networks.blocks.spatialattention import SpatialAttentionBlock
 
+    from voxgen.diffusion.parts import build_parts
     from voxgen.memory.planner import _kernel_workspaces
 
     channels, side = 64, 16
+    cfg = compose(
+        [],
+        [
+            "data.shape=[32,32,32]",
+            "model.channels=[32,64]",
+            "model.attention_levels=[false,true]",
+            "model.num_head_channels=32",
+            "model.norm_num_groups=32",
+            "model.attention=naive",
+        ],
+    )
     with torch.device("meta"):
-        block = SpatialAttentionBlock(3, channels, num_head_channels=32, norm_num_groups=32, use_flash_attention=False)
+        unet = build_parts(cfg, "meta").model
+        block = next(m for m in unet.modules() if isinstance(m, SpatialAttentionBlock))
         x = torch.empty(1, channels, side, side, side, requires_grad=True)
     scores = (side**3) ** 2 * (channels // 32)
     saved = []
