@@ -18,7 +18,8 @@ from pathlib import Path
 from voxgen.errors import WriteError
 
 
-def _fsync(path: str | Path) -> None:
+def fsync(path: str | Path) -> None:
+    """Flush a file, or a folder's entries (after a rename in it), to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -41,11 +42,11 @@ def atomic_path(path: str | Path, suffix: str = "", mode: int = 0o666) -> Iterat
         os.close(fd)
         tmp = Path(name)
         yield tmp
-        os.chmod(tmp, mode & ~_umask())  # mkstemp makes it 0600
-        _fsync(tmp)
+        os.chmod(tmp, permissions(mode))  # mkstemp makes it 0600
+        fsync(tmp)
         os.replace(tmp, path)
         tmp = None
-        _fsync(path.parent)
+        fsync(path.parent)
     except OSError as exc:
         raise WriteError(f"{path}: not written: {exc.strerror or exc}") from None
     finally:
@@ -62,7 +63,8 @@ def write_atomic(path: str | Path, text: str | bytes) -> Path:
     return Path(path)
 
 
-def _umask() -> int:
+def permissions(mode: int = 0o666) -> int:
+    """`mode` less the process's umask: what `open` would give a new file (0o644 under umask 022)."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    return mode & ~mask

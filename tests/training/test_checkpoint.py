@@ -370,3 +370,15 @@ def test_safetensors_write_failures_become_os_errors(tmp_path):
     with pytest.raises(OSError) as info:
         store_write._write_shard(tmp_path / "gone" / "tensors-00001-of-00001.safetensors", {"a": torch.zeros(3)})
     assert info.value.errno == errno.ENOENT
+
+
+def test_discard_after_points_latest_back_and_deletes_the_newer_checkpoints(tmp_path):
+    # A rollback abandons the steps after the checkpoint it returns to.
+    kept = store.save_checkpoint(tmp_path, 1, _tensors(1), {"step": 1})
+    for step in (2, 3):
+        store.save_checkpoint(tmp_path, step, _tensors(step), {"step": step})
+    deleted = store.discard_after(tmp_path, kept)
+    assert sorted(p.name for p in deleted) == ["step_00000002", "step_00000003"]
+    assert _names(tmp_path) == ["step_00000001"] and _pointer(tmp_path, "latest") == "step_00000001"
+    assert not [p for p in _root(tmp_path).iterdir() if p.name.startswith(".")]
+    assert store.discard_after(tmp_path, kept) == []

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from voxgen.errors import CheckpointError
+from voxgen.files import fsync, permissions
 from voxgen.training.checkpoint.layout import (
     _IO_CHUNK,
     _STEP_NAME,
@@ -78,23 +79,9 @@ def _write_shard(path: Path, payload: dict[str, torch.Tensor]) -> tuple[int, int
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
     # safetensors creates its files 0600; give shards the permissions of the run's other files.
-    os.chmod(path, 0o666 & ~_umask())
-    _fsync_path(path)
+    os.chmod(path, permissions())
+    fsync(path)
     return _file_crc(path)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_pointer(root: Path, pointer: str, name: str) -> None:
@@ -103,7 +90,7 @@ def _write_pointer(root: Path, pointer: str, name: str) -> None:
     tmp.unlink(missing_ok=True)
     _write_bytes(tmp, (name + "\n").encode())
     os.replace(tmp, root / pointer)
-    _fsync_path(root)
+    fsync(root)
 
 
 def _remove_stale(root: Path) -> None:
@@ -135,7 +122,7 @@ def delete_checkpoint(folder: Path) -> None:
     leaves a name that `remove_leftovers` sweeps, never a half checkpoint under a step name."""
     trash = folder.with_name(f".{folder.name}.trash")
     os.replace(folder, trash)
-    _fsync_path(folder.parent)
+    fsync(folder.parent)
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -207,13 +194,13 @@ def save_checkpoint(
         index = _index(shards, tensors, files)
         index["index_crc32"] = index_crc(index)
         _write_bytes(tmp / INDEX, json_bytes(index))
-        _fsync_path(tmp)
+        fsync(tmp)
         doing = "moving the folder into place"
         if final.exists():  # the same step saved again: keep the old one until the new one is in
             os.replace(final, aside)
         os.replace(tmp, final)
         installed = True
-        _fsync_path(root)
+        fsync(root)
         if previous != name:  # a step saved again is already named
             doing = f"writing the {LATEST} pointer"
             _write_pointer(root, LATEST, name)
