@@ -75,20 +75,11 @@ def resample(volume: torch.Tensor, shape: Sequence[int], is_mask: bool) -> torch
 
 @dataclass(frozen=True)
 class _Seen:
-    """Where an image was first read, and the file's state then (to notice that it changed)."""
+    """Where an image was first read."""
 
     split: str
     case: str
     path: Path
-    stamp: tuple[int, int, int] | None
-
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _split_order(split: str) -> int:
@@ -122,10 +113,9 @@ class ImageIndex:
         digest = hashlib.blake2b(repr(volume.shape).encode(), digest_size=16)
         digest.update(np.ascontiguousarray(volume).data)
         key = digest.digest()
-        here = _Seen(case.split, case.id, path, _stamp(path))
+        here = _Seen(case.split, case.id, path)
         first = self._seen.get(key)
-        if first is None or first.path == path or _stamp(first.path) != first.stamp:
-            # New, read again, or the earlier file has changed since: this one holds the image now.
+        if first is None or first.path == path:  # new, or the same file read again
             self._seen[key] = here
             return None
         if first.split == case.split:
