@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
+from voxgen import checkpoint as store
 from voxgen.config import compose
 from voxgen.diffusion.parts import build_parts
-from voxgen.training import checkpoint as store
 from voxgen.training.ema import EMA
 from voxgen.training.state import optimizer_to_checkpoint
 from voxgen.training.step import make_optimizer
@@ -211,7 +211,7 @@ def main() -> int:
         "# Checkpoint store at full size",
         "",
         "A DiT-XL of ~680M parameters with its EMA copy and AdamW moments, saved and loaded by",
-        "`voxgen.training.checkpoint` with the default shard cap. Produced by:",
+        "`voxgen.checkpoint` with the default shard cap. Produced by:",
         "",
         "```",
         command,

@@ -12,9 +12,11 @@ SRC = Path(__file__).parents[1] / "src" / "voxgen"
 LAYERS = [
     ("base", ["voxgen", "voxgen.errors", "voxgen.precision"]),
     ("files", ["voxgen.files"]),
+    ("checkpoints", ["voxgen.checkpoint"]),
     ("figures", ["voxgen.reports"]),
     ("data and models", ["voxgen.data", "voxgen.models"]),
     ("diffusion", ["voxgen.diffusion"]),
+    ("tasks", ["voxgen.tasks"]),
     ("config", ["voxgen.config"]),
     ("training", ["voxgen.training"]),
     ("evaluation and memory", ["voxgen.evaluation", "voxgen.memory"]),

@@ -10,7 +10,10 @@ the command line prints as one `error:` line (exit 2).
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,3 +71,50 @@ def permissions(mode: int = 0o666) -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mode & ~mask
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; `holder` is what it wrote into the lock file (its process id)."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def process_lock(path: str | Path, wait: bool = False) -> Iterator[None]:
+    """Hold a POSIX record lock (`lockf`) on the file `path` for the block.
+
+    The kernel releases it when the process ends, however it ends, so a killed process never
+    leaves a stale lock; unlike `flock`, forked children (data-loader workers) do not inherit it,
+    and network file systems support it. It excludes other processes only. Another holder:
+    LockHeld (wait=False) or a wait until it lets go. A file system without locking (ENOLCK):
+    the block runs unlocked. The holder's process id and host are written into the file, for
+    messages. WriteError when the file cannot be created.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise WriteError(f"{path}: not written: {exc.strerror or exc}") from None
+    try:
+        if _lock(fd, wait):
+            with contextlib.suppress(OSError):  # the process id is for people; the lock is what counts
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _lock(fd: int, wait: bool) -> bool:
+    """Take the lock of `fd`; False when the file system has none; LockHeld when taken and not `wait`."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            return False
+        if not wait:
+            raise LockHeld(os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown") from None
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+    return True

@@ -6,14 +6,13 @@ from torch import nn
 
 from voxgen.diffusion.generate import generate, prediction_fn
 from voxgen.diffusion.modes import MODES, drop_conditions
-from voxgen.diffusion.parts import NetworkShape, Parts, build_parts
+from voxgen.diffusion.parts import NetworkShape, Parts, build_parts, compute_loss
 from voxgen.diffusion.rflow_samplers import euler, time_grid
 from voxgen.diffusion.samplers import parse_solver
 from voxgen.diffusion.spaces import PixelSpace
 from voxgen.diffusion.strategies import RectifiedFlow
 from voxgen.errors import ConfigError
 from voxgen.precision import autocast_policy
-from voxgen.training.step import compute_loss
 
 from .tiny import SHAPE, learnable_batch, tiny_cfg
 

@@ -4,12 +4,11 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 
 from voxgen.config import compose
-from voxgen.diffusion.modes import build_mode
-from voxgen.diffusion.parts import network_of
-from voxgen.diffusion.spaces import build_space
-from voxgen.models.registry import build_on_meta, count_parameters
+from voxgen.models.registry import count_parameters
+from voxgen.tasks import build_task
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 from .family_checks import REFERENCE  # noqa: E402
@@ -32,9 +31,9 @@ SEED_COUNTS = {
 
 
 def _params(cfg) -> int:
-    """All parameters of the preset's network, built on the meta device (no memory)."""
-    net = network_of(cfg, build_mode(cfg), build_space(cfg))
-    model = build_on_meta(cfg.model, net.in_channels, net.out_channels, net.shape)
+    """All parameters of the preset's task (its network; an autoencoder's), built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = build_task(cfg, "meta").model
     assert all(p.is_meta for p in model.parameters())
     return count_parameters(model)
 

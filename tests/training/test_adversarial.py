@@ -21,11 +21,11 @@ import pytest
 import torch
 from rich.console import Console
 
+from voxgen import checkpoint as store
+from voxgen.checkpoint.layout import json_bytes
 from voxgen.cli import main
 from voxgen.config import compose
 from voxgen.errors import TrainingCollapsed, TrainingDiverged
-from voxgen.training import checkpoint as store
-from voxgen.training.checkpoint.layout import json_bytes
 from voxgen.training.signals import EXIT_PREEMPTED, StopRequest
 from voxgen.training.trainer import Trainer, validation_loss
 
@@ -282,7 +282,7 @@ def _trainer(phantom_root, run_dir, *extra) -> Trainer:
 
 def test_endless_rollbacks_stop_the_run(phantom_root, tmp_path):
     trainer = _trainer(phantom_root, tmp_path, "training.steps=200", "guards.max_consecutive_skips=2", "guards.max_rollbacks=2")
-    trainer.parts.model.register_forward_hook(
+    trainer.task.model.register_forward_hook(
         lambda m, i, out: out * float("nan") if m.training and trainer.position.step >= 5 else None
     )
     with pytest.raises(TrainingDiverged, match=r"after 2 rollbacks \(guards.max_rollbacks=2\)"):
@@ -292,7 +292,7 @@ def test_endless_rollbacks_stop_the_run(phantom_root, tmp_path):
 
 def test_a_nan_validation_loss_counts_as_collapse(phantom_root, tmp_path):
     trainer = _trainer(phantom_root, tmp_path, "training.steps=20")
-    trainer.parts.model.register_forward_hook(
+    trainer.task.model.register_forward_hook(
         lambda m, i, out: out * float("nan") if not m.training and trainer.position.step >= 10 else None
     )
     with pytest.raises(TrainingCollapsed, match="collapsed at step 10: validation loss is nan"):
@@ -362,7 +362,7 @@ def test_a_second_trainer_on_the_same_run_folder_exits_2_naming_the_first(phanto
 def test_validation_batches_are_capped_at_the_split(phantom_root, tmp_path):
     trainer = _trainer(phantom_root, tmp_path, "training.val_batches=1000000")
     forwards = []
-    trainer.parts.model.register_forward_hook(lambda m, i, out: forwards.append(1))
+    trainer.task.model.register_forward_hook(lambda m, i, out: forwards.append(1))
     started = time.perf_counter()
-    validation_loss(trainer.parts, trainer.val_set, 2, 1_000_000, 0, "cpu")
+    validation_loss(trainer.task, trainer.val_set, 2, 1_000_000, 0, "cpu")
     assert len(forwards) == -(-len(trainer.val_set) // 2) and time.perf_counter() - started < 30

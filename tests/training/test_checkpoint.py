@@ -9,9 +9,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from voxgen import checkpoint as store
+from voxgen.checkpoint import write as store_write
 from voxgen.errors import CheckpointError
-from voxgen.training import checkpoint as store
-from voxgen.training.checkpoint import write as store_write
 
 MiB = 2**20
 

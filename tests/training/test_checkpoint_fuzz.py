@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from voxgen import checkpoint as store
 from voxgen.errors import CheckpointError
-from voxgen.training import checkpoint as store
 
 CASES = 300
 MiB = 2**20

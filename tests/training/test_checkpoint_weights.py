@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from voxgen import checkpoint as store
 from voxgen.config import compose
 from voxgen.config.compose import to_yaml
 from voxgen.diffusion.parts import build_parts
-from voxgen.training import checkpoint as store
 from voxgen.training.runs import load_run
 
 MiB = 2**20

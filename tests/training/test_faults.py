@@ -25,11 +25,11 @@ from safetensors import SafetensorError
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_trainer import TINY
 
+from voxgen import checkpoint as store
+from voxgen.checkpoint import write as store_write
 from voxgen.cli import main
 from voxgen.config import compose
 from voxgen.errors import TrainingCollapsed
-from voxgen.training import checkpoint as store
-from voxgen.training.checkpoint import write as store_write
 from voxgen.training.signals import EXIT_PREEMPTED
 from voxgen.training.state import lr_at
 from voxgen.training.trainer import Trainer, train
@@ -401,7 +401,7 @@ def test_no_checkpoint_file_exceeds_the_shard_cap(phantom_root, tmp_path):
     shards = [f for f in files if f.suffix == ".safetensors"]
     assert len(shards) >= 5, [f.name for f in files]
     assert max(f.stat().st_size for f in files) <= cap
-    for name, value in trainer.parts.model.state_dict().items():
+    for name, value in trainer.task.model.state_dict().items():
         assert torch.equal(tensors[f"model/{name}"], value), name
 
 
@@ -423,7 +423,7 @@ def _inject(trainer, faults: dict[int, str]):
             return output * 300.0
         return None
 
-    trainer.parts.model.register_forward_hook(hook)
+    trainer.task.model.register_forward_hook(hook)
 
 
 def test_nan_losses_and_gradient_spikes_are_skipped_and_training_converges(phantom_root, tmp_path):
@@ -447,7 +447,7 @@ def test_nan_losses_and_gradient_spikes_are_skipped_and_training_converges(phant
     assert (g.skipped_nonfinite, g.skipped_spike, g.rollbacks) == (4, 3, 0)
     first, last = result.history[0]["val_loss"], result.history[-1]["val_loss"]
     assert last <= 0.5 * first, (first, last)  # measured: 1.59 -> about 0.5
-    assert all(torch.isfinite(p).all() for p in trainer.parts.model.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.task.model.parameters())
     assert all(torch.isfinite(p).all() for p in trainer.ema.module.parameters())
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
@@ -506,9 +506,7 @@ def test_collapse_to_the_mean_stops_the_run_and_names_the_step(phantom_root, tmp
     )
     trainer = Trainer(cfg, _quiet())
     # From step 10 on the model outputs zeros: the predictions of the mean, whatever the input.
-    trainer.parts.model.register_forward_hook(
-        lambda module, inputs, output: output * 0.0 if trainer.position.step >= 10 else None
-    )
+    trainer.task.model.register_forward_hook(lambda module, inputs, output: output * 0.0 if trainer.position.step >= 10 else None)
     with pytest.raises(TrainingCollapsed, match=r"training collapsed at step 20:") as info:
         trainer.fit()
     assert "\n" not in str(info.value)

@@ -10,10 +10,10 @@ import torch
 
 from voxgen.config import compose
 from voxgen.config.schema import GuardsConfig
-from voxgen.diffusion.parts import build_parts
+from voxgen.diffusion.parts import build_parts, compute_loss
 from voxgen.errors import ConfigError, TrainingCollapsed
 from voxgen.training.guards import Guards, spread
-from voxgen.training.step import compute_loss, make_optimizer, train_step
+from voxgen.training.step import make_optimizer, train_step
 
 SMALL = [
     "mode=seg",

@@ -12,9 +12,9 @@ import torch
 from rich.console import Console
 from test_trainer import TINY
 
+from voxgen import checkpoint as store
 from voxgen.config import compose
 from voxgen.data.dataset import VolumeDataset
-from voxgen.training import checkpoint as store
 from voxgen.training.signals import EXIT_PREEMPTED
 from voxgen.training.state import rng_from_checkpoint, rng_to_checkpoint
 from voxgen.training.trainer import train

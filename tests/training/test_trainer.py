@@ -10,8 +10,8 @@ import pytest
 import torch
 from rich.console import Console
 
+from voxgen import checkpoint as store
 from voxgen.config import compose
-from voxgen.training import checkpoint as store
 from voxgen.training.signals import EXIT_INTERRUPTED
 from voxgen.training.trainer import train
 

@@ -193,6 +193,15 @@ def _refuse_interpolations(data, source: str, key: str = "") -> None:
         )
 
 
+# Sections that a plain value names the `name` of: `space: latent` is `space: {name: latent}`.
+SHORTHAND_SECTIONS = ("space",)
+
+
+def _shorthand(data: dict) -> dict:
+    """`space: NAME` (YAML, saved configs) -> `space: {name: NAME}`."""
+    return {k: {"name": v} if k in SHORTHAND_SECTIONS and not isinstance(v, dict) else v for k, v in data.items()}
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -216,9 +225,11 @@ def compose(files: Iterable[str | Path] = (), overrides: Iterable[str] = (), *, 
     for path in files:
         data = load_yaml(path)
         _refuse_interpolations(data, str(path))
-        cfg = _merge(cfg, OmegaConf.create(data), str(path))
+        cfg = _merge(cfg, OmegaConf.create(_shorthand(data)), str(path))
     for text in overrides:
         key, value = parse_override(text)
+        if key in SHORTHAND_SECTIONS:
+            key, value = f"{key}.name", value if value is None else str(value)
         _refuse_interpolations({key: value}, f"override '{text}'")
         layer = OmegaConf.create()
         OmegaConf.update(layer, key, value, force_add=True)
@@ -231,7 +242,7 @@ def compose(files: Iterable[str | Path] = (), overrides: Iterable[str] = (), *, 
 def from_dict(data: dict) -> DictConfig:
     """Rebuild a config saved as plain data (run folders, checkpoint metadata)."""
     _refuse_interpolations(data, "saved config")
-    cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(data), "saved config")
+    cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(_shorthand(data)), "saved config")
     _expand_home(cfg)
     validate(cfg)
     return cfg
@@ -301,8 +312,9 @@ def validate(cfg: DictConfig, network: bool = True) -> None:
     _check_finite(OmegaConf.to_container(cfg))
     _choice(cfg.mode, sorted(MODES), "mode")
     _choice(cfg.strategy, sorted(STRATEGIES), "strategy")
-    _choice(cfg.space, sorted(SPACES), "space")
-    _choice(cfg.model.name, sorted(MODELS), "model.name")
+    _choice(cfg.task, ["diffusion", "autoencoder"], "task")
+    _choice(cfg.space.name, sorted(SPACES), "space")
+    _choice(cfg.model.name, sorted(_model_names(cfg.task, MODELS)), "model.name")
     _choice(cfg.model.attention, ["sdpa", "naive"], "model.attention")
     _choice(cfg.training.precision, PRECISIONS, "training.precision")
     _choice(cfg.training.device, ["auto", "cpu", "cuda"], "training.device")
@@ -321,18 +333,30 @@ def validate(cfg: DictConfig, network: bool = True) -> None:
     _require(
         len(channels) >= 1 and all(c >= 1 for c in channels), f"model.channels={channels} must be positive sizes, one per level"
     )
-    _require(
-        len(channels) == len(cfg.model.attention_levels),
-        f"model.attention_levels has {len(cfg.model.attention_levels)} entries but model.channels has "
-        f"{len(channels)}: give one per level",
-    )
-    _check_res_blocks(cfg.model.num_res_blocks, len(channels))
+    if cfg.task == "diffusion":
+        # The UNet's per-level keys; the compression models check their own (a DC-AE level may
+        # have no residual block, and it has no attention).
+        _require(
+            len(channels) == len(cfg.model.attention_levels),
+            f"model.attention_levels has {len(cfg.model.attention_levels)} entries but model.channels has "
+            f"{len(channels)}: give one per level",
+        )
+        _check_res_blocks(cfg.model.num_res_blocks, len(channels))
     for key in ("in_channels", "out_channels"):
         value = cfg.model[key]
         _require(value is None or value >= 1, f"model.{key}={value} must be at least 1 (or null: derived from mode and space)")
     if network:
         _check_network(cfg)
     _check_sampling(cfg)
+
+
+def _model_names(task: str, diffusion_models) -> list[str]:
+    """The model.name values a task builds."""
+    if task == "autoencoder":
+        from voxgen.models.autoencoders import AUTOENCODERS
+
+        return list(AUTOENCODERS)
+    return list(diffusion_models)
 
 
 def _check_finite(data, key: str = "") -> None:
@@ -445,26 +469,35 @@ def _check_res_blocks(value, levels: int) -> None:
 
 
 def _check_network(cfg: DictConfig) -> None:
-    """Build the parts on the meta device: the network factory's own checks (UNet depth against
-    data.shape, patch size, head and group widths, ...) speak before any real work."""
+    """Build the task on the meta device: the space's shape rules and the network factory's own
+    checks (UNet depth against data.shape, patch size, head and group widths, ...) speak before
+    any real work."""
     import torch
 
-    from voxgen.diffusion.modes import build_mode
-    from voxgen.diffusion.parts import build_parts, network_of
-    from voxgen.diffusion.spaces import build_space
+    from voxgen.tasks import build_task
 
-    net = network_of(cfg, build_mode(cfg), build_space(cfg))
     try:
         with torch.device("meta"):
-            build_parts(cfg, "meta")
+            build_task(cfg, "meta")
     # MONAI's networks refuse impossible arguments with ValueError: a config that cannot be
     # built, said in one line. Anything else a factory raises is a bug and comes out as one.
     except ValueError as exc:
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise ConfigError(
-            f"model.name={cfg.model.name!r} cannot be built for data.shape {list(cfg.data.shape)} "
-            f"({net.in_channels} -> {net.out_channels} channels): {reason}"
+            f"model.name={cfg.model.name!r} cannot be built for data.shape {list(cfg.data.shape)}{_channels_note(cfg)}: {reason}"
         ) from None
+
+
+def _channels_note(cfg: DictConfig) -> str:
+    """' (in -> out channels)' of a diffusion network, for messages about building it."""
+    if cfg.task != "diffusion":
+        return ""
+    from voxgen.diffusion.modes import build_mode
+    from voxgen.diffusion.parts import network_of
+    from voxgen.diffusion.spaces import build_space
+
+    net = network_of(cfg, build_mode(cfg), build_space(cfg))
+    return f" ({net.in_channels} -> {net.out_channels} channels)"
 
 
 def _check_sampling(cfg: DictConfig) -> None:

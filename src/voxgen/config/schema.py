@@ -54,6 +54,46 @@ class DataConfig:
 
 
 @dataclass
+class SpaceConfig:
+    # pixel | s2d | wavelet | latent. `space=NAME` on the command line or `space: NAME` in YAML
+    # is short for space.name.
+    name: str = "pixel"
+    # space=latent: the run folder of a trained `task=autoencoder` run (frozen here).
+    autoencoder: str = path("")
+    # space=latent: encode the data set once into a latent cache and train on it; false runs
+    # the encoder (without gradients) inside every step.
+    cache: bool = True
+    # Where latent caches are kept; "" = the autoencoder run's folder (`latents/`).
+    cache_dir: str = path("")
+
+
+@dataclass
+class AutoencoderConfig:
+    # task=autoencoder: the compression models behind space=latent. model.name picks the family
+    # (autoencoder_kl, vqvae, dcae); model.channels / num_res_blocks / attention_levels /
+    # norm_num_groups have MONAI's meaning. Each modality is encoded on its own (1 channel in).
+    modalities: List[str] = field(default_factory=lambda: ["bravo", "seg"])
+    latent_channels: int = 4
+    # Downsampling per axis [D, H, W], powers of two (e.g. [1, 8, 8] keeps the slices).
+    factor: List[int] = field(default_factory=lambda: [4, 4, 4])
+    # VQ-VAE codebook.
+    num_embeddings: int = 256
+    commitment_cost: float = 0.25
+    # Loss = l1_weight L1 + ssim_weight (1 - SSIM) + kl_weight KL (or the VQ loss)
+    #        + adversarial_weight * generator loss (after adversarial_start steps)
+    #        + perceptual_weight * perceptual loss (only with perceptual_weights, a local file).
+    l1_weight: float = 1.0
+    ssim_weight: float = 0.2
+    kl_weight: float = 1.0e-6
+    adversarial_weight: float = 0.0
+    adversarial_start: int = 0
+    discriminator_channels: int = 32
+    discriminator_layers: int = 3
+    perceptual_weight: float = 0.0
+    perceptual_weights: str = path("")
+
+
+@dataclass
 class RFlowConfig:
     # uniform | logit-normal (Esser et al. 2024, "Scaling Rectified Flow Transformers").
     time_sampling: str = "logit-normal"
@@ -155,9 +195,12 @@ class RunConfig:
 
 @dataclass
 class Config:
+    # diffusion | autoencoder
+    task: str = "diffusion"
     mode: str = "bravo"
     strategy: str = "rflow"
-    space: str = "pixel"
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rflow: RFlowConfig = field(default_factory=RFlowConfig)

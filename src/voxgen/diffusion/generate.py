@@ -17,6 +17,7 @@ import torch
 from voxgen.diffusion.modes import null_condition
 from voxgen.diffusion.noise import seeded_generators
 from voxgen.diffusion.samplers import SolverSpec, prepare
+from voxgen.diffusion.spaces import decode_channels
 from voxgen.errors import ConfigError
 
 
@@ -84,8 +85,9 @@ def generate(
     guidance_scale: float = 1.0,
     progress: Callable[[int], None] | None = None,
 ) -> Generation:
-    """Sample len(seeds) volumes of `parts.network.sample_shape` (C, D, H, W) in the model's
-    space; `cond` (N, K, D, H, W) are the conditions in model space. Sample i uses a CPU
+    """Sample len(seeds) codes of `parts.network.sample_shape` (C, D', H', W') in the model's space
+    and decode them to volumes (N, G, D, H, W), G the mode's generated modalities; `cond`
+    (N, K C', D', H', W') are the conditions encoded in the model's space. Sample i uses a CPU
     generator seeded with seeds[i] for its initial noise and any noise the sampler adds, so it
     does not depend on the batch it shares (except for adaptive solvers, whose step control
     sees the batch)."""
@@ -109,7 +111,7 @@ def generate(
         c = cond[start : start + len(chunk)].to(device) if cond is not None else None
         counted = CountedModel(prediction_fn(parts))
         x = sampler(guided(counted, guidance_scale), x, grid, cond=c, generator=generators)
-        out.append(parts.space.decode(x).cpu())
+        out.append(decode_channels(parts.space, x, parts.mode.generated).cpu())
         evaluations += counted.calls * len(chunk)
         if progress is not None:
             progress(len(chunk))

@@ -27,7 +27,8 @@ class Mode:
         return self.generated + self.conditions
 
     def split(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """batch {modality: (B, 1, D, H, W)} -> x0 (B, G, D, H, W), condition (B, K, D, H, W) or None."""
+        """batch {modality: (B, C', D', H', W')} in the model's space -> x0 (B, G C', ...), condition
+        (B, K C', ...) or None."""
         x0 = torch.cat([batch[m] for m in self.generated], dim=1)
         cond = torch.cat([batch[m] for m in self.conditions], dim=1) if self.conditions else None
         return x0, cond
@@ -37,9 +38,8 @@ class Mode:
 
     def channels(self, space) -> tuple[int, int]:
         """(in, out) channels of the network in `space`."""
-        generated = space.channels(len(self.generated))
-        conditions = space.channels(len(self.conditions)) if self.conditions else 0
-        return generated + conditions, generated
+        generated = space.latent_channels * len(self.generated)
+        return generated + space.latent_channels * len(self.conditions), generated
 
 
 def null_condition(cond: torch.Tensor) -> torch.Tensor:
@@ -57,6 +57,12 @@ def drop_conditions(cond: torch.Tensor, probability: float, generator: torch.Gen
 MODES = {
     "bravo": Mode("bravo", ("bravo",), ("seg",), "generate the BRAVO image given the tumour mask"),
     "seg": Mode("seg", ("seg",), (), "generate tumour masks unconditionally"),
+    # The seeds' name for bravo in a latent space: the BRAVO code generated from the mask's code
+    # (8 -> 4 channels with a 4-channel latent). The same mode as bravo, under the name their
+    # configs and scripts use.
+    "bravo_seg_cond": Mode(
+        "bravo_seg_cond", ("bravo",), ("seg",), "generate the BRAVO code given the tumour mask's code (the seeds' LDM mode)"
+    ),
 }
 
 

@@ -8,13 +8,16 @@ config validation all read it from `Parts.network`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
 
+import numpy as np
 import torch
 from torch import nn
 
-from voxgen.diffusion.modes import Mode, build_mode
-from voxgen.diffusion.spaces import Space, build_space
+from voxgen.diffusion.modes import Mode, build_mode, drop_conditions
+from voxgen.diffusion.spaces import Space, build_space, decode_channels, encode_batch
 from voxgen.diffusion.strategies import Strategy, build_strategy
 from voxgen.errors import ConfigError
 from voxgen.models.registry import build_model
@@ -27,7 +30,7 @@ class NetworkShape:
 
     `data_in` and `data_out` are the channels the mode gives in the space; `in_channels` and
     `out_channels` equal them unless `model.in_channels` / `model.out_channels` override them
-    (presets of spaces voxgen cannot train in yet, planned on their channel counts).
+    (a network planned for other channel counts than the mode gives in the space).
     """
 
     in_channels: int
@@ -52,6 +55,9 @@ def network_of(cfg, mode: Mode, space: Space) -> NetworkShape:
 
 @dataclass
 class Parts:
+    """The diffusion task (`voxgen.tasks.Task`): a network trained by a strategy on a mode's
+    modalities in a space."""
+
     model: nn.Module
     strategy: Strategy
     mode: Mode
@@ -59,6 +65,84 @@ class Parts:
     network: NetworkShape
     # device -> context manager entered around every forward (voxgen.precision).
     autocast: Autocast
+    # A loaded batch {modality: (B, 1, D, H, W)} -> the same in the model's space. The space's
+    # encoder, or the identity when the batches come encoded already (a latent cache).
+    encode: Callable[[dict], dict] = field(default=None)
+    # The run's `sample` section: how previews are sampled (None: the strategy's default sampler).
+    sample: object = None
+
+    def __post_init__(self):
+        if self.encode is None:
+            self.encode = already_encoded if self.space.cached else partial(encode_batch, self.space)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.mode.modalities
+
+    def loss(self, batch: dict, generator: torch.Generator | None, step: int = 0) -> torch.Tensor:
+        """Scalar loss of one batch (see `prediction_and_target`); the same at every step."""
+        return self.strategy.loss(*prediction_and_target(self, batch, generator))
+
+    def evaluate(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        prediction, target = prediction_and_target(self, batch, generator)
+        return self.strategy.loss(prediction, target), prediction, target
+
+    def preview(self, batch: dict, seed: int) -> list[np.ndarray]:
+        """[a sample for the first item's conditions, the real case]: first generated modality, (D, H, W)."""
+        from voxgen.diffusion.generate import generate
+        from voxgen.diffusion.sampling import sampling_settings
+
+        x0, cond = self.mode.split(self.encode(batch))
+        cond = None if cond is None else cond[:1]
+        sampling = sampling_settings(self.sample, self.strategy, cond is not None)
+        sample = generate(self, [seed], cond, solver=sampling.solver, guidance_scale=sampling.guidance_scale).volumes
+        real = decode_channels(self.space, x0[:1].float(), self.mode.generated)
+        return [sample[0, 0].numpy(), real[0, 0].cpu().numpy()]
+
+    def with_model(self, model: nn.Module) -> Parts:
+        return replace(self, model=model)
+
+    def prepare(self, train_set, val_set):
+        """The space's statistics from the training split, and the data sets the steps read."""
+        return self.space.prepare(train_set, val_set)
+
+    def state_dict(self) -> dict:
+        return {"space": self.space.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "space" in state:
+            self.space.load_state_dict(state["space"])
+
+
+def already_encoded(batch: dict) -> dict:
+    """`Parts.encode` of batches that hold codes already (a latent cache, or the planner's
+    model-space batches): the identity."""
+    return batch
+
+
+def prediction_and_target(parts: Parts, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's prediction for one batch {modality: (B, 1, D, H, W)} and the strategy's
+    target for it, both (B, C, D', H', W') in the model's space; noise and times from `generator`.
+
+    In training mode, conditions are replaced by the null condition with probability
+    `parts.strategy.cond_dropout` per sample (classifier-free guidance); evaluation mode keeps
+    them, so validation losses compare the conditional model across steps.
+    """
+    z0, cond = parts.mode.split(parts.encode(batch))  # (B, C, D', H', W'), (B, K, D', H', W') or None
+    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    t = parts.strategy.sample_time(z0.shape[0], generator, z0.device)  # (B,)
+    if cond is not None and parts.strategy.cond_dropout > 0 and parts.model.training:
+        # Drawn after noise and times: runs without dropout keep their random streams.
+        cond = drop_conditions(cond, parts.strategy.cond_dropout, generator)
+    x_t = parts.strategy.interpolate(z0, noise, t)
+    with parts.autocast(z0.device):
+        prediction = parts.model(parts.mode.model_input(x_t, cond), parts.strategy.model_time(t))
+    return prediction, parts.strategy.target(z0, noise)
+
+
+def compute_loss(parts: Parts, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
+    """Scalar loss of one batch (see `prediction_and_target`)."""
+    return parts.loss(batch, generator)
 
 
 def require_data_channels(cfg) -> None:
@@ -79,12 +163,21 @@ def require_data_channels(cfg) -> None:
         )
 
 
+def build_diffusion_task(cfg, device: torch.device | str = "cpu", *, training: bool = False) -> Parts:
+    """The diffusion task of `cfg` (`voxgen.tasks.TASKS`); training=True first refuses channel
+    overrides that real batches do not fit (`require_data_channels`)."""
+    if training:
+        require_data_channels(cfg)
+    return build_parts(cfg, device)
+
+
 def build_parts(cfg, device: torch.device | str = "cpu", model: nn.Module | None = None) -> Parts:
     """Everything a step needs; the network is built on the CPU (or under the caller's device
     context) and moved to `device`. `model` replaces the registry's network (a network from
     elsewhere, planned by `voxgen plan --factory`)."""
     mode, space, strategy = build_mode(cfg), build_space(cfg), build_strategy(cfg)
+    space.check(cfg.data.shape)
     network = network_of(cfg, mode, space)
     if model is None:
         model = build_model(cfg.model, network.in_channels, network.out_channels, network.shape, cfg.training.grad_checkpointing)
-    return Parts(model.to(device), strategy, mode, space, network, autocast_policy(cfg.training.precision))
+    return Parts(model.to(device), strategy, mode, space, network, autocast_policy(cfg.training.precision), sample=cfg.sample)

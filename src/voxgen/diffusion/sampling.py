@@ -15,6 +15,7 @@ from voxgen.data.layout import MASK_MODALITIES
 from voxgen.data.nifti import save_volume
 from voxgen.diffusion.generate import generate
 from voxgen.diffusion.samplers import SolverSpec, check_solver, check_strategy, parse_solver
+from voxgen.diffusion.spaces import encode_channels
 from voxgen.reports.mosaic import save_mosaic
 
 
@@ -64,14 +65,19 @@ class Samples:
     solver: str  # the SolverSpec text that produced them
 
 
-def conditions_for(mode, data_root, split: str, shape, num: int) -> tuple[torch.Tensor | None, list[str], dict]:
-    """Condition volumes (num, K, D, H, W) drawn in order (cycling) from the split's cases."""
+def conditions_for(parts, data_root, split: str, shape, num: int) -> tuple[torch.Tensor | None, list[str], dict]:
+    """Conditions drawn in order (cycling) from the split's cases: encoded in the model's space
+    (num, K C', D', H', W'), their case ids, and the volumes {modality: (num, D, H, W)}."""
+    mode = parts.mode
     if not mode.conditions:
         return None, [], {}
     dataset = VolumeDataset(data_root, split, mode.conditions, shape)
     items = [dataset[i % len(dataset)] for i in range(num)]
     batch = collate(items)
-    cond = torch.cat([batch[m] for m in mode.conditions], dim=1)  # (num, K, D, H, W)
+    volumes = torch.cat([batch[m] for m in mode.conditions], dim=1)  # (num, K, D, H, W)
+    device = next(parts.model.parameters()).device
+    with torch.no_grad():
+        cond = encode_channels(parts.space, volumes.to(device), mode.conditions).cpu()  # (num, K C', D', H', W')
     return cond, batch["case"], {m: batch[m][:, 0].numpy() for m in mode.conditions}
 
 
@@ -80,7 +86,7 @@ def sample_volumes(
 ) -> Samples:
     """Generate `num` volumes with per-sample seeds seed, seed + 1, ...; conditioned modes take
     their conditions from the cases of `split` (see `sampling_settings` for `sampling`)."""
-    cond, case_ids, cond_volumes = conditions_for(parts.mode, cfg.data.root, split, cfg.data.shape, num)
+    cond, case_ids, cond_volumes = conditions_for(parts, cfg.data.root, split, cfg.data.shape, num)
     result = generate(
         parts,
         list(range(seed, seed + num)),

@@ -109,8 +109,11 @@ def run_evaluate(args) -> int:
     from voxgen.evaluation.evaluate import expand_solvers
     from voxgen.evaluation.metrics import header
     from voxgen.evaluation.report import save_nfe_chart, write_tables
+    from voxgen.training.resume import run_config
 
     began = time.perf_counter()
+    if run_config(args.run).task == "autoencoder":
+        return run_evaluate_reconstruction(args)
     ev = _evaluator(args, _metric_list(args.metrics))
     texts = expand_solvers(args.solvers) if args.solvers else [ev.cfg.sample.solver]
     settings = [ev.sampling(t) for t in texts]  # every spec checked before any sampling starts
@@ -131,6 +134,28 @@ def run_evaluate(args) -> int:
         f"evaluated {len(rows)} configurations x {ev.samples} samples in {time.perf_counter() - began:.0f} s; "
         f"{md}, {csv_path}, {chart}"
     )
+    return 0
+
+
+def run_evaluate_reconstruction(args) -> int:
+    """`voxgen evaluate` of a compression model: PSNR and SSIM of its reconstructions of a split,
+    next to trilinear down- and up-sampling by the same factor."""
+    from voxgen.evaluation.reconstruction import reconstruction_table
+    from voxgen.files import write_atomic
+    from voxgen.training.runs import load_run
+
+    began = time.perf_counter()
+    cfg, task, step = load_run(args.run, device=args.device)
+    split = args.split or "test"
+    device = next(task.model.parameters()).device
+    _say(f"reconstructing the {split} split with {cfg.model.name} (step {step})")
+    table = reconstruction_table(task, cfg.data.root, split, cfg.data.shape, device)
+    out = Path(args.out) if args.out else Path(args.run) / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "reconstruction.md"
+    write_atomic(path, f"# Reconstruction: {Path(args.run).name} ({cfg.model.name}, step {step}) vs '{split}'\n\n{table}\n")
+    print(table)
+    print(f"evaluated the reconstructions of '{split}' in {time.perf_counter() - began:.0f} s; {path}")
     return 0
 
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from voxgen.diffusion.parts import build_parts
+from voxgen.diffusion.parts import already_encoded, build_parts
 from voxgen.errors import ConfigError
 from voxgen.memory.allocator import replay
 from voxgen.memory.cuda_emulation import CudaSemantics, emulated_autocast_policy
@@ -175,27 +175,35 @@ def parse_memory(text: str) -> int:
     return int(float(match.group(1)) * scale)
 
 
-def fake_batch(mode, in_channels: int, out_channels: int, batch_size: int, shape) -> dict:
-    """Meta tensors shaped like a batch {modality: (B, C, D, H, W)} whose channels fit the network.
+def fake_batch(parts, batch_size: int, data_shape) -> tuple[object, dict]:
+    """(the parts to trace, meta tensors shaped like one loaded batch).
 
-    Generated modalities share the network's output channels and conditions the rest of its
-    input channels (a latent space gives each modality several channels).
+    A batch is what the data sets give: volumes {modality: (B, 1, D, H, W)} that the step
+    encodes into the space, or codes {modality: (B, C', D', H', W')} when the space reads a
+    latent cache. A network whose channels are overridden (`model.in_channels`, a network for
+    another space) gets model-space tensors that fit it instead, split over the modalities
+    (generated ones share its output channels, conditions the rest of its input channels), and
+    the step does not encode them.
     """
-    cond_channels = in_channels - out_channels
+    net, mode = parts.network, parts.mode
+    if (net.in_channels, net.out_channels) == (net.data_in, net.data_out):
+        channels, shape = (parts.space.latent_channels, net.shape) if parts.space.cached else (1, data_shape)
+        return parts, {m: torch.empty(batch_size, channels, *shape, device="meta") for m in mode.modalities}
+    cond_channels = net.in_channels - net.out_channels
     if mode.conditions and cond_channels < len(mode.conditions) or not mode.conditions and cond_channels:
         raise ConfigError(
-            f"model.in_channels={in_channels} and model.out_channels={out_channels} do not fit mode "
+            f"model.in_channels={net.in_channels} and model.out_channels={net.out_channels} do not fit mode "
             f"{mode.name!r} (generates {', '.join(mode.generated)}; conditions: {', '.join(mode.conditions) or 'none'})"
         )
 
     def split(total: int, names) -> dict:
         sizes = [total // len(names) + (i < total % len(names)) for i in range(len(names))]
-        return {n: torch.empty(batch_size, c, *shape, device="meta") for n, c in zip(names, sizes)}
+        return {n: torch.empty(batch_size, c, *net.shape, device="meta") for n, c in zip(names, sizes)}
 
-    batch = split(out_channels, mode.generated)
+    batch = split(net.out_channels, mode.generated)
     if mode.conditions:
         batch.update(split(cond_channels, mode.conditions))
-    return batch
+    return dataclasses.replace(parts, encode=already_encoded), batch
 
 
 def conv_workspace_bytes(input_shape, weight_shape, output_shape, itemsize: int) -> int:
@@ -282,7 +290,7 @@ def plan(cfg, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY, model: torch.nn.Module
     net = parts.network
     shape = list(net.shape)
     in_ch, out_ch = net.in_channels, net.out_channels
-    batch = fake_batch(parts.mode, in_ch, out_ch, cfg.training.batch_size, shape)
+    parts, batch = fake_batch(parts, cfg.training.batch_size, list(cfg.data.shape))
     optimizer = make_optimizer(parts.model, cfg)
     for group in optimizer.param_groups:
         # On CUDA, AdamW's default resolves to the foreach implementation (it is not chosen for
@@ -292,7 +300,9 @@ def plan(cfg, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY, model: torch.nn.Module
     parts.model.train()
 
     tracker = AllocationTracker(on_op=_kernel_workspaces)
-    ids = {"parameters": {tracker.register(p, "parameters") for p in parts.model.parameters()}}
+    # Frozen networks of the space (an uncached latent encoder) hold device memory as parameters do.
+    frozen = [p for network in parts.space.frozen for p in network.parameters()]
+    ids = {"parameters": {tracker.register(p, "parameters") for p in [*parts.model.parameters(), *frozen]}}
     for t in batch.values():
         tracker.register(t, "input")
     hooks = track_modules(parts.model, tracker)

@@ -109,7 +109,7 @@ def measure(stages: Sequence[tuple[str, Callable[[], None], bool]], memory) -> t
 
 def profile(cfg, device: torch.device | str = "cuda", memory=None) -> Measurement:
     """Measure the first and the steady training step of `cfg` on `device`; see the module docstring."""
-    from voxgen.diffusion.parts import build_parts
+    from voxgen.diffusion.parts import already_encoded, build_parts
     from voxgen.memory.planner import fake_batch
     from voxgen.training.step import make_optimizer, train_step
 
@@ -128,9 +128,11 @@ def profile(cfg, device: torch.device | str = "cuda", memory=None) -> Measuremen
         state["optimizer"] = make_optimizer(parts.model, cfg)
         state["generator"] = torch.Generator(device=device).manual_seed(cfg.run.seed)
         # The planner's batch shapes (one source of truth for channels per modality), filled for real.
-        net = parts.network
-        shapes = fake_batch(parts.mode, net.in_channels, net.out_channels, cfg.training.batch_size, net.shape)
-        state["batch"] = {k: torch.randn(v.shape, device=device, generator=state["generator"]) for k, v in shapes.items()}
+        state["parts"], shapes = fake_batch(parts, cfg.training.batch_size, list(cfg.data.shape))
+        state["batch"] = batch = {k: torch.randn(v.shape, device=device, generator=state["generator"]) for k, v in shapes.items()}
+        if state["parts"].encode is not already_encoded:
+            # The step encodes the batch, with statistics the space fits on it (the cost is the same).
+            parts.space.fit([batch])
 
     def step():
         train_step(state["parts"], state["optimizer"], state["batch"], state["generator"], cfg.training.grad_clip)

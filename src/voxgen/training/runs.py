@@ -5,15 +5,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from voxgen.diffusion.parts import Parts, build_parts
+from voxgen import checkpoint as store
 from voxgen.errors import CheckpointError
-from voxgen.training import checkpoint as store
+from voxgen.tasks import Task, build_task
 from voxgen.training.resume import run_config
 from voxgen.training.trainer import resolve_device
 
 
-def load_run(run_dir: str | Path, weights: str = "ema", device: str = "auto") -> tuple[object, Parts, int]:
-    """(config, parts with the chosen weights, step) of a run's newest checkpoint whose weights read back whole.
+def load_run(run_dir: str | Path, weights: str = "ema", device: str = "auto") -> tuple[object, Task, int]:
+    """(config, task with the chosen weights, step) of a run's newest checkpoint whose weights read back whole.
 
     weights: 'ema' (what sampling uses) or 'model' (the raw trained weights). Only the shards
     holding those tensors are read (and verified): one set of weights reaches host memory, not
@@ -22,10 +22,11 @@ def load_run(run_dir: str | Path, weights: str = "ema", device: str = "auto") ->
     """
     cfg = run_config(run_dir)
     prefix = f"{weights}/"
-    parts = build_parts(cfg, resolve_device(device))
+    parts = build_task(cfg, resolve_device(device))
 
     def use(folder, tensors, state) -> None:
         parts.model.load_state_dict(store.split_prefix(tensors, prefix))
+        parts.load_state_dict(state.get("task", {}))
 
     found = store.load_latest(run_dir, warn=lambda m: print(m, file=sys.stderr), prefix=prefix, use=use)
     if found is None:

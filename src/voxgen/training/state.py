@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from voxgen import __version__
-from voxgen.training.checkpoint import split_prefix
+from voxgen.checkpoint import split_prefix
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -106,6 +106,7 @@ def checkpoint_payload(
     lr_scale: float,
     guards: dict,
     config: dict,
+    task: dict | None = None,
 ) -> tuple[dict, dict]:
     """(tensors, state) of a checkpoint: weights, EMA, optimiser and RNG as tensors under the
     prefixes model/, ema/, optimizer/, rng/; everything else as JSON-able state."""
@@ -126,6 +127,8 @@ def checkpoint_payload(
         "rng": rng_state,
         "optimizer_param_groups": groups,
         "config": config,
+        # What the task estimated from the training split before step 1 (a space's statistics).
+        "task": task or {},
         "versions": {"voxgen": __version__, "torch": torch.__version__},
     }
     return tensors, state

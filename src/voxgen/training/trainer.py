@@ -8,7 +8,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,20 +16,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
+from voxgen import checkpoint as store
 from voxgen.config import to_dict, to_yaml
 from voxgen.data.batches import collate, epoch_batches, to_device
 from voxgen.data.dataset import ImageIndex, VolumeDataset
-from voxgen.diffusion.parts import Parts, build_parts, require_data_channels
 from voxgen.errors import ConfigError, TrainingCollapsed, TrainingDiverged, WriteError
 from voxgen.files import write_atomic
-from voxgen.training import checkpoint as store
+from voxgen.tasks import Task, build_task
 from voxgen.training.ema import EMA
 from voxgen.training.guards import Guards, spread
 from voxgen.training.resume import check_resume
 from voxgen.training.run_lock import run_lock
 from voxgen.training.signals import EXIT_PREEMPTED, STOP_SIGNALS, StopRequest
 from voxgen.training.state import Position, checkpoint_payload, lr_at, restore_weights, rng_from_checkpoint, seed_everything
-from voxgen.training.step import make_optimizer, prediction_and_target, train_step
+from voxgen.training.step import make_optimizer, train_step
 from voxgen.training.tblog import TensorBoardLog
 
 VAL_SEED_OFFSET = 10_000
@@ -62,22 +62,22 @@ class Validation:
 
 
 @torch.no_grad()
-def validation_loss(parts: Parts, dataset: VolumeDataset, batch_size: int, batches: int, seed: int, device) -> Validation:
+def validation_loss(task: Task, dataset, batch_size: int, batches: int, seed: int, device) -> Validation:
     """Mean loss over fixed batches with fixed noise and times, so values compare across steps,
     and the prediction/target spread of the first batch."""
-    was_training = parts.model.training
-    parts.model.eval()
+    was_training = task.model.training
+    task.model.eval()
     generator = torch.Generator(device).manual_seed(seed)
     n = len(dataset)
     batches = min(batches, math.ceil(n / batch_size))  # more would only repeat cases
     losses, spreads = [], None
     for b in range(batches):
         items = [dataset[(b * batch_size + j) % n] for j in range(batch_size)]
-        prediction, target = prediction_and_target(parts, to_device(collate(items), device), generator)
-        losses.append(float(parts.strategy.loss(prediction, target)))
+        loss, prediction, target = task.evaluate(to_device(collate(items), device), generator)
+        losses.append(float(loss))
         if spreads is None:
             spreads = spread(prediction, target)
-    parts.model.train(was_training)
+    task.model.train(was_training)
     return Validation(sum(losses) / len(losses), *spreads)
 
 
@@ -89,16 +89,15 @@ class Trainer:
         self.device = resolve_device(cfg.training.device)
         self.guards = Guards(cfg.guards)
         seed_everything(cfg.run.seed)
-        require_data_channels(cfg)
-        self.parts = build_parts(cfg, self.device)
-        modalities = self.parts.mode.modalities
+        self.task = build_task(cfg, self.device, training=True)
+        modalities = self.task.modalities
         # One index of the images read: a train image copied into val is a leak the data check stops.
         images = ImageIndex()
         self.train_set = VolumeDataset(cfg.data.root, "train", modalities, cfg.data.shape, cfg.data.cache, images)
         self.val_set = VolumeDataset(cfg.data.root, "val", modalities, cfg.data.shape, cfg.data.cache, images)
-        self.optimizer = make_optimizer(self.parts.model, cfg)
-        self.ema = EMA(self.parts.model, cfg.training.ema_decay)
-        self.ema_parts = replace(self.parts, model=self.ema.module)
+        self.optimizer = make_optimizer(self.task.model, cfg)
+        self.ema = EMA(self.task.model, cfg.training.ema_decay)
+        self.ema_task = self.task.with_model(self.ema.module)
         self.generator = torch.Generator(self.device).manual_seed(cfg.run.seed)
         self.position = Position()
         # Multiplies the schedule lr_at(step); each rollback lowers it, and it is saved with the
@@ -128,7 +127,7 @@ class Trainer:
         """
         self._check_finite_weights()
         tensors, state = checkpoint_payload(
-            self.parts.model,
+            self.task.model,
             self.ema,
             self.optimizer,
             self.generator,
@@ -136,6 +135,7 @@ class Trainer:
             lr_scale=self.lr_scale,
             guards=self.guards.state_dict(),
             config=to_dict(self.cfg),
+            task=self.task.state_dict(),
         )
         c, step = self.cfg.checkpoint, self.position.step
         with self._in_phase(f"checkpoint at step {step}"):
@@ -148,7 +148,7 @@ class Trainer:
         self.console.print(message, style="yellow", markup=False, highlight=False)
 
     def _check_finite_weights(self) -> None:
-        for name, module in (("model", self.parts.model), ("EMA", self.ema.module)):
+        for name, module in (("model", self.task.model), ("EMA", self.ema.module)):
             if not bool(torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all()):  # one sync
                 newest = self._saved[1].name if self._saved else "none"
                 raise TrainingDiverged(
@@ -158,7 +158,7 @@ class Trainer:
 
     def _apply(self, folder: Path, tensors: dict, state: dict) -> None:
         """Load a checkpoint's whole training state into this trainer (raises if it does not fit)."""
-        self.position = restore_weights(tensors, state, self.parts.model, self.ema, self.optimizer)
+        self.position = restore_weights(tensors, state, self.task.model, self.ema, self.optimizer)
         # Checkpoints written before these entries existed resume with their defaults.
         rng_from_checkpoint(self.generator, store.split_prefix(tensors, "rng/"), state.get("rng"))
         self.lr_scale = float(state.get("lr_scale", 1.0))
@@ -206,7 +206,7 @@ class Trainer:
             return state["step"] <= last_good and state.get("guards", {}).get("consecutive_skips", 0) == 0
 
         def weights_only(folder: Path, tensors: dict, state: dict) -> None:
-            self.position = restore_weights(tensors, state, self.parts.model, self.ema, self.optimizer)
+            self.position = restore_weights(tensors, state, self.task.model, self.ema, self.optimizer)
 
         found = store.load_latest(self.run_dir, warn=self._warn, use=weights_only, accept=good)
         if found is None:
@@ -259,8 +259,8 @@ class Trainer:
         t, p = self.cfg.training, self.position
         seed = self.cfg.run.seed + VAL_SEED_OFFSET
         with self._in_phase(f"validation at step {p.step}"):
-            raw = validation_loss(self.parts, self.val_set, t.batch_size, t.val_batches, seed, self.device)
-            ema = validation_loss(self.ema_parts, self.val_set, t.batch_size, t.val_batches, seed, self.device)
+            raw = validation_loss(self.task, self.val_set, t.batch_size, t.val_batches, seed, self.device)
+            ema = validation_loss(self.ema_task, self.val_set, t.batch_size, t.val_batches, seed, self.device)
         record = {
             "step": p.step,
             "val_loss": raw.loss,
@@ -288,16 +288,10 @@ class Trainer:
         return record
 
     def _log_mosaic(self) -> None:
-        from voxgen.diffusion.generate import generate
-        from voxgen.diffusion.sampling import sampling_settings
         from voxgen.reports.mosaic import mosaic_array
 
-        x0, cond = self.parts.mode.split(collate([self.val_set[0]]))
-        sampling = sampling_settings(self.cfg.sample, self.parts.strategy, cond is not None)
-        sample = generate(
-            self.ema_parts, [self.cfg.run.seed], cond, solver=sampling.solver, guidance_scale=sampling.guidance_scale
-        ).volumes
-        image = mosaic_array([sample[0, 0].numpy(), x0[0, 0].numpy()])
+        volumes = self.ema_task.preview(to_device(collate([self.val_set[0]]), self.device), self.cfg.run.seed)
+        image = mosaic_array(volumes)
         self.writer.add_image("samples/ema_vs_real", image[None], self.position.step, dataformats="CHW")
 
     # ---- the loop ----------------------------------------------------------------------
@@ -312,6 +306,8 @@ class Trainer:
         """
         with StopRequest(lambda: self.phase, pending_signals) as stop:
             self._check_data()
+            with self._in_phase("preparing the data"):
+                self.train_set, self.val_set = self.task.prepare(self.train_set, self.val_set)
             # Only now that every case read back: bad data leaves no run folder behind.
             _make_folder(self.run_dir)
             with run_lock(self.run_dir):
@@ -381,7 +377,7 @@ class Trainer:
             TimeRemainingColumn(),
             TextColumn("loss {task.fields[loss]}"),
         ]
-        self.parts.model.train()
+        self.task.model.train()
         # Between steps (fetching a batch, drawing the bar) a stop signal still lets the step
         # whose batch is being fetched run; "training" names that gap.
         with Progress(*columns, console=self.console, transient=False) as bar, self._in_phase("training"):
@@ -407,16 +403,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with self._in_phase(f"step {p.step + 1}"):
-            result = train_step(self.parts, self.optimizer, batch, self.generator, t.grad_clip, accept=g.accept)
+            result = train_step(self.task, self.optimizer, batch, self.generator, t.grad_clip, accept=g.accept, step=p.step)
         p.step += 1
         p.batch_index += 1
         if not result.applied and g.should_roll_back() and self._roll_back():
             return True
         if result.applied:  # a skipped step left the weights as they were: nothing for the EMA
             if p.step <= t.ema_start:
-                self.ema.reset(self.parts.model)
+                self.ema.reset(self.task.model)
             else:
-                self.ema.update(self.parts.model)
+                self.ema.update(self.task.model)
             self._last_loss = result.loss
         if p.step % t.log_every == 0:
             self.writer.add_scalar("train/loss", result.loss, p.step)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from voxgen.checkpoint.layout import FORMAT
 from voxgen.errors import CheckpointError
-from voxgen.training.checkpoint.layout import FORMAT
 
 # Tells other safetensors readers (transformers, the safetensors CLI) that these are torch tensors.
 _SAFETENSORS_METADATA = {"format": "pt"}

@@ -27,7 +27,7 @@ Modules: `layout` (names on disk, pointers), `plan` (which tensor goes in which 
 (`retain`, `prune`).
 """
 
-from voxgen.training.checkpoint.layout import (
+from voxgen.checkpoint.layout import (
     BEST,
     FORMAT,
     INDEX,
@@ -37,9 +37,9 @@ from voxgen.training.checkpoint.layout import (
     split_prefix,
     with_prefix,
 )
-from voxgen.training.checkpoint.read import iter_tensors, list_checkpoints, load_latest, load_named, read_checkpoint, read_state
-from voxgen.training.checkpoint.retention import prune, retain
-from voxgen.training.checkpoint.write import (
+from voxgen.checkpoint.read import iter_tensors, list_checkpoints, load_latest, load_named, read_checkpoint, read_state
+from voxgen.checkpoint.retention import prune, retain
+from voxgen.checkpoint.write import (
     DEFAULT_MAX_SHARD_BYTES,
     FREE_SPACE_MARGIN,
     MIN_SHARD_BYTES,

@@ -18,9 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from voxgen.errors import CheckpointError
-from voxgen.files import fsync, permissions
-from voxgen.training.checkpoint.layout import (
+from voxgen.checkpoint.layout import (
     _IO_CHUNK,
     _STEP_NAME,
     BEST,
@@ -34,7 +32,9 @@ from voxgen.training.checkpoint.layout import (
     index_crc,
     json_bytes,
 )
-from voxgen.training.checkpoint.plan import _SAFETENSORS_METADATA, _index, _plan, _shard_name, _shard_payload
+from voxgen.checkpoint.plan import _SAFETENSORS_METADATA, _index, _plan, _shard_name, _shard_payload
+from voxgen.errors import CheckpointError
+from voxgen.files import fsync, permissions
 
 DEFAULT_MAX_SHARD_BYTES = int(1.9 * 2**30)
 MIN_SHARD_BYTES = 2**20

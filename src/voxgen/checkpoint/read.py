@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from voxgen.errors import CheckpointError
-from voxgen.training.checkpoint.layout import (
+from voxgen.checkpoint.layout import (
     _STEP_NAME,
     BEST,
     FORMAT,
@@ -30,6 +29,7 @@ from voxgen.training.checkpoint.layout import (
     checkpoint_root,
     index_crc,
 )
+from voxgen.errors import CheckpointError
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from voxgen.checkpoint.layout import BEST, LATEST, STATE, _read_pointer, _step_of, checkpoint_root
+from voxgen.checkpoint.read import _read_index, list_checkpoints, read_state
+from voxgen.checkpoint.write import _write_pointer, delete_checkpoint
 from voxgen.errors import CheckpointError
-from voxgen.training.checkpoint.layout import BEST, LATEST, STATE, _read_pointer, _step_of, checkpoint_root
-from voxgen.training.checkpoint.read import _read_index, list_checkpoints, read_state
-from voxgen.training.checkpoint.write import _write_pointer, delete_checkpoint
 
 
 def _looks_complete(folder: Path) -> bool:

@@ -1,0 +1,70 @@
+"""Tasks: what the trainer trains. A task supplies the network, the loss of one batch, the
+validation measure and a preview; the trainer, the step and the planner never branch on the
+task's name (`task=` in the config picks one from TASKS).
+
+- `diffusion` (voxgen.diffusion.parts.Parts): a space, a mode and a strategy around a network.
+- `autoencoder` (voxgen.tasks.autoencoder): the compression models behind `space=latent`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from voxgen.precision import Autocast
+
+
+class Task(Protocol):
+    # Everything that trains: the optimiser, the EMA and the checkpoints cover its parameters.
+    model: nn.Module
+    # device -> context manager entered around every forward (voxgen.precision).
+    autocast: Autocast
+    # The data modalities a batch must hold.
+    modalities: tuple[str, ...]
+
+    def loss(self, batch: dict, generator: torch.Generator | None, step: int) -> torch.Tensor:
+        """The scalar training objective of one batch {modality: (B, 1, D, H, W)} at optimiser
+        step `step` (the step about to be taken, from 0)."""
+
+    def evaluate(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(validation loss, prediction, target) of one batch, without gradients by the caller:
+        the loss that picks the best checkpoint, and the two tensors whose spread the collapse
+        guard compares."""
+
+    def preview(self, batch: dict, seed: int) -> list[np.ndarray]:
+        """Volumes (D, H, W) to show side by side, the model's first: a sample or a reconstruction
+        next to the real case of `batch` (its first item)."""
+
+    def with_model(self, model: nn.Module) -> Task:
+        """The same task around another copy of the network (the EMA weights)."""
+
+    def prepare(self, train_set: Dataset, val_set: Dataset) -> tuple[Dataset, Dataset]:
+        """Called once at every start of training, after every case was read: estimate what the
+        task learns from the training split before the first step (a space's statistics) and
+        return the data sets the steps read (the given ones, or their encoded form)."""
+
+    def state_dict(self) -> dict:
+        """What `prepare` estimated, as JSON-able data: kept in every checkpoint's state."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict` (opening a run for sampling or evaluation)."""
+
+
+# task name -> "module:builder"; a builder is `build(cfg, device, *, training: bool) -> Task`, where
+# training=True also refuses configs that can be planned but not trained. Imported on use: the
+# autoencoder task pulls in its networks and losses only when asked for.
+TASKS = {
+    "diffusion": "voxgen.diffusion.parts:build_diffusion_task",
+    "autoencoder": "voxgen.tasks.autoencoder:build_autoencoder_task",
+}
+
+
+def build_task(cfg, device: torch.device | str = "cpu", *, training: bool = False) -> Task:
+    """The task `cfg.task` names, with its network on `device`."""
+    module, _, name = TASKS[cfg.task].partition(":")
+    return getattr(importlib.import_module(module), name)(cfg, device, training=training)

@@ -1,0 +1,192 @@
+"""`task=autoencoder`: train the compression models behind `space=latent`.
+
+`model.name` picks the family (voxgen.models.autoencoders.AUTOENCODERS); `autoencoder.*` holds the
+latent geometry and the loss weights. Each modality of `autoencoder.modalities` is a separate
+one-channel sample, so one autoencoder serves every modality of a latent-space run.
+
+The objective of one batch (`AutoencoderTask.terms` lists its parts):
+
+    l1_weight L1 + ssim_weight (1 - SSIM) + kl_weight KL (VQ-VAE: + its quantisation loss, weight 1)
+    + perceptual_weight perceptual                                        (with a local weights file)
+    + adversarial_weight generator + discriminator                        (from step adversarial_start)
+
+The reconstruction terms follow Rombach et al. 2022 (latent diffusion's first stage) and the patch
+adversarial loss Esser et al. 2021. The discriminator trains in the same step from the same scalar: see
+`AutoencoderTask.loss`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from voxgen.errors import ConfigError
+from voxgen.models.autoencoders import AUTOENCODERS, check_autoencoder_shape
+from voxgen.precision import Autocast, autocast_policy
+from voxgen.tasks.autoencoder_losses import (
+    MedicalNetPerceptual,
+    build_discriminator,
+    build_perceptual,
+    check_discriminator_shape,
+    discriminator_loss,
+    generator_loss,
+    ssim_loss,
+)
+
+
+class AutoencoderModel(nn.Module):
+    """What trains: the autoencoder and, with an adversarial loss, its discriminator (one optimiser, one EMA,
+    one checkpoint for both). `forward` is the deterministic reconstruction decode(encode(x))."""
+
+    def __init__(self, autoencoder: nn.Module, discriminator: nn.Module | None = None):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.discriminator = discriminator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) -> (B, 1, D, H, W)."""
+        return self.autoencoder.decode(self.autoencoder.encode(x))
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    l1: float
+    ssim: float
+    # kl_weight for a KL autoencoder; 1 for a VQ-VAE, whose commitment_cost is its weight already.
+    regulariser: float
+    perceptual: float
+    adversarial: float
+    adversarial_start: int
+
+
+def stack_modalities(batch: dict, modalities: tuple[str, ...]) -> torch.Tensor:
+    """{modality: (B, 1, D, H, W)} -> (K * B, 1, D, H, W), modality-major: the first B rows are the first
+    modality, so row 0 is the first item's first modality."""
+    return torch.cat([batch[m] for m in modalities]).float()
+
+
+@dataclass
+class AutoencoderTask:
+    model: AutoencoderModel
+    weights: LossWeights
+    modalities: tuple[str, ...]
+    # device -> context manager entered around every forward (voxgen.precision).
+    autocast: Autocast
+    # Frozen, from a local file: not part of `model`, so neither trained, averaged nor checkpointed.
+    perceptual: MedicalNetPerceptual | None = None
+
+    def adversarial_at(self, step: int) -> bool:
+        """Whether the adversarial terms are on at optimiser step `step`."""
+        return self.model.discriminator is not None and step >= self.weights.adversarial_start
+
+    def terms(self, batch: dict, generator: torch.Generator | None, step: int) -> dict[str, torch.Tensor]:
+        """The unweighted float32 scalars of one training batch: l1, ssim (1 - SSIM), regulariser, and when
+        on, perceptual, generator and discriminator. Networks run under the precision policy; the losses
+        (SSIM's convolutions included) in float32 outside it."""
+        x = stack_modalities(batch, self.modalities)  # (K B, 1, D, H, W)
+        discriminator = self.model.discriminator
+        with self.autocast(x.device):
+            reconstruction, regulariser = self.model.autoencoder(x, generator)
+            extra = {}
+            if self.perceptual is not None:
+                extra["perceptual"] = self.perceptual(reconstruction, x)
+            if self.adversarial_at(step):
+                extra["generator"] = generator_loss(discriminator, reconstruction)
+                extra["discriminator"] = discriminator_loss(discriminator, x, reconstruction)
+        reconstruction = reconstruction.float()
+        return {
+            "l1": (reconstruction - x).abs().mean(),
+            "ssim": ssim_loss(reconstruction, x),
+            "regulariser": regulariser.float(),
+            **{name: value.float() for name, value in extra.items()},
+        }
+
+    def loss(self, batch: dict, generator: torch.Generator | None, step: int) -> torch.Tensor:
+        """The weighted sum of `terms`: one scalar whose single backward trains both networks.
+
+        The generator term evaluates the discriminator with detached parameters (a functional call), so
+        it sends gradients through the discriminator into the autoencoder but none into the
+        discriminator; the discriminator term sees the reconstruction detached, so it sends gradients
+        into the discriminator only. The gradient of the sum is thus, per network, the gradient of that
+        network's own objective: the autoencoder's of its reconstruction + weighted generator loss, the
+        discriminator's of the discriminator loss, as with two optimisers and two backward passes.
+        """
+        w, t = self.weights, self.terms(batch, generator, step)
+        total = w.l1 * t["l1"] + w.ssim * t["ssim"] + w.regulariser * t["regulariser"]
+        if "perceptual" in t:
+            total = total + w.perceptual * t["perceptual"]
+        if "generator" in t:
+            total = total + w.adversarial * t["generator"] + t["discriminator"]
+        return total
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic decode(encode(x)) under the precision policy, float32. (N, 1, D, H, W) -> same."""
+        with self.autocast(x.device):
+            return self.model(x).float()
+
+    def evaluate(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(L1 of the deterministic reconstruction, reconstruction, input), each volume (K B, 1, D, H, W)."""
+        x = stack_modalities(batch, self.modalities)
+        reconstruction = self.reconstruct(x)
+        return (reconstruction - x).abs().mean(), reconstruction, x
+
+    def preview(self, batch: dict, seed: int) -> list[np.ndarray]:
+        """[reconstruction, real] of the first item's first modality, each (D, H, W); `seed` is unused (the
+        reconstruction is deterministic)."""
+        x = batch[self.modalities[0]][:1].float()
+        with torch.no_grad():
+            reconstruction = self.reconstruct(x)
+        return [reconstruction[0, 0].cpu().numpy(), x[0, 0].cpu().numpy()]
+
+    def with_model(self, model: nn.Module) -> AutoencoderTask:
+        return replace(self, model=model)
+
+    def prepare(self, train_set, val_set):
+        """Nothing to estimate before training: the steps read the data sets as they are."""
+        return train_set, val_set
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def loss_weights(cfg) -> LossWeights:
+    ae = cfg.autoencoder
+    return LossWeights(
+        l1=ae.l1_weight,
+        ssim=ae.ssim_weight,
+        regulariser=1.0 if cfg.model.name == "vqvae" else ae.kl_weight,
+        perceptual=ae.perceptual_weight,
+        adversarial=ae.adversarial_weight,
+        adversarial_start=ae.adversarial_start,
+    )
+
+
+def build_autoencoder_task(cfg, device: torch.device | str = "cpu", *, training: bool = False) -> AutoencoderTask:
+    """The autoencoder task of `cfg` with its networks on `device`; ConfigError for an unknown family, an
+    impossible geometry, a data shape the factors or the discriminator cannot take, or a perceptual loss
+    without its weights file. `training` refuses nothing beyond that: every buildable config trains."""
+    ae_cfg, name = cfg.autoencoder, cfg.model.name
+    if name not in AUTOENCODERS:
+        raise ConfigError(f"model.name={name!r} is not an autoencoder: task=autoencoder takes one of {', '.join(AUTOENCODERS)}")
+    if not ae_cfg.modalities:
+        raise ConfigError("autoencoder.modalities is empty: name the modalities to compress, e.g. [bravo, seg]")
+    autoencoder = AUTOENCODERS[name](cfg.model, ae_cfg, grad_checkpointing=cfg.training.grad_checkpointing)
+    check_autoencoder_shape(cfg.data.shape, autoencoder.factor)
+    discriminator = None
+    if ae_cfg.adversarial_weight > 0:
+        check_discriminator_shape(cfg.data.shape, ae_cfg.discriminator_layers)
+        discriminator = build_discriminator(ae_cfg)
+    perceptual = build_perceptual(ae_cfg)
+    return AutoencoderTask(
+        model=AutoencoderModel(autoencoder, discriminator).to(device),
+        weights=loss_weights(cfg),
+        modalities=tuple(ae_cfg.modalities),
+        autocast=autocast_policy(cfg.training.precision),
+        perceptual=None if perceptual is None else perceptual.to(device),
+    )
