@@ -100,26 +100,39 @@ def test_a_ddpm_run_trains_to_exit_0_and_its_sample_command_refuses_a_shift(caps
     assert "ddim:2,eta=1" in out
 
 
+SHRUNK_UNET = [
+    "data.shape=[16,16,16]",
+    "model.name=unet",
+    "model.channels=[8,16]",
+    "model.attention_levels=[false,false]",
+    "model.norm_num_groups=4",
+    "model.num_head_channels=8",
+]
+
+
 @pytest.mark.parametrize("preset", ["unet_latent4x_3L_tiny.yaml", "dit_exp13_S2_latent4x.yaml"])
-def test_a_latent_preset_plans_but_train_refuses_it_in_one_line(capsys, phantom_root, tmp_path, preset):
+def test_a_latent_preset_plans_and_training_it_asks_for_a_trained_autoencoder(capsys, phantom_root, tmp_path, preset):
+    """The presets plan from the autoencoder config they name; training needs a trained run there."""
     config = str(CONFIGS / preset)
     code, out, _ = _run(capsys, "plan", "--json", "--config", config)
     assert code == 0 and '"in_channels": 8' in out
     run = tmp_path / "run"
-    code, out, err = _run(
-        capsys,
-        "train",
-        "--config",
-        config,
-        "data.shape=[16,16,16]",
-        "model.name=unet",
-        "model.channels=[8,16]",
-        "model.attention_levels=[false,false]",
-        "model.norm_num_groups=4",
-        "model.num_head_channels=8",
-        f"data.root={phantom_root}",
-        f"run.dir={run}",
+    code, out, err = _run(capsys, "train", "--config", config, *SHRUNK_UNET, f"data.root={phantom_root}", f"run.dir={run}")
+    assert code == 2 and out == ""
+    lines = _error_lines(err)
+    assert len(lines) == 1 and len(err.strip().splitlines()) == 1, err
+    assert lines[0].startswith(
+        "error: space.autoencoder=configs/autoencoders/vqvae_4x.yaml is an autoencoder config, not a trained run"
     )
+    assert not run.exists()
+
+
+def test_channel_overrides_plan_but_train_refuses_them_in_one_line(capsys, phantom_root, tmp_path):
+    overrides = [*SHRUNK_UNET, "model.in_channels=8", "model.out_channels=4"]
+    code, out, _ = _run(capsys, "plan", "--json", *overrides)
+    assert code == 0 and '"in_channels": 8' in out
+    run = tmp_path / "run"
+    code, out, err = _run(capsys, "train", *overrides, f"data.root={phantom_root}", f"run.dir={run}")
     assert code == 2 and out == ""
     lines = _error_lines(err)
     assert len(lines) == 1 and len(err.strip().splitlines()) == 1

@@ -25,3 +25,22 @@ def tiny_autoencoder_cfg(name: str = "autoencoder_kl", attention: bool = False, 
     for key, value in keys.items():
         OmegaConf.update(cfg, key, value)
     return cfg
+
+
+# `voxgen train` overrides of a tiny KL autoencoder run (factor 2, 2 latent channels): the autoencoder
+# of latent-space tests.
+TINY_AUTOENCODER_RUN = [
+    "task=autoencoder",
+    "model.name=autoencoder_kl",
+    "model.channels=[4,8]",
+    "model.attention_levels=[false,false]",
+    "model.num_res_blocks=1",
+    "model.norm_num_groups=4",
+    "autoencoder.latent_channels=2",
+    "autoencoder.factor=[2,2,2]",
+    "autoencoder.ssim_weight=0",
+    "data.shape=[16,16,16]",
+    "training.steps=2",
+    "training.val_batches=1",
+    "training.batch_size=1",
+]

@@ -27,6 +27,8 @@ SEED_COUNTS = {
     "wdm_256_wider.yaml": (639, 1),
     "dit_exp7_B8_pixel128.yaml": (135, 1),  # seed 002 exp7
     "dit_exp13_S2_latent4x.yaml": (40, 1),  # seed 002 exp13
+    "unet_s2d_exp11_128.yaml": (1420, 10),  # seed 002 exp11: "1.42B"
+    "unet_wavelet_exp12_128.yaml": (1420, 10),  # seed 002 exp12
 }
 
 
@@ -73,8 +75,12 @@ def test_every_latent_unet_row_has_a_matching_preset():
         path = CONFIGS / f"unet_latent{row['latent']}_{row['config']}.yaml"
         assert path.is_file(), f"no preset for row {row['config']},{row['latent']}: expected {path.name}"
         cfg = compose([path], [])
-        assert list(cfg.data.shape) == [int(row[k]) for k in "DHW"], path.name
-        assert (cfg.model.in_channels, cfg.model.out_channels) == (int(row["in_channels"]), int(row["out_channels"]))
+        # The network sees the code of the preset's latent space: the row's grid and channels.
+        assert cfg.space.name == "latent" and (cfg.model.in_channels, cfg.model.out_channels) == (None, None), path.name
+        with torch.device("meta"):
+            net = build_task(cfg, "meta").network
+        assert list(net.shape) == [int(row[k]) for k in "DHW"], path.name
+        assert (net.in_channels, net.out_channels) == (int(row["in_channels"]), int(row["out_channels"])), path.name
         assert list(cfg.model.channels) == [int(c) for c in row["channels"].split()], path.name
         assert list(cfg.model.attention_levels) == [a == "true" for a in row["attention_levels"].split()], path.name
         assert cfg.model.num_res_blocks == int(row["num_res_blocks"]), path.name

@@ -76,6 +76,9 @@ class AutoencoderConfig:
     latent_channels: int = 4
     # Downsampling per axis [D, H, W], powers of two (e.g. [1, 8, 8] keeps the slices).
     factor: List[int] = field(default_factory=lambda: [4, 4, 4])
+    # Train on random patches [D, H, W] of each volume (one position per step; a multiple of the
+    # factor); [] trains on whole volumes. Validation and encoding always see whole volumes.
+    patch: List[int] = field(default_factory=list)
     # VQ-VAE codebook.
     num_embeddings: int = 256
     commitment_cost: float = 0.25

@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from voxgen import checkpoint as store
+from voxgen.data.dataset import VolumeDataset
 from voxgen.data.latent_cache import LatentCache, cache_key, data_fingerprint, tensors_fingerprint
 from voxgen.diffusion.spaces import dataset_batches
 from voxgen.errors import CheckpointError, ConfigError
@@ -37,33 +38,48 @@ from voxgen.errors import CheckpointError, ConfigError
 WEIGHTS_PREFIX = "ema/autoencoder."
 
 
-def autoencoder_config(run_dir: str | Path, needs: Sequence[str]):
-    """The saved config of the autoencoder run `run_dir`, checked: ConfigError (one line) when the
-    folder is missing, is not a voxgen run, is not an autoencoder or was not trained on every
-    modality of `needs`."""
+# What a YAML file given as space.autoencoder must hold (a run folder's config.yaml holds everything).
+AUTOENCODER_KEYS = {
+    "model": ("name", "channels", "num_res_blocks", "attention_levels", "norm_num_groups"),
+    "autoencoder": ("modalities", "latent_channels", "factor", "num_embeddings", "commitment_cost"),
+}
+
+
+def autoencoder_config(source: str | Path, needs: Sequence[str]):
+    """The config of the autoencoder `source` names, checked: ConfigError (one line) when it is
+    missing, is not a voxgen run or autoencoder config, is not an autoencoder or was not trained
+    on every modality of `needs`.
+
+    `source` is the folder of a trained `task=autoencoder` run (training, sampling), or a YAML
+    file with that run's `model` and `autoencoder` sections (`AUTOENCODER_KEYS`): enough to plan
+    a latent-space step, whose geometry it fixes, before any autoencoder is trained.
+    """
     key = "space.autoencoder"
-    if not str(run_dir):
+    if not str(source):
         raise ConfigError(f"space=latent needs {key}=RUN_DIR: the folder of a trained task=autoencoder run")
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ConfigError(f"{key}={run}: no such run folder")
-    saved = run / "config.yaml"
+    path = Path(source)
+    saved = path / "config.yaml" if path.is_dir() else path
+    if not path.exists():
+        raise ConfigError(f"{key}={path}: no such run folder or autoencoder config file")
     if not saved.is_file():
-        raise ConfigError(f"{key}={run}: not a voxgen run folder (no config.yaml)")
+        raise ConfigError(f"{key}={path}: not a voxgen run folder (no config.yaml)")
     try:
         data = yaml.safe_load(saved.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{key}={run}: config.yaml does not read ({exc.__class__.__name__})") from None
-    if not isinstance(data, dict) or "model" not in data or "autoencoder" not in data:
-        raise ConfigError(f"{key}={run}: config.yaml is not a voxgen config of an autoencoder run")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{key}={path}: {saved.name} does not read ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or not isinstance(data.get("autoencoder"), dict):
+        raise ConfigError(f"{key}={path}: {saved.name} is not the config of an autoencoder (no model and autoencoder sections)")
     if data.get("task", "diffusion") != "autoencoder":
-        raise ConfigError(f"{key}={run} is a task={data.get('task', 'diffusion')} run, not an autoencoder (task=autoencoder)")
+        raise ConfigError(f"{key}={path} is a task={data.get('task', 'diffusion')} run, not an autoencoder (task=autoencoder)")
+    missing = [f"{section}.{name}" for section, names in AUTOENCODER_KEYS.items() for name in names if name not in data[section]]
+    if missing:
+        raise ConfigError(f"{key}={path}: {saved.name} lacks {', '.join(missing)}")
     cfg = OmegaConf.create(data)
     trained = list(cfg.autoencoder.modalities)
-    missing = [m for m in needs if m not in trained]
-    if missing:
+    absent = [m for m in needs if m not in trained]
+    if absent:
         raise ConfigError(
-            f"{key}={run} was trained on {', '.join(trained)}; this mode also needs {', '.join(missing)} "
+            f"{key}={path} was trained on {', '.join(trained)}; this mode also needs {', '.join(absent)} "
             "(train an autoencoder with autoencoder.modalities that include them)"
         )
     return cfg
@@ -119,7 +135,12 @@ class LatentSpace:
 
     def load_weights(self) -> None:
         """Load the EMA autoencoder of the run's newest checkpoint that reads back; CheckpointError
-        when it has none."""
+        when it has none, ConfigError when space.autoencoder is a config file (no weights)."""
+        if not self.run_dir.is_dir():
+            raise ConfigError(
+                f"space.autoencoder={self.run_dir} is an autoencoder config, not a trained run: train it "
+                f"(voxgen train --config {self.run_dir} run.dir=RUN) and set space.autoencoder=RUN"
+            )
 
         def use(folder, tensors, state) -> None:
             # assign: a network built on the meta device (config checks) takes the tensors as they are.
@@ -166,6 +187,9 @@ class LatentSpace:
         sets, whose items are normalised codes; the statistics are the cache's."""
         if not self.cached:
             self.fit(dataset_batches(train_set))
+            return train_set, val_set
+        if not isinstance(train_set, VolumeDataset):
+            # Items that are codes already (the profiler's random batch): nothing to encode or fit.
             return train_set, val_set
         self._ready(self.device)
         sets = {"train": train_set, "val": val_set}

@@ -38,6 +38,7 @@ class NetworkShape:
     shape: tuple[int, int, int]  # [D', H', W'] in the model's space
     data_in: int
     data_out: int
+    data_shape: tuple[int, int, int] | None = None  # [D, H, W] of the data, before the space
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -50,7 +51,8 @@ def network_of(cfg, mode: Mode, space: Space) -> NetworkShape:
     data_in, data_out = mode.channels(space)
     in_ch = cfg.model.in_channels if cfg.model.in_channels is not None else data_in
     out_ch = cfg.model.out_channels if cfg.model.out_channels is not None else data_out
-    return NetworkShape(in_ch, out_ch, space.shape(cfg.data.shape), data_in, data_out)
+    data_shape = tuple(int(s) for s in cfg.data.shape)
+    return NetworkShape(in_ch, out_ch, space.shape(data_shape), data_in, data_out, data_shape)
 
 
 @dataclass
@@ -78,6 +80,40 @@ class Parts:
     @property
     def modalities(self) -> tuple[str, ...]:
         return self.mode.modalities
+
+    @property
+    def frozen(self) -> tuple[nn.Module, ...]:
+        return self.space.frozen
+
+    def meta_batch(self, batch_size: int) -> tuple[Parts, dict]:
+        """(the parts to step, meta tensors shaped like one loaded batch), for the memory planner.
+
+        A batch is what the data sets give: volumes {modality: (B, 1, D, H, W)} that the step
+        encodes into the space, or codes {modality: (B, C', D', H', W')} when the space reads a
+        latent cache. A network whose channels are overridden (`model.in_channels`, a network for
+        another space) gets model-space tensors that fit it instead, split over the modalities
+        (generated ones share its output channels, conditions the rest of its input channels),
+        and the step does not encode them.
+        """
+        net, mode = self.network, self.mode
+        if (net.in_channels, net.out_channels) == (net.data_in, net.data_out):
+            channels, shape = (self.space.latent_channels, net.shape) if self.space.cached else (1, net.data_shape)
+            return self, {m: torch.empty(batch_size, channels, *shape, device="meta") for m in mode.modalities}
+        cond_channels = net.in_channels - net.out_channels
+        if mode.conditions and cond_channels < len(mode.conditions) or not mode.conditions and cond_channels:
+            raise ConfigError(
+                f"model.in_channels={net.in_channels} and model.out_channels={net.out_channels} do not fit mode "
+                f"{mode.name!r} (generates {', '.join(mode.generated)}; conditions: {', '.join(mode.conditions) or 'none'})"
+            )
+
+        def split(total: int, names) -> dict:
+            sizes = [total // len(names) + (i < total % len(names)) for i in range(len(names))]
+            return {n: torch.empty(batch_size, c, *net.shape, device="meta") for n, c in zip(names, sizes)}
+
+        batch = split(net.out_channels, mode.generated)
+        if mode.conditions:
+            batch.update(split(cond_channels, mode.conditions))
+        return replace(self, encode=already_encoded), batch
 
     def loss(self, batch: dict, generator: torch.Generator | None, step: int = 0) -> torch.Tensor:
         """Scalar loss of one batch (see `prediction_and_target`); the same at every step."""

@@ -27,11 +27,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from voxgen.diffusion.parts import already_encoded, build_parts
+from voxgen.diffusion.parts import build_parts
 from voxgen.errors import ConfigError
 from voxgen.memory.allocator import replay
 from voxgen.memory.cuda_emulation import CudaSemantics, emulated_autocast_policy
 from voxgen.memory.tracker import AllocationTracker, attention_tokens, track_modules
+from voxgen.tasks import build_task
 from voxgen.training.step import make_optimizer, train_step
 
 GiB = 2**30
@@ -175,37 +176,6 @@ def parse_memory(text: str) -> int:
     return int(float(match.group(1)) * scale)
 
 
-def fake_batch(parts, batch_size: int, data_shape) -> tuple[object, dict]:
-    """(the parts to trace, meta tensors shaped like one loaded batch).
-
-    A batch is what the data sets give: volumes {modality: (B, 1, D, H, W)} that the step
-    encodes into the space, or codes {modality: (B, C', D', H', W')} when the space reads a
-    latent cache. A network whose channels are overridden (`model.in_channels`, a network for
-    another space) gets model-space tensors that fit it instead, split over the modalities
-    (generated ones share its output channels, conditions the rest of its input channels), and
-    the step does not encode them.
-    """
-    net, mode = parts.network, parts.mode
-    if (net.in_channels, net.out_channels) == (net.data_in, net.data_out):
-        channels, shape = (parts.space.latent_channels, net.shape) if parts.space.cached else (1, data_shape)
-        return parts, {m: torch.empty(batch_size, channels, *shape, device="meta") for m in mode.modalities}
-    cond_channels = net.in_channels - net.out_channels
-    if mode.conditions and cond_channels < len(mode.conditions) or not mode.conditions and cond_channels:
-        raise ConfigError(
-            f"model.in_channels={net.in_channels} and model.out_channels={net.out_channels} do not fit mode "
-            f"{mode.name!r} (generates {', '.join(mode.generated)}; conditions: {', '.join(mode.conditions) or 'none'})"
-        )
-
-    def split(total: int, names) -> dict:
-        sizes = [total // len(names) + (i < total % len(names)) for i in range(len(names))]
-        return {n: torch.empty(batch_size, c, *net.shape, device="meta") for n, c in zip(names, sizes)}
-
-    batch = split(net.out_channels, mode.generated)
-    if mode.conditions:
-        batch.update(split(cond_channels, mode.conditions))
-    return dataclasses.replace(parts, encode=already_encoded), batch
-
-
 def conv_workspace_bytes(input_shape, weight_shape, output_shape, itemsize: int) -> int:
     """im2col size of a convolution: N x C_in x prod(kernel) x prod(output spatial) x itemsize."""
     kernel = math.prod(weight_shape[2:])
@@ -270,7 +240,8 @@ def _breakdown(tracker: AllocationTracker, ids: dict[str, set]) -> dict[str, int
 def _run_step(tracker, parts, optimizer, batch, cfg, ids) -> tuple:
     tracker.set_phase("forward")
     tracker.reset_peak()
-    train_step(parts, optimizer, batch, None, cfg.training.grad_clip)
+    # The last step: every term that starts late (an adversarial loss) is on.
+    train_step(parts, optimizer, batch, None, cfg.training.grad_clip, step=cfg.training.steps)
     params = [p for p in parts.model.parameters()]
     ids["gradients"] = {tracker.storage_id(p.grad) for p in params if p.grad is not None}
     ids["optimizer"] = {
@@ -284,13 +255,13 @@ def plan(cfg, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY, model: torch.nn.Module
     """Trace two training steps of `cfg` on meta tensors; see the module docstring. `model`
     (on the meta device) replaces the registry's network."""
     with torch.device("meta"):
-        parts = build_parts(cfg, "meta", model)
+        parts = build_task(cfg, "meta") if model is None else build_parts(cfg, "meta", model)
     # torch.autocast has no meta device: the step runs under CUDA's casting rules instead.
     parts = dataclasses.replace(parts, autocast=emulated_autocast_policy(cfg.training.precision))
     net = parts.network
     shape = list(net.shape)
     in_ch, out_ch = net.in_channels, net.out_channels
-    parts, batch = fake_batch(parts, cfg.training.batch_size, list(cfg.data.shape))
+    parts, batch = parts.meta_batch(cfg.training.batch_size)
     optimizer = make_optimizer(parts.model, cfg)
     for group in optimizer.param_groups:
         # On CUDA, AdamW's default resolves to the foreach implementation (it is not chosen for
@@ -301,7 +272,7 @@ def plan(cfg, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY, model: torch.nn.Module
 
     tracker = AllocationTracker(on_op=_kernel_workspaces)
     # Frozen networks of the space (an uncached latent encoder) hold device memory as parameters do.
-    frozen = [p for network in parts.space.frozen for p in network.parameters()]
+    frozen = [p for network in parts.frozen for p in network.parameters()]
     ids = {"parameters": {tracker.register(p, "parameters") for p in [*parts.model.parameters(), *frozen]}}
     for t in batch.values():
         tracker.register(t, "input")

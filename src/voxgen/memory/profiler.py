@@ -109,8 +109,7 @@ def measure(stages: Sequence[tuple[str, Callable[[], None], bool]], memory) -> t
 
 def profile(cfg, device: torch.device | str = "cuda", memory=None) -> Measurement:
     """Measure the first and the steady training step of `cfg` on `device`; see the module docstring."""
-    from voxgen.diffusion.parts import already_encoded, build_parts
-    from voxgen.memory.planner import fake_batch
+    from voxgen.tasks import build_task
     from voxgen.training.step import make_optimizer, train_step
 
     device = torch.device(device)
@@ -123,19 +122,27 @@ def profile(cfg, device: torch.device | str = "cuda", memory=None) -> Measuremen
     def build():
         torch.manual_seed(cfg.run.seed)
         with device:  # weights are created on the GPU, not copied there from host memory
-            state["parts"] = parts = build_parts(cfg, device)
+            state["parts"] = parts = build_task(cfg, device)
         parts.model.train()
         state["optimizer"] = make_optimizer(parts.model, cfg)
         state["generator"] = torch.Generator(device=device).manual_seed(cfg.run.seed)
         # The planner's batch shapes (one source of truth for channels per modality), filled for real.
-        state["parts"], shapes = fake_batch(parts, cfg.training.batch_size, list(cfg.data.shape))
+        state["parts"], shapes = parts.meta_batch(cfg.training.batch_size)
         state["batch"] = batch = {k: torch.randn(v.shape, device=device, generator=state["generator"]) for k, v in shapes.items()}
-        if state["parts"].encode is not already_encoded:
-            # The step encodes the batch, with statistics the space fits on it (the cost is the same).
-            parts.space.fit([batch])
+        # Prepared like training, on the random batch as its data set (a space fits its statistics
+        # on it: the step costs the same with any numbers).
+        items = [{**{m: t[i] for m, t in batch.items()}, "case": f"random_{i}"} for i in range(cfg.training.batch_size)]
+        state["parts"].prepare(items, items)
 
     def step():
-        train_step(state["parts"], state["optimizer"], state["batch"], state["generator"], cfg.training.grad_clip)
+        train_step(
+            state["parts"],
+            state["optimizer"],
+            state["batch"],
+            state["generator"],
+            cfg.training.grad_clip,
+            step=cfg.training.steps,
+        )
 
     memory.release()
     try:

@@ -26,6 +26,10 @@ class Task(Protocol):
     autocast: Autocast
     # The data modalities a batch must hold.
     modalities: tuple[str, ...]
+    # What the network sees (voxgen.diffusion.parts.NetworkShape): channels in and out, its grid.
+    network: object
+    # Frozen networks that run in the step on the training device (their weights take memory too).
+    frozen: tuple[nn.Module, ...]
 
     def loss(self, batch: dict, generator: torch.Generator | None, step: int) -> torch.Tensor:
         """The scalar training objective of one batch {modality: (B, 1, D, H, W)} at optimiser
@@ -39,6 +43,9 @@ class Task(Protocol):
     def preview(self, batch: dict, seed: int) -> list[np.ndarray]:
         """Volumes (D, H, W) to show side by side, the model's first: a sample or a reconstruction
         next to the real case of `batch` (its first item)."""
+
+    def meta_batch(self, batch_size: int) -> tuple[Task, dict]:
+        """(the task to step, meta tensors shaped like one loaded batch): what the memory planner traces."""
 
     def with_model(self, model: nn.Module) -> Task:
         """The same task around another copy of the network (the EMA weights)."""

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from voxgen.diffusion.parts import NetworkShape
 from voxgen.errors import ConfigError
 from voxgen.models.autoencoders import AUTOENCODERS, check_autoencoder_shape
 from voxgen.precision import Autocast, autocast_policy
@@ -62,6 +63,20 @@ class LossWeights:
     adversarial_start: int
 
 
+def random_patch(x: torch.Tensor, patch: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """(N, C, D, H, W) -> (N, C, d, h, w): one window of size `patch` at a position drawn from `generator`,
+    the same for every volume of the batch; `x` itself when `patch` is empty. Convolutional
+    autoencoders train on patches (Rombach et al. 2022 train their first stage on crops; so do MONAI's 3D
+    tutorials): a step costs a fraction of a whole volume's, and the network sees every position."""
+    if not patch:
+        return x
+    starts = [
+        int(torch.randint(0, size - p + 1, (1,), generator=generator, device=x.device)) for size, p in zip(x.shape[2:], patch)
+    ]
+    d, h, w = starts
+    return x[:, :, d : d + patch[0], h : h + patch[1], w : w + patch[2]]
+
+
 def stack_modalities(batch: dict, modalities: tuple[str, ...]) -> torch.Tensor:
     """{modality: (B, 1, D, H, W)} -> (K * B, 1, D, H, W), modality-major: the first B rows are the first
     modality, so row 0 is the first item's first modality."""
@@ -75,8 +90,21 @@ class AutoencoderTask:
     modalities: tuple[str, ...]
     # device -> context manager entered around every forward (voxgen.precision).
     autocast: Autocast
+    # What the network sees: one modality at a time, in and out, on the data's grid.
+    network: NetworkShape
+    # Training patch [d, h, w] cut from every volume, or () for whole volumes.
+    patch: tuple[int, ...] = ()
     # Frozen, from a local file: not part of `model`, so neither trained, averaged nor checkpointed.
     perceptual: MedicalNetPerceptual | None = None
+
+    @property
+    def frozen(self) -> tuple[nn.Module, ...]:
+        return () if self.perceptual is None else (self.perceptual,)
+
+    def meta_batch(self, batch_size: int) -> tuple[AutoencoderTask, dict]:
+        """(this task, meta tensors shaped like one loaded batch {modality: (B, 1, D, H, W)}), for the planner."""
+        shape = (batch_size, 1, *self.network.data_shape)
+        return self, {m: torch.empty(shape, device="meta") for m in self.modalities}
 
     def adversarial_at(self, step: int) -> bool:
         """Whether the adversarial terms are on at optimiser step `step`."""
@@ -86,7 +114,7 @@ class AutoencoderTask:
         """The unweighted float32 scalars of one training batch: l1, ssim (1 - SSIM), regulariser, and when
         on, perceptual, generator and discriminator. Networks run under the precision policy; the losses
         (SSIM's convolutions included) in float32 outside it."""
-        x = stack_modalities(batch, self.modalities)  # (K B, 1, D, H, W)
+        x = random_patch(stack_modalities(batch, self.modalities), self.patch, generator)  # (K B, 1, d, h, w)
         discriminator = self.model.discriminator
         with self.autocast(x.device):
             reconstruction, regulariser = self.model.autoencoder(x, generator)
@@ -167,6 +195,20 @@ def loss_weights(cfg) -> LossWeights:
     )
 
 
+def check_patch(patch, shape: tuple[int, ...], factor: tuple[int, ...]) -> tuple[int, ...]:
+    """`autoencoder.patch` as a tuple (() for whole volumes); ConfigError unless it has one size per axis, no
+    larger than data.shape and a multiple of the factor."""
+    patch = tuple(int(p) for p in patch)
+    if not patch:
+        return ()
+    if len(patch) != 3 or any(p < f or p % f or p > s for p, s, f in zip(patch, shape, factor)):
+        raise ConfigError(
+            f"autoencoder.patch={list(patch)} must be three sizes [d, h, w], each a multiple of autoencoder.factor="
+            f"{list(factor)} and at most data.shape={list(shape)} (or [] for whole volumes)"
+        )
+    return patch
+
+
 def build_autoencoder_task(cfg, device: torch.device | str = "cpu", *, training: bool = False) -> AutoencoderTask:
     """The autoencoder task of `cfg` with its networks on `device`; ConfigError for an unknown family, an
     impossible geometry, a data shape the factors or the discriminator cannot take, or a perceptual loss
@@ -178,9 +220,11 @@ def build_autoencoder_task(cfg, device: torch.device | str = "cpu", *, training:
         raise ConfigError("autoencoder.modalities is empty: name the modalities to compress, e.g. [bravo, seg]")
     autoencoder = AUTOENCODERS[name](cfg.model, ae_cfg, grad_checkpointing=cfg.training.grad_checkpointing)
     check_autoencoder_shape(cfg.data.shape, autoencoder.factor)
+    data_shape = tuple(int(s) for s in cfg.data.shape)
+    patch = check_patch(ae_cfg.patch, data_shape, autoencoder.factor)
     discriminator = None
     if ae_cfg.adversarial_weight > 0:
-        check_discriminator_shape(cfg.data.shape, ae_cfg.discriminator_layers)
+        check_discriminator_shape(patch or data_shape, ae_cfg.discriminator_layers)
         discriminator = build_discriminator(ae_cfg)
     perceptual = build_perceptual(ae_cfg)
     return AutoencoderTask(
@@ -188,5 +232,7 @@ def build_autoencoder_task(cfg, device: torch.device | str = "cpu", *, training:
         weights=loss_weights(cfg),
         modalities=tuple(ae_cfg.modalities),
         autocast=autocast_policy(cfg.training.precision),
+        network=NetworkShape(1, 1, patch or data_shape, 1, 1, patch or data_shape),
+        patch=patch,
         perceptual=None if perceptual is None else perceptual.to(device),
     )

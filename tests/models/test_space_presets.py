@@ -1,0 +1,69 @@
+"""Every latent, s2d and wavelet preset in configs/ names its real space, plans from it, and trains two
+steps when shrunk to test size (a tiny autoencoder run stands in for the presets' VQ-VAE)."""
+
+from pathlib import Path
+
+import pytest
+
+from tiny_autoencoder import TINY_AUTOENCODER_RUN
+from voxgen.config import compose
+from voxgen.memory.planner import plan
+from voxgen.training.trainer import train
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+SPACE_PRESETS = sorted(p for p in CONFIGS.glob("*.yaml") if compose([p]).space.name != "pixel")
+
+
+def _shrunk(cfg) -> list[str]:
+    """Overrides that keep a preset's family, levels, attention pattern and space, at test size."""
+    levels = len(cfg.model.channels)
+    # 32^3: a halving space leaves 16^3, which a 5-level UNet still divides.
+    return [
+        "data.shape=[32,32,32]",
+        f"model.channels=[{','.join(['8'] * levels)}]",
+        "model.num_res_blocks=1",
+        "model.num_head_channels=8",
+        "model.norm_num_groups=4",
+        "model.hidden_size=48",  # the variant's heads (DiT-S: 6) divide it
+        "model.depth=2",
+        "training.steps=2",
+        "training.batch_size=1",
+        "training.val_batches=1",
+        "training.precision=fp32",
+        "training.grad_checkpointing=false",
+        "sample.steps=2",
+    ]
+
+
+def test_space_presets_exist():
+    names = {p.name for p in SPACE_PRESETS}
+    assert {"unet_s2d_exp11_128.yaml", "unet_wavelet_exp12_128.yaml", "dit_exp13_S2_latent4x.yaml"} <= names
+    assert sum(n.startswith("unet_latent") for n in names) == 19
+
+
+@pytest.mark.parametrize("path", SPACE_PRESETS, ids=[p.name for p in SPACE_PRESETS])
+def test_space_preset_plans_in_its_space(path):
+    cfg = compose([path])
+    assert cfg.model.in_channels is None and cfg.model.out_channels is None, "the space gives the channels"
+    planned = plan(cfg)
+    per_modality = {"s2d": 8, "wavelet": 8, "latent": 4}[cfg.space.name]
+    assert (planned.in_channels, planned.out_channels) == (2 * per_modality, per_modality)
+    factor = {"s2d": 2, "wavelet": 2, "latent": 4 if "4x" in path.name else 8}[cfg.space.name]
+    assert planned.shape == [s // factor for s in cfg.data.shape]
+
+
+@pytest.fixture(scope="module")
+def tiny_autoencoder(cohort_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ae") / "run"
+    train(compose(overrides=[*TINY_AUTOENCODER_RUN, "data.shape=[32,32,32]", f"data.root={cohort_root}", f"run.dir={run}"]))
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", SPACE_PRESETS, ids=[p.name for p in SPACE_PRESETS])
+def test_space_preset_trains_two_steps_shrunk(path, cohort_root, tiny_autoencoder, tmp_path):
+    cfg = compose([path])
+    extra = [f"space.autoencoder={tiny_autoencoder}"] if cfg.space.name == "latent" else []
+    shrunk = compose([path], [*_shrunk(cfg), *extra, f"data.root={cohort_root}", f"run.dir={tmp_path / 'run'}"])
+    result = train(shrunk)
+    assert result.step == 2 and all(r["val_loss"] == r["val_loss"] for r in result.history)
