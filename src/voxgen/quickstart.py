@@ -49,6 +49,8 @@ def quality(cfg, trained_parts, num: int, seed: int) -> Quality:
     """Distance of trained and untrained samples to the held-out test cases (lower is better)."""
     torch.manual_seed(cfg.run.seed)
     untrained_parts = build_parts(cfg, next(trained_parts.model.parameters()).device)
+    # The same space as the trained model's (a latent or wavelet space's statistics): only the network differs.
+    untrained_parts.load_state_dict(trained_parts.state_dict())
     modality = trained_parts.mode.generated[0]
     reals = held_out(cfg, modality)
     sampling = sampling_settings(cfg.sample, trained_parts.strategy, bool(trained_parts.mode.conditions))

@@ -15,6 +15,7 @@ from voxgen.cli import main
 from voxgen.config import compose
 from voxgen.data.dataset import VolumeDataset
 from voxgen.diffusion.spaces import build_space
+from voxgen.errors import ConfigError
 from voxgen.training.trainer import train
 
 LATENT = [
@@ -157,3 +158,42 @@ def test_a_damaged_cache_shard_is_reencoded_alone(cohort_root, autoencoder_run, 
     # The repaired shard holds the code again: every shard checks out on the next start.
     train(_latent_cfg(cohort_root, autoencoder_run, tmp_path / "third", extra))
     assert damaged.name not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["dcae_f64c128.yaml", "dcae_f128c512.yaml"])
+def test_a_transformer_that_cannot_patchify_the_code_is_refused_at_compose_time(preset):
+    """The seeds' exp10_2 / exp10_3: a DiT on DC-AE codes crashed in its patch embedding."""
+    overrides = ["mode=bravo_seg_cond", "space=latent", f"space.autoencoder=configs/{preset}", "data.shape=[160,256,256]"]
+    with pytest.raises(ConfigError) as caught:
+        compose(overrides=[*overrides, "model.name=dit", "model.variant=B", "model.patch_size=4"])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "grid [10, " in message and "not divisible by model.patch_size=4" in message and "patch sizes that tile" in message
+    compose(overrides=[*overrides, "model.name=dit", "model.variant=B", "model.patch_size=2"])  # what it proposes works
+
+
+def test_planning_counts_what_the_step_holds(cohort_root, autoencoder_run, tmp_path):
+    """Uncached, the frozen encoder is on the device (its weights count as parameters) and runs in the
+    step; cached, the step reads codes. An autoencoder's own plan includes its discriminator."""
+    from voxgen.memory.planner import plan
+
+    cached = plan(_latent_cfg(cohort_root, autoencoder_run, tmp_path / "a"))
+    uncached = plan(_latent_cfg(cohort_root, autoencoder_run, tmp_path / "b", "space.cache=false"))
+    weights = list(build_space(_latent_cfg(cohort_root, autoencoder_run, tmp_path / "c")).network.parameters())
+    frozen = uncached.breakdown["parameters"] - cached.breakdown["parameters"]
+    # fp32 weights, each block rounded up to the caching allocator's 512 bytes
+    assert sum(-(-4 * p.numel() // 512) * 512 for p in weights) == frozen
+    assert uncached.peak_bytes > cached.peak_bytes and cached.params == uncached.params
+    ae = [*TINY_AUTOENCODER_RUN, f"data.root={cohort_root}"]
+    alone = plan(compose(overrides=ae))
+    adversarial = plan(
+        compose(
+            overrides=[
+                *ae,
+                "autoencoder.adversarial_weight=0.1",
+                "autoencoder.adversarial_start=5",
+                "autoencoder.discriminator_layers=2",
+            ]
+        )
+    )
+    assert adversarial.params > alone.params and adversarial.peak_bytes > alone.peak_bytes

@@ -258,6 +258,25 @@ def test_collapse_is_raised_after_patience_checks_not_before():
     assert "3 validations in a row" in message and "training.lr" in message
 
 
+def test_collapse_counts_only_after_the_predictions_spread_or_warm_up():
+    # Without warm-up: the zero-initialised start (no spread yet) is not counted, however long it lasts.
+    guards = Guards(GuardsConfig(collapse_std_ratio=0.05, collapse_patience=2))
+    for step in range(1, 6):
+        guards.check_collapse(step, 0.001, 1.0, after_warmup=False)
+    assert guards.low_spread_checks == 0
+    guards.check_collapse(6, 0.3, 1.0, after_warmup=False)  # the network has spread: from now on it counts
+    guards.check_collapse(7, 0.001, 1.0, after_warmup=False)
+    with pytest.raises(TrainingCollapsed, match="at step 8"):
+        guards.check_collapse(8, 0.001, 1.0, after_warmup=False)
+    # After warm-up a constant counts even if the predictions never spread; the flag survives a resume.
+    after = Guards(GuardsConfig(collapse_std_ratio=0.05, collapse_patience=2))
+    after.check_collapse(60, 0.001, 1.0, after_warmup=True)
+    assert after.low_spread_checks == 1
+    resumed = Guards(GuardsConfig(collapse_std_ratio=0.05, collapse_patience=2))
+    resumed.load_state_dict(json.loads(json.dumps(guards.state_dict())))
+    assert resumed.spread_seen
+
+
 def test_collapse_check_can_be_disabled():
     guards = Guards(GuardsConfig(collapse_patience=0))
     for step in range(10):

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
@@ -38,21 +39,14 @@ from voxgen.errors import CheckpointError, ConfigError
 WEIGHTS_PREFIX = "ema/autoencoder."
 
 
-# What a YAML file given as space.autoencoder must hold (a run folder's config.yaml holds everything).
-AUTOENCODER_KEYS = {
-    "model": ("name", "channels", "num_res_blocks", "attention_levels", "norm_num_groups"),
-    "autoencoder": ("modalities", "latent_channels", "factor", "num_embeddings", "commitment_cost"),
-}
-
-
 def autoencoder_config(source: str | Path, needs: Sequence[str]):
     """The config of the autoencoder `source` names, checked: ConfigError (one line) when it is
     missing, is not a voxgen run or autoencoder config, is not an autoencoder or was not trained
     on every modality of `needs`.
 
     `source` is the folder of a trained `task=autoencoder` run (training, sampling), or a YAML
-    file with that run's `model` and `autoencoder` sections (`AUTOENCODER_KEYS`): enough to plan
-    a latent-space step, whose geometry it fixes, before any autoencoder is trained.
+    file with that run's `model` and `autoencoder` sections (every key its family reads): enough
+    to plan a latent-space step, whose geometry it fixes, before any autoencoder is trained.
     """
     key = "space.autoencoder"
     if not str(source):
@@ -71,9 +65,6 @@ def autoencoder_config(source: str | Path, needs: Sequence[str]):
         raise ConfigError(f"{key}={path}: {saved.name} is not the config of an autoencoder (no model and autoencoder sections)")
     if data.get("task", "diffusion") != "autoencoder":
         raise ConfigError(f"{key}={path} is a task={data.get('task', 'diffusion')} run, not an autoencoder (task=autoencoder)")
-    missing = [f"{section}.{name}" for section, names in AUTOENCODER_KEYS.items() for name in names if name not in data[section]]
-    if missing:
-        raise ConfigError(f"{key}={path}: {saved.name} lacks {', '.join(missing)}")
     cfg = OmegaConf.create(data)
     trained = list(cfg.autoencoder.modalities)
     absent = [m for m in needs if m not in trained]
@@ -94,7 +85,11 @@ class LatentSpace:
         from voxgen.models.autoencoders import build_autoencoder
 
         self.run_dir = Path(run_dir)
-        self.network: nn.Module = build_autoencoder(ae_cfg.model, ae_cfg.autoencoder)
+        try:
+            self.network: nn.Module = build_autoencoder(ae_cfg.model, ae_cfg.autoencoder)
+        except ConfigAttributeError as exc:
+            # A config file written by hand may lack a key its family reads (a run's config has them all).
+            raise ConfigError(f"space.autoencoder={self.run_dir}: the autoencoder's config lacks {exc.full_key}") from None
         self.network.requires_grad_(False).eval()
         self.latent_channels = int(self.network.latent_channels)
         self.factor = tuple(int(f) for f in self.network.factor)

@@ -199,6 +199,22 @@ def require_data_channels(cfg) -> None:
         )
 
 
+def _in_space(message: str, space: str, network: NetworkShape, model_cfg) -> str:
+    """A network factory's refusal, said of the grid the space gives it rather than of data.shape
+    (the seeds' DiT on DC-AE latents crashed in the patch embedding: the code's grid, not the
+    volume's, must divide by the patch size); with the patch sizes that would tile that grid."""
+    grid = list(network.shape)
+    said = message.replace("data.shape ", "the code grid ", 1)
+    text = (
+        f"space={space} gives the network a {network.in_channels}-channel grid {grid} for data.shape "
+        f"{list(network.data_shape)}: {said}"
+    )
+    if "model.patch_size" in message:
+        fits = [p for p in (1, 2, 4, 8) if all(g % p == 0 for g in grid)]
+        text += f"; patch sizes that tile {grid}: {', '.join(map(str, fits))}"
+    return text
+
+
 def build_diffusion_task(cfg, device: torch.device | str = "cpu", *, training: bool = False) -> Parts:
     """The diffusion task of `cfg` (`voxgen.tasks.TASKS`); training=True first refuses channel
     overrides that real batches do not fit (`require_data_channels`)."""
@@ -215,5 +231,11 @@ def build_parts(cfg, device: torch.device | str = "cpu", model: nn.Module | None
     space.check(cfg.data.shape)
     network = network_of(cfg, mode, space)
     if model is None:
-        model = build_model(cfg.model, network.in_channels, network.out_channels, network.shape, cfg.training.grad_checkpointing)
+        try:
+            channels = network.in_channels, network.out_channels
+            model = build_model(cfg.model, *channels, network.shape, cfg.training.grad_checkpointing)
+        except ConfigError as exc:
+            if space.name == "pixel":
+                raise
+            raise ConfigError(_in_space(str(exc), space.name, network, cfg.model)) from None
     return Parts(model.to(device), strategy, mode, space, network, autocast_policy(cfg.training.precision), sample=cfg.sample)

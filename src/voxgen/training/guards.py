@@ -86,6 +86,8 @@ class Guards:
         self.rollbacks = 0
         self.rebaselines = 0
         self.low_spread_checks = 0
+        # Whether a validation has seen the predictions spread (see check_collapse).
+        self.spread_seen = False
         self.last_decision = OK
 
     # ----------------------------------------------------------------- steps
@@ -151,20 +153,26 @@ class Guards:
 
     # -------------------------------------------------------------- collapse
 
-    def check_collapse(self, step: int, prediction_std: float, target_std: float) -> None:
+    def check_collapse(self, step: int, prediction_std: float, target_std: float, after_warmup: bool = True) -> None:
         """Count a validation whose predictions lost their spread; raise after `collapse_patience`.
 
         Raises TrainingCollapsed when prediction_std < collapse_std_ratio * target_std for
-        collapse_patience checks in a row; a check above the ratio resets the count.
+        collapse_patience checks in a row; a check above the ratio resets the count. Checks
+        count once the predictions have had their spread at an earlier check, or after warm-up
+        (`after_warmup`): a network whose output layer starts at zero (MONAI's UNet) predicts a
+        constant at first, which is where training starts, not where it collapsed to; without
+        warm-up, that start would otherwise be taken for a collapse at the first checks.
         """
         ratio, patience = self.settings.collapse_std_ratio, self.settings.collapse_patience
         if ratio <= 0 or patience <= 0:
             return
-        if prediction_std < ratio * target_std:
-            self.low_spread_checks += 1
-        else:
+        if prediction_std >= ratio * target_std:
             self.low_spread_checks = 0
+            self.spread_seen = True
             return
+        if not (self.spread_seen or after_warmup):
+            return
+        self.low_spread_checks += 1
         if self.low_spread_checks >= patience:
             share = 100.0 * prediction_std / target_std
             raise TrainingCollapsed(
@@ -202,6 +210,7 @@ class Guards:
             "rollbacks": self.rollbacks,
             "rebaselines": self.rebaselines,
             "low_spread_checks": self.low_spread_checks,
+            "spread_seen": self.spread_seen,
             "last_decision": self.last_decision,
         }
 
@@ -215,6 +224,8 @@ class Guards:
         self.rollbacks = int(state["rollbacks"])
         self.rebaselines = int(state["rebaselines"])
         self.low_spread_checks = int(state["low_spread_checks"])
+        # Checkpoints written before this entry existed: a run that was checking was past warm-up.
+        self.spread_seen = bool(state.get("spread_seen", False))
         self.last_decision = str(state["last_decision"])
 
 

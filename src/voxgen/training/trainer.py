@@ -279,12 +279,10 @@ class Trainer:
                 f"training collapsed at step {p.step}: validation loss is {raw.loss} (EMA: {ema.loss}); "
                 "the checkpoints on disk predate it"
             )
-        # The raw weights, not the EMA: they show a collapse first. Not during warm-up: output
-        # layers initialised to zero (MONAI's UNet) predict a constant at first, which is where
-        # training starts, not where it collapsed to. Raising here skips this step's checkpoint,
-        # so the newest one on disk predates the verdict.
-        if p.step > t.warmup_steps:
-            self.guards.check_collapse(p.step, raw.prediction_std, raw.target_std)
+        # The raw weights, not the EMA: they show a collapse first. The guard leaves out the
+        # zero-initialised start (see Guards.check_collapse). Raising here skips this step's
+        # checkpoint, so the newest one on disk predates the verdict.
+        self.guards.check_collapse(p.step, raw.prediction_std, raw.target_std, after_warmup=p.step > t.warmup_steps)
         return record
 
     def _log_mosaic(self) -> None:
