@@ -54,6 +54,12 @@ def voxgen_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "voxgen.cli"]
 
 
+def _portable(command: str) -> str:
+    """`command` as the doc shows it: `voxgen`, repository-relative configs, no paths of this machine."""
+    repo = str(Path(__file__).resolve().parents[1]) + "/"
+    return command.replace(shlex.join(voxgen_command()), "voxgen").replace(repo, "")
+
+
 def shell(command: str) -> str:
     return subprocess.run(command, shell=True, capture_output=True, text=True).stdout.strip()
 
@@ -107,7 +113,7 @@ def train(preset: Path, data: Path, shape: list[int], run: Path) -> dict:
         "cpu_minutes": cpu_minutes,
         "load_before": load,
         "load_after": load_average(),
-        "command": shlex.join(cmd),
+        "command": _portable(shlex.join(cmd)),
     }
 
 
