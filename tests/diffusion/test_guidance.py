@@ -6,7 +6,7 @@ from torch import nn
 
 from voxgen.diffusion.generate import generate, prediction_fn
 from voxgen.diffusion.modes import MODES, drop_conditions
-from voxgen.diffusion.parts import NetworkShape, Parts, build_parts, compute_loss
+from voxgen.diffusion.parts import NetworkShape, Parts, build_parts
 from voxgen.diffusion.rflow_samplers import euler, time_grid
 from voxgen.diffusion.samplers import parse_solver
 from voxgen.diffusion.spaces import PixelSpace
@@ -48,17 +48,17 @@ def _spy_parts(cond_dropout):
     )
 
 
-def test_compute_loss_drops_conditions_in_training_only_and_reproducibly():
+def test_the_loss_drops_conditions_in_training_only_and_reproducibly():
     batch = {"bravo": torch.zeros(64, 1, 2, 2, 2), "seg": torch.ones(64, 1, 2, 2, 2)}
     parts = _spy_parts(0.5)
-    compute_loss(parts, batch, torch.Generator().manual_seed(3))
-    compute_loss(parts, batch, torch.Generator().manual_seed(3))
+    parts.loss(batch, torch.Generator().manual_seed(3))
+    parts.loss(batch, torch.Generator().manual_seed(3))
     first, second = parts.model.seen
     null = (first == 0).flatten(1).all(dim=1)
     assert 16 < int(null.sum()) < 48 and torch.all(first[~null] == 1)
     assert torch.equal(first, second)
     parts.model.eval()  # validation losses see every condition
-    compute_loss(parts, batch, torch.Generator().manual_seed(3))
+    parts.loss(batch, torch.Generator().manual_seed(3))
     assert torch.all(parts.model.seen[-1] == 1)
 
 
@@ -66,8 +66,8 @@ def test_without_dropout_the_random_stream_is_unchanged():
     batch = {"bravo": torch.randn(4, 1, 2, 2, 2), "seg": torch.ones(4, 1, 2, 2, 2)}
     with_spy, without = _spy_parts(0.0), _spy_parts(0.0)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    compute_loss(with_spy, batch, g1)
-    compute_loss(without, batch, g2)
+    with_spy.loss(batch, g1)
+    without.loss(batch, g2)
     assert torch.equal(g1.get_state(), g2.get_state())
     # The stream is the one of noise then times: nothing else was drawn.
     g3 = torch.Generator().manual_seed(5)

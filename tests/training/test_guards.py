@@ -10,7 +10,7 @@ import torch
 
 from voxgen.config import compose
 from voxgen.config.schema import GuardsConfig
-from voxgen.diffusion.parts import build_parts, compute_loss
+from voxgen.diffusion.parts import build_parts
 from voxgen.errors import ConfigError, TrainingCollapsed
 from voxgen.training.guards import Guards, spread
 from voxgen.training.step import make_optimizer, train_step
@@ -120,7 +120,7 @@ def test_training_with_nan_batches_still_converges():
     def held_out_loss() -> float:  # same noise and times before and after
         g = torch.Generator().manual_seed(123)
         with torch.no_grad():
-            return sum(float(compute_loss(parts, _batch(), g)) for _ in range(8)) / 8
+            return sum(float(parts.loss(_batch(), g)) for _ in range(8)) / 8
 
     start = held_out_loss()
     applied = [

@@ -176,11 +176,6 @@ def prediction_and_target(parts: Parts, batch: dict, generator: torch.Generator 
     return prediction, parts.strategy.target(z0, noise)
 
 
-def compute_loss(parts: Parts, batch: dict, generator: torch.Generator | None) -> torch.Tensor:
-    """Scalar loss of one batch (see `prediction_and_target`)."""
-    return parts.loss(batch, generator)
-
-
 def require_data_channels(cfg) -> None:
     """ConfigError unless the network of `cfg` takes the channels real data gives (training).
 
