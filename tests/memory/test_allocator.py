@@ -72,11 +72,11 @@ def test_replay_of_an_event_log_matches_the_tracker_convention():
     assert a.allocated == 0
 
 
-def test_plan_reports_reserved_memory_at_least_the_allocated_peak():
+def test_plan_reports_reserved_memory_at_least_the_required_peak():
     cfg = compose([], TINY)
     result = plan(cfg)
-    assert result.reserved_bytes >= result.peak_bytes
+    assert result.reserved_bytes >= result.required_bytes
     assert result.reserved_bytes_first_step <= result.reserved_bytes
     assert not result.allocator_oom
-    tiny_gpu = plan(cfg, gpu_memory_bytes=result.peak_bytes // 2)
+    tiny_gpu = plan(cfg, gpu_memory_bytes=result.required_bytes // 2)
     assert not tiny_gpu.fits and tiny_gpu.allocator_oom

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from voxgen.cli import main
 from voxgen.config import compose
+from voxgen.memory.planner import plan
 from voxgen.memory.profiler import OK, measure, profile
 
 TINY = [
@@ -133,10 +135,46 @@ def test_profile_bad_key_is_reported_before_the_gpu_check(capsys):
 
 @pytest.mark.gpu
 def test_profile_on_the_gpu_measures_both_steps_and_matches_the_planner(capsys):
-    code = main(["profile", "--json", *TINY, "training.precision=bf16-mixed"])
+    # Large enough that activations, not the fixed workspaces, make the peak.
+    sized = ["data.shape=[64,64,64]", "model.channels=[32,64]", "model.num_head_channels=32", "model.norm_num_groups=8"]
+    code = main(["profile", "--json", *TINY, *sized, "training.precision=bf16-mixed"])
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["status"] == OK and result["environment"]["gpu"]
     assert 0 < result["first_allocated"] <= result["first_reserved"]
     assert 0 < result["steady_allocated"] <= result["steady_reserved"]
-    # tiny shapes: within 50% of the plan (the 5% acceptance is checked on real sizes in docs/memory-validation.md)
-    assert abs(result["planned_peak_bytes"] - result["steady_allocated"]) < 0.5 * result["steady_allocated"]
+    # docs/gpu-validation.md: the required figure read within 2.2% of 23 configurations on an H200.
+    assert abs(result["planned_required_bytes"] - result["steady_allocated"]) < 0.15 * result["steady_allocated"]
+
+
+def test_profile_grid_writes_each_row_as_measured_with_the_verdict_for_that_gpu(tmp_path, monkeypatch):
+    """The grid's table is rewritten after every configuration (a stopped grid keeps its rows), and
+    each row carries the planner's reserved memory, band top and verdict for the GPU measured on."""
+    import voxgen.memory.profiler as profiler
+    from voxgen.memory.profiler import Measurement
+
+    gpu = 80 * 2**30
+    env = {"gpu": "Fake GPU", "gpu_memory_bytes": gpu, "torch": torch.__version__, "cuda": "", "cudnn": ""}
+    env["cudnn_benchmark"] = False
+    calls = []
+
+    def fake_profile(cfg):
+        calls.append(cfg)
+        if len(calls) == 2:
+            # The second configuration is stopped (a time limit, ^C): the first row is on disk.
+            rows = (tmp_path / "out" / "profile.csv").read_text().splitlines()
+            assert len(rows) == 2 and rows[1].startswith("a,")
+            raise KeyboardInterrupt
+        return Measurement(OK, 2**30, 2**30 + 1, 2**30, 2**30 + 2, env)
+
+    monkeypatch.setattr(profiler, "require_cuda", lambda: None)
+    monkeypatch.setattr(profiler, "environment", lambda device="cuda": env)
+    monkeypatch.setattr(profiler, "profile", fake_profile)
+    grid = tmp_path / "g.yaml"
+    entries = "  - {name: a, overrides: []}\n  - {name: b, overrides: [training.batch_size=2]}\n"
+    grid.write_text(f"base: {TINY}\nconfigs:\n{entries}")
+    assert main(["profile", "--grid", str(grid), "--out", str(tmp_path / "out")]) == 130
+    (row,) = list(csv.DictReader((tmp_path / "out" / "profile.csv").open()))
+    planned = plan(compose([], TINY), gpu)
+    assert row["verdict"] == planned.verdict == "fits" and row["status"] == OK and row["steady_gib"] == "1.00"
+    assert float(row["planned_reserved_gib"]) == pytest.approx(planned.reserved_bytes / 2**30, abs=0.005)
+    assert float(row["band_high_gib"]) == pytest.approx(planned.band_bytes[-1] / 2**30, abs=0.005)

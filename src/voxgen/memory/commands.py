@@ -47,7 +47,11 @@ def run_plan(args) -> int:
         f"  {'peak':12s} {result.peak_bytes / GiB:8.2f} GiB  ({result.peak_phase}: {result.peak_module or '-'}); "
         f"first step {result.peak_bytes_first_step / GiB:.2f} GiB"
     )
-    print(f"  {'reserved':12s} {result.reserved_bytes / GiB:8.2f} GiB  (caching allocator with fragmentation)")
+    if result.required_bytes < result.peak_bytes:
+        note = "cuDNN's smallest workspaces; larger ones where memory allows"
+        print(f"  {'required':12s} {result.required_bytes / GiB:8.2f} GiB  ({note})")
+    note = "caching allocator with fragmentation, required workspaces"
+    print(f"  {'reserved':12s} {result.reserved_bytes / GiB:8.2f} GiB  ({note})")
     low, expected, high = (b / GiB for b in result.band_bytes)
     print(f"  {'band':12s} {low:.2f} / {expected:.2f} / {high:.2f} GiB reserved (low / expected / high: {result.error_class})")
     print(
@@ -148,10 +152,15 @@ def run_profile(args) -> int:
         out["params"] = planned.params if planned else None
         out["planned_peak_bytes"] = planned.peak_bytes if planned else None
         out["planned_peak_bytes_first_step"] = planned.peak_bytes_first_step if planned else None
+        out["planned_required_bytes"] = planned.required_bytes if planned else None
         print(json.dumps(out))
         return 0
     env = m.environment
     print(f"{cfg.model.name} on {env['gpu']} (torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}): {m.status}")
+
+    def versus(planned_bytes, measured) -> str:
+        return f"{planned_bytes / GiB:.2f} GiB ({100 * (planned_bytes - measured) / measured:+.1f}%)"
+
     for label, alloc, reserved, pred in (
         ("first step", m.first_allocated, m.first_reserved, planned and planned.peak_bytes_first_step),
         ("steady step", m.steady_allocated, m.steady_reserved, planned and planned.peak_bytes),
@@ -159,7 +168,9 @@ def run_profile(args) -> int:
         if alloc is None:
             print(f"  {label:12s} -")
             continue
-        vs = f"; planned {pred / GiB:.2f} GiB ({100 * (pred - alloc) / alloc:+.1f}%)" if pred else ""
+        vs = f"; planned {versus(pred, alloc)}" if pred else ""
+        if planned and label == "steady step" and planned.required_bytes < planned.peak_bytes:
+            vs += f", required {versus(planned.required_bytes, alloc)}"
         print(f"  {label:12s} {alloc / GiB:8.2f} GiB allocated, {reserved / GiB:.2f} GiB reserved{vs}")
     return 0
 
@@ -167,24 +178,37 @@ def run_profile(args) -> int:
 def _profile_grid(args) -> int:
     from voxgen.memory.grid import load_grid, resolve, run_grid
     from voxgen.memory.planner import GiB, plan
-    from voxgen.memory.profiler import profile, require_cuda
+    from voxgen.memory.profiler import environment, profile, require_cuda
     from voxgen.memory.tables import PROFILE_COLUMNS, Row, write_tables
     from voxgen.reports.memory_chart import save_memory_chart
 
     grid, items = load_grid(args.grid)
     resolved = resolve(grid, items, args.overrides)
     require_cuda()
+    env = environment()
+    out = _grid_out(args)
+    notes = [
+        f"Measured by `voxgen profile --grid {args.grid}` on {env['gpu']} ({env['gpu_memory_bytes'] / GiB:.1f} GiB), "
+        f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, cudnn.benchmark={env['cudnn_benchmark']}: "
+        "max_memory_allocated / max_memory_reserved of the first (fresh optimiser) and the steady step; "
+        "error = planned vs measured; planned reserved, band top and verdict are the planner's for this GPU."
+    ]
 
     def work(item) -> Row:
-        planned = None if args.no_plan else plan(item.cfg)
+        # Judged against the GPU it runs on: the verdict is then checked by the measurement.
+        planned = None if args.no_plan else plan(item.cfg, env["gpu_memory_bytes"])
         m = profile(item.cfg)
         return Row(
             config=item.entry.name,
             network=item.network,
             series=item.series,
-            gpu_memory_bytes=m.environment.get("gpu_memory_bytes"),
+            gpu_memory_bytes=env["gpu_memory_bytes"],
             planned_first=planned and planned.peak_bytes_first_step,
             planned_steady=planned and planned.peak_bytes,
+            planned_required=planned and planned.required_bytes,
+            planned_reserved=planned and planned.reserved_bytes,
+            band_high=planned and planned.band_bytes[-1],
+            verdict=planned.verdict if planned else "",
             measured_first=m.first_allocated,
             measured_steady=m.steady_allocated,
             reserved_first=m.first_reserved,
@@ -193,16 +217,11 @@ def _profile_grid(args) -> int:
             environment=m.environment,
         )
 
-    rows, seconds = run_grid(resolved, work, "profiling", str(grid.path))
-    env = rows[0].environment
-    out = _grid_out(args)
-    notes = [
-        f"Measured by `voxgen profile --grid {args.grid}` on {env['gpu']} ({env['gpu_memory_bytes'] / GiB:.1f} GiB), "
-        f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, cudnn.benchmark={env['cudnn_benchmark']}: "
-        "max_memory_allocated / max_memory_reserved of the first (fresh optimiser) and the steady step; "
-        "error = planned vs measured."
-    ]
-    csv_path, md_path = write_tables(rows, out, "profile", PROFILE_COLUMNS, grid.title, notes)
+    def save(rows) -> tuple[Path, Path]:
+        return write_tables(rows, out, "profile", PROFILE_COLUMNS, grid.title, notes)
+
+    rows, seconds = run_grid(resolved, work, "profiling", str(grid.path), on_row=save)
+    csv_path, md_path = save(rows)
     chart = save_memory_chart(out / "profile.png", rows, env["gpu_memory_bytes"], f"{grid.title} (measured)")
     ooms = sum(r.status != "OK" for r in rows)
     print(f"profiled {len(rows)} configurations in {seconds:.1f} s ({ooms} OOM) on {env['gpu']}; {md_path}, {csv_path}, {chart}")

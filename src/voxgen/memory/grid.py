@@ -194,15 +194,15 @@ def load_grid(path: str | Path) -> tuple[Grid, list[tuple[GridEntry, bool]]]:
 
 
 def describe(cfg) -> Network:
-    """Build the config's parts on the meta device (no memory) -> what the network is.
+    """Build the config's task on the meta device (no memory) -> what the network is.
 
     Raises the model's ConfigError for configs it cannot build (shape not divisible, ...).
     """
-    from voxgen.diffusion.parts import build_parts
     from voxgen.models.transformer import PatchEmbed
+    from voxgen.tasks import build_task
 
     with torch.device("meta"):
-        parts = build_parts(cfg, "meta")
+        parts = build_task(cfg, "meta")
     net = parts.network
     patch = next((m.proj.kernel_size[0] for m in parts.model.modules() if isinstance(m, PatchEmbed)), None)
     return Network(
@@ -277,11 +277,18 @@ def plan_row(item: Resolved, gpu_memory_bytes: int) -> Row:
 
 
 def run_grid(
-    items: Sequence[Resolved], work: Callable[[Resolved], Row], label: str, where: str, progress: bool = True
+    items: Sequence[Resolved],
+    work: Callable[[Resolved], Row],
+    label: str,
+    where: str,
+    progress: bool = True,
+    on_row: Callable[[list[Row]], None] | None = None,
 ) -> tuple[list[Row], float]:
     """`work` on every resolved entry with a progress bar (stderr); rows and wall seconds.
 
-    A ConfigError raised while working on an entry is re-raised naming the entry.
+    `on_row(rows so far)` is called after each entry (to write partial tables: a long grid that is
+    stopped keeps what it measured). A ConfigError raised while working on an entry is re-raised
+    naming the entry.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -297,5 +304,7 @@ def run_grid(
                 rows.append(work(item))
             except ConfigError as exc:
                 raise ConfigError(f"{where}: entry {item.entry.name!r}: {exc}") from None
+            if on_row is not None:
+                on_row(rows)
             bar.advance(task)
     return rows, time.perf_counter() - start

@@ -107,19 +107,21 @@ def measure(stages: Sequence[tuple[str, Callable[[], None], bool]], memory) -> t
     return (OK if failed is None else f"OOM ({failed})"), peaks
 
 
-def profile(cfg, device: torch.device | str = "cuda", memory=None) -> Measurement:
-    """Measure the first and the steady training step of `cfg` on `device`; see the module docstring."""
-    from voxgen.tasks import build_task
-    from voxgen.training.step import make_optimizer, train_step
+class TrainingStep:
+    """The trainer's step of `cfg` on `device`, set up as the profiler measures it: `build()`
+    creates the task on the device, its optimiser and a random batch of the planner's shapes;
+    each call runs one `train_step`; `close()` drops all of it."""
 
-    device = torch.device(device)
-    if device.type == "cuda":
-        require_cuda()
-    memory = memory or CudaMemory(device)
-    env = environment(device) if device.type == "cuda" else {}
-    state: dict = {}
+    def __init__(self, cfg, device: torch.device | str = "cuda"):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.state: dict = {}
 
-    def build():
+    def build(self) -> None:
+        from voxgen.tasks import build_task
+        from voxgen.training.step import make_optimizer
+
+        cfg, device, state = self.cfg, self.device, self.state
         torch.manual_seed(cfg.run.seed)
         with device:  # weights are created on the GPU, not copied there from host memory
             state["parts"] = parts = build_task(cfg, device)
@@ -134,21 +136,39 @@ def profile(cfg, device: torch.device | str = "cuda", memory=None) -> Measuremen
         items = [{**{m: t[i] for m, t in batch.items()}, "case": f"random_{i}"} for i in range(cfg.training.batch_size)]
         state["parts"].prepare(items, items)
 
-    def step():
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.state["parts"].model
+
+    def __call__(self) -> None:
+        from voxgen.training.step import train_step
+
         train_step(
-            state["parts"],
-            state["optimizer"],
-            state["batch"],
-            state["generator"],
-            cfg.training.grad_clip,
-            step=cfg.training.steps,
+            self.state["parts"],
+            self.state["optimizer"],
+            self.state["batch"],
+            self.state["generator"],
+            self.cfg.training.grad_clip,
+            step=self.cfg.training.steps,
         )
 
+    def close(self) -> None:
+        self.state.clear()
+
+
+def profile(cfg, device: torch.device | str = "cuda", memory=None) -> Measurement:
+    """Measure the first and the steady training step of `cfg` on `device`; see the module docstring."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        require_cuda()
+    memory = memory or CudaMemory(device)
+    env = environment(device) if device.type == "cuda" else {}
+    step = TrainingStep(cfg, device)
     memory.release()
     try:
-        status, peaks = measure([("build", build, False), ("first step", step, True), ("steady step", step, True)], memory)
+        status, peaks = measure([("build", step.build, False), ("first step", step, True), ("steady step", step, True)], memory)
     finally:
-        state.clear()
+        step.close()
         memory.release()
     first = peaks.get("first step", (None, None))
     steady = peaks.get("steady step", (None, None))

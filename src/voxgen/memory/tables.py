@@ -47,6 +47,12 @@ PROFILE_COLUMNS = NETWORK_COLUMNS + [
     "planned_steady_gib",
     "error_first_pct",
     "error_steady_pct",
+    "planned_required_gib",
+    "error_required_pct",
+    "planned_reserved_gib",
+    "band_high_gib",
+    "verdict",
+    "gpu_gib",
     "gpu",
     "torch",
     "cudnn",
@@ -77,6 +83,10 @@ _LABELS = {
     "planned_steady_gib": "planned steady GiB",
     "error_first_pct": "error first",
     "error_steady_pct": "error steady",
+    "planned_required_gib": "planned required GiB",
+    "error_required_pct": "error required",
+    "planned_reserved_gib": "planned reserved GiB",
+    "band_high_gib": "band top GiB",
 }
 # Columns left out of the Markdown table (constant over a table: said once above it).
 _MARKDOWN_SKIP = {"gpu", "torch", "cudnn"}
@@ -122,6 +132,9 @@ class Row:
     planned_first: int | None = None
     planned_steady: int | None = None
     verdict: str = ""  # the planner's: fits, tight, does not fit
+    planned_required: int | None = None  # the planner's need with cuDNN's smallest workspaces
+    planned_reserved: int | None = None  # the planner's reserved memory of the steady step
+    band_high: int | None = None  # top of the planner's band (what `fit` judges)
     peak_phase: str = ""
     peak_module: str = ""
     measured_first: int | None = None
@@ -157,6 +170,10 @@ class Row:
             "status": self.status,
             "planned_first_gib": _gib(self.planned_first),
             "planned_steady_gib": _gib(self.planned_steady),
+            "planned_required_gib": _gib(self.planned_required),
+            "error_required_pct": _error(self.planned_required, self.measured_steady),
+            "planned_reserved_gib": _gib(self.planned_reserved),
+            "band_high_gib": _gib(self.band_high),
             "error_first_pct": _error(self.planned_first, self.measured_first),
             "error_steady_pct": _error(self.planned_steady, self.measured_steady),
             "gpu": self.environment.get("gpu", ""),
@@ -213,7 +230,7 @@ def to_markdown(rows: Iterable[Row], columns: Sequence[str], title: str = "", no
         rec["D,H,W"] = f"{rec['D']},{rec['H']},{rec['W']}"
         for key in ("tokens", "voxels"):
             rec[key] = f"{int(rec[key]):,}" if rec[key] else "-"
-        for key in ("error_first_pct", "error_steady_pct"):
+        for key in ("error_first_pct", "error_steady_pct", "error_required_pct"):
             rec[key] = f"{rec[key]}%" if rec[key] else "-"
         lines.append("| " + " | ".join(rec[c].replace("|", "/") or "-" for c in cols) + " |")
     return "\n".join(lines) + "\n"

@@ -61,14 +61,17 @@ class AllocationTracker(TorchDispatchMode):
     """Live bytes and the peak of everything allocated on meta tensors while active.
 
     `transient(nbytes, where)` counts a buffer that is not a tensor (a cuDNN workspace) as
-    allocated and freed at once: it can only raise the peak. `on_op(tracker, func, args, out)` is
-    called after each op (where such allowances are added).
+    allocated and freed at once: it can only raise the peak. A kernel that prefers a larger
+    buffer but runs with `nbytes` when the allocator cannot give more (cuDNN's convolutions)
+    passes `preferred=`: that raises only `preferred_peak`, the peak of a GPU with room for it.
+    `on_op(tracker, func, args, out)` is called after each op (where such allowances are added).
     """
 
     def __init__(self, on_op=None):
         super().__init__()
         self.live = 0
         self.peak = Peak()
+        self.preferred_peak = Peak()  # with every kernel's preferred workspace (>= peak)
         self.phase = "forward"
         self.log: list[tuple[int, int]] = []  # (allocation id, signed bytes)
         self.allocations: dict[int, _Allocation] = {}
@@ -97,7 +100,10 @@ class AllocationTracker(TorchDispatchMode):
     def storage_id(self, t: torch.Tensor) -> int | None:
         return self._ids.get(t.untyped_storage()._cdata) if isinstance(t, torch.Tensor) else None
 
-    def transient(self, nbytes: int, where: str, attention_tokens: int = 0) -> None:
+    def transient(self, nbytes: int, where: str, attention_tokens: int = 0, preferred: int = 0) -> None:
+        preferred = block_bytes(max(preferred, nbytes))
+        if self.live + preferred > self.preferred_peak.bytes:
+            self.preferred_peak = Peak(self.live + preferred, self.phase, where, len(self.log))
         nbytes = block_bytes(nbytes)
         if nbytes:
             # Logged as an allocation and its release, so the allocator replay sees the request.
@@ -121,6 +127,8 @@ class AllocationTracker(TorchDispatchMode):
             self.phase_peaks[self.phase] = self.live
         if self.live > self.peak.bytes:
             self.peak = Peak(self.live, self.phase, self._where(), len(self.log))
+        if self.live > self.preferred_peak.bytes:
+            self.preferred_peak = Peak(self.live, self.phase, self._where(), len(self.log))
 
     def _where(self) -> str:
         if self.phase == "backward":
@@ -141,6 +149,7 @@ class AllocationTracker(TorchDispatchMode):
 
     def reset_peak(self) -> None:
         self.peak = Peak(self.live, self.phase, self._where(), len(self.log))
+        self.preferred_peak = self.peak
         self.phase_peaks = {}
 
     # -- dispatch -------------------------------------------------------------------------
