@@ -103,6 +103,27 @@ def test_vq_code_only_holds_codebook_vectors_and_encode_leaves_the_codebook():
     assert not torch.equal(ae.quantizer.embedding.weight, codebook)
 
 
+def test_vq_codebook_starts_on_encodings_and_dead_codes_come_back_instead_of_blowing_up():
+    """MONAI's EMA update divides a code's running sum by its cluster size plus ~epsilon: a code no
+    encoding picks grew to norms of ~1e5 and stayed dead (the cohort VQ-VAE used 1 code of 512). The
+    first training forward puts every code on an encoding of the batch, and codes that fall out of
+    use are put back on one."""
+    ae = _build("vqvae")
+    x = _volume(batch=1)
+    ae(x, torch.Generator().manual_seed(0))
+    encodings = ae.net.encode(x).detach().movedim(1, -1).reshape(-1, ae.latent_channels)
+    codebook = ae.quantizer.embedding.weight
+    # Every code is one of the batch's encodings (the EMA step moved it by 1% towards its cluster's mean).
+    near = torch.cdist(codebook, encodings).min(dim=1).values
+    assert near.max() < 0.05 * encodings.norm(dim=1).max()
+    # The same input for many steps: most codes fall out of use; they must stay near the data.
+    for step in range(600):
+        ae(x, torch.Generator().manual_seed(step))
+    norms = ae.quantizer.embedding.weight.norm(dim=1)
+    assert norms.max() < 2 * encodings.norm(dim=1).max()
+    assert (ae.quantizer.ema_cluster_size >= autoencoders.VQ_DEAD_CODE_SIZE).all()
+
+
 def test_vq_loss_is_the_commitment_term():
     ae = _build("vqvae", **{"autoencoder.commitment_cost": 0.5})
     ae.eval()  # no EMA move, so the code below is the one forward used
