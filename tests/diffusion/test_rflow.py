@@ -83,6 +83,8 @@ def test_modes_split_and_channels():
     x0, cond = MODES["seg"].split(batch)
     assert cond is None and torch.equal(x0, batch["seg"])
     assert MODES["seg"].channels(PixelSpace()) == (1, 1)
+    x0, cond = MODES["bravo_uncond"].split(batch)
+    assert cond is None and torch.equal(x0, batch["bravo"]) and MODES["bravo_uncond"].channels(PixelSpace()) == (1, 1)
 
 
 def test_monai_rectified_flow_uses_the_same_interpolant_and_the_opposite_velocity():

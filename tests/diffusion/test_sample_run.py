@@ -70,3 +70,20 @@ def test_a_sample_depends_on_its_seed_not_on_the_batch(phantom_root, tmp_path):
     alone = generate(parts, [6], cond[1:2], solver=parse_solver("euler:3"), batch_size=1).volumes
     assert torch.allclose(three[1], alone[0], atol=1e-5)
     assert not torch.allclose(three[1], three[2], atol=1e-3)
+
+
+def test_bravo_uncond_plans_trains_and_samples_bravo_alone(phantom_root, tmp_path, capsys):
+    """Stage 1 of the ControlNet recipe: BRAVO without a condition, 1 -> 1 channels."""
+    import json
+
+    common = [*TINY, "mode=bravo_uncond", f"data.root={phantom_root}"]
+    assert main(["plan", "--json", *common]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert (planned["in_channels"], planned["out_channels"]) == (1, 1)
+    run = tmp_path / "run"
+    assert main(["train", *common, f"run.dir={run}"]) == 0
+    assert main(["sample", "--run", str(run), "--num", "1", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
+    written = sorted(p.name for p in (tmp_path / "s").glob("*.nii.gz"))
+    assert written == ["sample_000_bravo.nii.gz"]
+    # Guidance needs a condition to drop: refused in one line.
+    assert main(["sample", "--run", str(run), "--guidance-scale", "2", "--out", str(tmp_path / "g")]) == 2

@@ -141,3 +141,24 @@ def test_checkpoints_follow_the_config_keys(phantom_root, tmp_path):
         state = store.read_state(folder)
         # The latest validation record at the time of the save.
         assert state["metrics"] == [h for h in result.history if h["step"] <= state["step"]][-1]
+
+
+def test_ema_copies_until_ema_start_then_moves_every_ema_update_every_steps(phantom_root, tmp_path, monkeypatch):
+    """The seeds' EMA recipe (update after 100 steps, every 10), at test size: start 2, every 3."""
+    from voxgen.training.ema import EMA
+
+    calls = []
+    for name in ("reset", "update"):
+        real = getattr(EMA, name)
+        monkeypatch.setattr(EMA, name, lambda self, model, real=real, name=name: (calls.append(name), real(self, model))[1])
+    extra = ["training.steps=8", "training.val_every=8", "training.ema_start=2", "training.ema_update_every=3"]
+    train(_cfg(phantom_root, tmp_path / "run", *extra), _quiet())
+    # Steps 1-2 copy the weights; then steps 5 and 8 move the average.
+    assert calls == ["reset", "reset", "update", "update"]
+
+
+def test_ema_update_every_below_one_is_refused():
+    from voxgen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"training.ema_update_every=0"):
+        compose([], [*TINY, "training.ema_update_every=0"])

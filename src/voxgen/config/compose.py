@@ -387,6 +387,7 @@ def _check_counts(cfg: DictConfig) -> None:
             "training.val_batches": t.val_batches,
             "training.checkpoint_every": t.checkpoint_every,
             "training.log_every": t.log_every,
+            "training.ema_update_every": t.ema_update_every,
             "sample.steps": cfg.sample.steps,
             "model.num_head_channels": cfg.model.num_head_channels,
             "model.norm_num_groups": cfg.model.norm_num_groups,

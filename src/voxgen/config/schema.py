@@ -118,8 +118,12 @@ class TrainingConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    # Until this step the EMA copies the weights, so early samples are not dominated by init.
+    # Until this step the EMA copies the weights, so early samples are not dominated by init
+    # (the `update_after_step` of the seeds' EMA recipe).
     ema_start: int = 0
+    # After ema_start, the EMA moves every this many steps, by ema_decay each time (the seeds'
+    # recipe: decay 0.9999, update after 100 steps, every 10).
+    ema_update_every: int = 1
     val_every: int = 100
     # Validation batches are drawn with this fixed seed so the curve compares like with like.
     val_batches: int = 4
@@ -127,6 +131,9 @@ class TrainingConfig:
     log_every: int = 10
     # Probability of dropping the conditions (zeroed) in a training step, for classifier-free guidance.
     cond_dropout: float = 0.0
+    # Min-SNR-gamma loss weighting (Hang et al. 2023; the paper uses 5): the loss, read as an error
+    # on x0, is weighted by min(SNR(t), gamma) per sample (docs/training.md). 0 = off.
+    min_snr_gamma: float = 0.0
     # Slice mosaic of a sample written to TensorBoard every N steps (0 = only at the end).
     mosaic_every: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -134,11 +141,14 @@ class TrainingConfig:
 
 @dataclass
 class DDPMConfig:
-    # Discrete-time DDPM (Ho et al. 2020): the model predicts the noise eps.
+    # Discrete-time DDPM (Ho et al. 2020).
     num_timesteps: int = 1000
     schedule: str = "linear"  # linear | cosine (Nichol & Dhariwal 2021)
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    # What the network predicts: eps (the noise, Ho et al.) | v (sqrt(ab) eps - sqrt(1 - ab) x0,
+    # Salimans & Ho 2022) | x0 (the data).
+    prediction: str = "eps"
 
 
 @dataclass

@@ -3,10 +3,14 @@
 They keep voxgen's sampler signature `(model, x, timesteps, *, cond, generator, callback)`
 and take the noise schedule as one more keyword, `alphas_cumprod` ((T,) float64, from
 `voxgen.diffusion.strategies.DDPM`), bound by `voxgen.diffusion.samplers.prepare` because
-it has no default (a sampler's keywords with defaults are its options). The schedule is data, not state: the samplers stay pure.
+it has no default (a sampler's keywords with defaults are its options), and what the network
+predicts, `prediction` (`ddpm.prediction`: eps, v or x0), which `prepare` binds from the
+strategy too (its default, eps, keeps direct calls short; it is not a user setting). The
+schedule is data, not state: the samplers stay pure.
 
-- `model(x, t, cond)` returns the predicted noise eps for x (B, C, D, H, W) at timestep
-  indices t (B,) (the network sees the index itself as its time).
+- `model(x, t, cond)` returns the prediction (eps, v or x0) for x (B, C, D, H, W) at timestep
+  indices t (B,) (the network sees the index itself as its time); `_eps_and_x0` turns it
+  into (eps, x0), the one place that knows the prediction types.
 - `timesteps` is a float64 tensor of decreasing indices from `ddpm_grid`, ending with -1,
   which stands for clean data (alpha_bar = 1). A sampler takes one step per interval and
   evaluates the model once per step.
@@ -44,14 +48,34 @@ def _alpha_bar(alphas_cumprod: list[float], index: float) -> float:
     return 1.0 if index < 0 else alphas_cumprod[int(index)]
 
 
-def _eps_and_x0(model, x, index: float, ab: float, cond) -> tuple[torch.Tensor, torch.Tensor]:
+def _eps_and_x0(model, x, index: float, ab: float, cond, prediction: str = "eps") -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps, x0) at timestep `index` from the model's output, which is `prediction`:
+    with alpha = sqrt(ab), sigma = sqrt(1 - ab) and x = alpha x0 + sigma eps,
+        eps: x0 = (x - sigma eps) / alpha
+        x0:  eps = (x - alpha x0) / sigma
+        v = alpha eps - sigma x0:  x0 = alpha x - sigma v,  eps = sigma x + alpha v."""
     t = torch.full((x.shape[0],), index, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-    eps = model(x, t, cond).to(x.dtype)
-    return eps, (x - math.sqrt(1.0 - ab) * eps) / math.sqrt(ab)
+    out = model(x, t, cond).to(x.dtype)
+    if prediction == "eps":
+        return out, (x - math.sqrt(1.0 - ab) * out) / math.sqrt(ab)
+    alpha, sigma = math.sqrt(ab), math.sqrt(1.0 - ab)
+    if prediction == "x0":
+        return (x - alpha * out) / sigma, out
+    if prediction == "v":
+        return sigma * x + alpha * out, alpha * x - sigma * out
+    raise ValueError(f"prediction={prediction!r} is not one of eps, v, x0")
 
 
 def ddpm(
-    model, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generator=None, callback=None, alphas_cumprod: torch.Tensor
+    model,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    cond=None,
+    generator=None,
+    callback=None,
+    alphas_cumprod: torch.Tensor,
+    prediction: str = "eps",
 ) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020): x_s ~ q(x_s | x_t, x0_hat), the Gaussian posterior
     with variance (1 - ab_s) / (1 - ab_t) * beta. On a subsequence of the schedule beta is the
@@ -60,7 +84,7 @@ def ddpm(
     grid = timesteps.tolist()
     for i in range(len(grid) - 1):
         ab_t, ab_s = _alpha_bar(ab, grid[i]), _alpha_bar(ab, grid[i + 1])
-        _, x0 = _eps_and_x0(model, x, grid[i], ab_t, cond)
+        _, x0 = _eps_and_x0(model, x, grid[i], ab_t, cond, prediction)
         beta = 1.0 - ab_t / ab_s
         mean = (math.sqrt(ab_s) * beta / (1.0 - ab_t)) * x0 + (math.sqrt(1.0 - beta) * (1.0 - ab_s) / (1.0 - ab_t)) * x
         variance = (1.0 - ab_s) / (1.0 - ab_t) * beta
@@ -79,6 +103,7 @@ def ddim(
     generator=None,
     callback=None,
     alphas_cumprod: torch.Tensor,
+    prediction: str = "eps",
     eta: float = 0.0,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12): x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps + sigma z
@@ -88,7 +113,7 @@ def ddim(
     grid = timesteps.tolist()
     for i in range(len(grid) - 1):
         ab_t, ab_s = _alpha_bar(ab, grid[i]), _alpha_bar(ab, grid[i + 1])
-        eps, x0 = _eps_and_x0(model, x, grid[i], ab_t, cond)
+        eps, x0 = _eps_and_x0(model, x, grid[i], ab_t, cond, prediction)
         sigma = eta * math.sqrt((1.0 - ab_s) / (1.0 - ab_t) * (1.0 - ab_t / ab_s))
         x = math.sqrt(ab_s) * x0 + math.sqrt(max(1.0 - ab_s - sigma**2, 0.0)) * eps
         if sigma > 0:
@@ -99,7 +124,15 @@ def ddim(
 
 
 def dpmpp_2m(
-    model, x: torch.Tensor, timesteps: torch.Tensor, *, cond=None, generator=None, callback=None, alphas_cumprod: torch.Tensor
+    model,
+    x: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    cond=None,
+    generator=None,
+    callback=None,
+    alphas_cumprod: torch.Tensor,
+    prediction: str = "eps",
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", algorithm 2): a second-order multistep
     solver of the diffusion ODE in the data-prediction form, in log-SNR time
@@ -114,7 +147,7 @@ def dpmpp_2m(
     x0_prev, h_prev = None, None
     for i in range(len(grid) - 1):
         ab_t, ab_s = _alpha_bar(ab, grid[i]), _alpha_bar(ab, grid[i + 1])
-        _, x0 = _eps_and_x0(model, x, grid[i], ab_t, cond)
+        _, x0 = _eps_and_x0(model, x, grid[i], ab_t, cond, prediction)
         if ab_s >= 1.0:
             x = x0  # sigma_s = 0: the data-prediction update lands on x0 exactly
         else:

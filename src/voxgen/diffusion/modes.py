@@ -57,6 +57,9 @@ def drop_conditions(cond: torch.Tensor, probability: float, generator: torch.Gen
 MODES = {
     "bravo": Mode("bravo", ("bravo",), ("seg",), "generate the BRAVO image given the tumour mask"),
     "seg": Mode("seg", ("seg",), (), "generate tumour masks unconditionally"),
+    # Stage 1 of the seeds' ControlNet recipe: a BRAVO model without a condition, to which a
+    # ControlNet adds the mask afterwards.
+    "bravo_uncond": Mode("bravo_uncond", ("bravo",), (), "generate the BRAVO image unconditionally"),
     # The seeds' name for bravo in a latent space: the BRAVO code generated from the mask's code
     # (8 -> 4 channels with a 4-channel latent). The same mode as bravo, under the name their
     # configs and scripts use.

@@ -120,8 +120,8 @@ class Parts:
         return self.strategy.loss(*prediction_and_target(self, batch, generator))
 
     def evaluate(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        prediction, target = prediction_and_target(self, batch, generator)
-        return self.strategy.loss(prediction, target), prediction, target
+        prediction, target, t = prediction_and_target(self, batch, generator)
+        return self.strategy.loss(prediction, target, t), prediction, target
 
     def preview(self, batch: dict, seed: int) -> list[np.ndarray]:
         """[a sample for the first item's conditions, the real case]: first generated modality, (D, H, W)."""
@@ -156,9 +156,12 @@ def already_encoded(batch: dict) -> dict:
     return batch
 
 
-def prediction_and_target(parts: Parts, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def prediction_and_target(
+    parts: Parts, batch: dict, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The network's prediction for one batch {modality: (B, 1, D, H, W)} and the strategy's
-    target for it, both (B, C, D', H', W') in the model's space; noise and times from `generator`.
+    target for it, both (B, C, D', H', W') in the model's space, and the training times (B,)
+    they were drawn at (for a loss weighted per sample); noise and times from `generator`.
 
     In training mode, conditions are replaced by the null condition with probability
     `parts.strategy.cond_dropout` per sample (classifier-free guidance); evaluation mode keeps
@@ -173,7 +176,7 @@ def prediction_and_target(parts: Parts, batch: dict, generator: torch.Generator 
     x_t = parts.strategy.interpolate(z0, noise, t)
     with parts.autocast(z0.device):
         prediction = parts.model(parts.mode.model_input(x_t, cond), parts.strategy.model_time(t))
-    return prediction, parts.strategy.target(z0, noise)
+    return prediction, parts.strategy.target(z0, noise, t), t
 
 
 def require_data_channels(cfg) -> None:

@@ -35,8 +35,9 @@ from voxgen.errors import ConfigError
 
 # ---- registry and specs ---------------------------------------------------------------------
 
-# Keywords every sampler takes that are not settings a user chooses.
-_CALL_KEYWORDS = ("cond", "generator", "callback")
+# Keywords every sampler takes that are not settings a user chooses; `prediction` (what a DDPM
+# network predicts) has a default but is bound from the strategy by `prepare`, as the schedule is.
+_CALL_KEYWORDS = ("cond", "generator", "callback", "prediction")
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Sampler:
 
     The sampler's settings are its keyword arguments with defaults (k-diffusion's convention),
     read from its signature; keywords without a default are bound from the strategy by
-    `prepare` (the DDPM schedule). `value` names what `NAME:VALUE` sets: `steps` (the grid's
+    `prepare` (the DDPM schedule), and so is `prediction`. `value` names what `NAME:VALUE` sets: `steps` (the grid's
     intervals) or `tolerance` (adaptive solvers, a keyword of theirs). `aliases` gives short
     text names to keywords (`k` for `restarts`). `check(settings)` returns what is wrong with a
     combination of settings, or None. `evals_per_step`: network evaluations per step without
@@ -284,6 +285,7 @@ def prepare(spec: SolverSpec, strategy) -> tuple[Callable, torch.Tensor]:
     keywords = {k: v for k, v in settings.items() if k not in ("steps", "shift")}
     if entry.strategy == "ddpm":
         keywords["alphas_cumprod"] = strategy.alphas_cumprod
+        keywords["prediction"] = strategy.prediction
         grid = ddpm_samplers.ddpm_grid(settings["steps"], strategy.num_timesteps)
     elif entry.value == "tolerance":
         grid = time_grid(1)  # adaptive solvers use only the end points

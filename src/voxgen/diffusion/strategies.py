@@ -6,6 +6,10 @@ Rectified flow (voxgen's convention, never flipped; see docs/conventions.md):
     x_t = (1 - t) x0 + t * noise,  t in [0, 1], t = 0 is data,
     the model predicts the velocity  v = noise - x0  and sees model time 1000 t;
     sampling integrates dx/dt = v from t = 1 (noise) to t = 0 (data).
+
+DDPM predicts eps, v or x0 (`ddpm.prediction`). Either strategy can weight its loss per sample
+with min-SNR-gamma (Hang et al. 2023, `training.min_snr_gamma`, 0 = off): the weight makes the
+loss, read as an error on x0, weigh min(SNR(t), gamma); docs/training.md derives each weight.
 """
 
 from __future__ import annotations
@@ -34,14 +38,30 @@ class Strategy(Protocol):
     def interpolate(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t of data x0 (B, C, D, H, W) and noise of the same shape at times t (B,)."""
 
-    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """What the network is trained to predict."""
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """What the network is trained to predict for x0 and noise at times t (B,) (a target that
+        does not depend on time, such as eps or the flow's velocity, needs no t)."""
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) times as the network sees them."""
 
-    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Scalar loss."""
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """Scalar float32 loss; t (B,), the training times, for a loss weighted per sample."""
+
+
+def _check_min_snr_gamma(gamma: float) -> float:
+    if not gamma >= 0:
+        raise ConfigError(f"training.min_snr_gamma={gamma} must be at least 0 (0 disables min-SNR weighting; the paper uses 5)")
+    return float(gamma)
+
+
+def mse(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 scalar: the mean squared error, or with `weight` (B,) the batch mean of weight
+    times each sample's mean squared error (for equal weights 1 the same number up to rounding)."""
+    if weight is None:
+        return torch.mean((prediction.float() - target.float()) ** 2)
+    per_sample = ((prediction.float() - target.float()) ** 2).flatten(1).mean(dim=1)  # (B,)
+    return torch.mean(weight.to(per_sample.device, torch.float32) * per_sample)
 
 
 class RectifiedFlow:
@@ -52,12 +72,18 @@ class RectifiedFlow:
     model_time_scale = 1000.0
 
     def __init__(
-        self, time_sampling: str = "logit-normal", logit_mean: float = 0.0, logit_std: float = 1.0, cond_dropout: float = 0.0
+        self,
+        time_sampling: str = "logit-normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        cond_dropout: float = 0.0,
+        min_snr_gamma: float = 0.0,
     ):
         self.time_sampling = time_sampling
         self.logit_mean = logit_mean
         self.logit_std = logit_std
         self.cond_dropout = cond_dropout
+        self.min_snr_gamma = _check_min_snr_gamma(min_snr_gamma)
 
     def sample_time(self, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
         """(B,) times in (0, 1): uniform, or logit-normal (Esser et al. 2024), which favours mid times."""
@@ -70,14 +96,31 @@ class RectifiedFlow:
         t = append_dims(t, x0.ndim).to(x0.dtype)
         return (1.0 - t) * x0 + t * noise
 
-    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         return noise - x0
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         return t * self.model_time_scale
 
-    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return torch.mean((prediction.float() - target.float()) ** 2)
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) float64 signal-to-noise ratio ((1 - t) / t)^2 of x_t at times t."""
+        t = t.double()
+        return ((1.0 - t) / t) ** 2
+
+    def min_snr_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) float64 min-SNR-gamma weight of the velocity error at times t.
+
+        x0_hat = x_t - t v_hat, so |x0 - x0_hat|^2 = t^2 |v - v_hat|^2; the velocity loss
+        weighted by t^2 min(SNR, gamma) is the x0 loss weighted by min(SNR, gamma). With
+        SNR = ((1 - t) / t)^2 that is min((1 - t)^2, gamma t^2), finite at t = 0 and t = 1.
+        """
+        t = t.double()
+        return torch.minimum((1.0 - t) ** 2, self.min_snr_gamma * t**2)
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        if self.min_snr_gamma == 0:
+            return mse(prediction, target)
+        return mse(prediction, target, self.min_snr_weight(_times(t)))
 
 
 def ddpm_betas(num_timesteps: int, schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -94,10 +137,29 @@ def ddpm_betas(num_timesteps: int, schedule: str = "linear", beta_start: float =
     raise ConfigError(f"ddpm.schedule={schedule!r} is not one of linear, cosine")
 
 
+def _times(t: torch.Tensor | None) -> torch.Tensor:
+    if t is None:
+        raise ValueError("min-SNR weighting needs the training times t: call loss(prediction, target, t)")
+    return t
+
+
+# What a DDPM network predicts (`ddpm.prediction`): the noise, the velocity of Salimans & Ho
+# 2022 (v = sqrt(ab) eps - sqrt(1 - ab) x0) or the data.
+DDPM_PREDICTIONS = ("eps", "v", "x0")
+
+
+def check_prediction(prediction: str) -> str:
+    if prediction not in DDPM_PREDICTIONS:
+        raise ConfigError(f"ddpm.prediction={prediction!r} is not one of {', '.join(DDPM_PREDICTIONS)}")
+    return prediction
+
+
 class DDPM:
     """Discrete-time DDPM (Ho et al. 2020): x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps for integer
-    timesteps t in [0, T), ab_t = prod_{i <= t} (1 - beta_i); the model predicts eps and sees
-    the index t as its time; the loss is the MSE on eps with t drawn uniformly ("L_simple")."""
+    timesteps t in [0, T), ab_t = prod_{i <= t} (1 - beta_i); the model sees the index t as its
+    time and predicts eps (Ho et al.), v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 (Salimans & Ho
+    2022) or x0; the loss is the MSE on that prediction with t drawn uniformly ("L_simple"),
+    optionally weighted by min-SNR-gamma (Hang et al. 2023)."""
 
     name = "ddpm"
     # Deterministic DDIM (eta 0): the DDPM counterpart of the flow's Euler default.
@@ -110,12 +172,16 @@ class DDPM:
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         cond_dropout: float = 0.0,
+        prediction: str = "eps",
+        min_snr_gamma: float = 0.0,
     ):
         self.num_timesteps = num_timesteps
         self.schedule = schedule
         self.betas = ddpm_betas(num_timesteps, schedule, beta_start, beta_end)  # (T,) float64
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # (T,) float64
         self.cond_dropout = cond_dropout
+        self.prediction = check_prediction(prediction)
+        self.min_snr_gamma = _check_min_snr_gamma(min_snr_gamma)
 
     def sample_time(self, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
         """(B,) integer timesteps, uniform on {0, ..., T - 1}."""
@@ -126,29 +192,59 @@ class DDPM:
         ab = append_dims(self.alphas_cumprod.to(x0.device)[t], x0.ndim)
         return ab.sqrt().to(x0.dtype) * x0 + (1.0 - ab).sqrt().to(x0.dtype) * noise
 
-    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return noise
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        if t is None:
+            raise ValueError("the v target depends on the timestep: call target(x0, noise, t)")
+        ab = append_dims(self.alphas_cumprod.to(x0.device)[t], x0.ndim)
+        return ab.sqrt().to(x0.dtype) * noise - (1.0 - ab).sqrt().to(x0.dtype) * x0
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         return t.float()
 
-    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return torch.mean((prediction.float() - target.float()) ** 2)
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) float64 signal-to-noise ratio ab_t / (1 - ab_t) at timestep indices t."""
+        ab = self.alphas_cumprod.to(t.device)[t]
+        return ab / (1.0 - ab)
+
+    def min_snr_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) float64 min-SNR-gamma weight of the prediction's error at timestep indices t
+        (Hang et al. 2023, eq. 12 and its v form): min(SNR, gamma) / SNR for eps,
+        min(SNR, gamma) / (SNR + 1) for v, min(SNR, gamma) for x0."""
+        snr = self.snr(t)
+        clipped = torch.clamp(snr, max=self.min_snr_gamma)
+        if self.prediction == "eps":
+            return clipped / snr
+        if self.prediction == "v":
+            return clipped / (snr + 1.0)
+        return clipped
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        if self.min_snr_gamma == 0:
+            return mse(prediction, target)
+        return mse(prediction, target, self.min_snr_weight(_times(t)))
 
 
 def rectified_flow(cfg) -> RectifiedFlow:
-    return RectifiedFlow(cfg.rflow.time_sampling, cfg.rflow.logit_mean, cfg.rflow.logit_std, cfg.training.cond_dropout)
+    r, t = cfg.rflow, cfg.training
+    return RectifiedFlow(r.time_sampling, r.logit_mean, r.logit_std, t.cond_dropout, t.min_snr_gamma)
 
 
 def ddpm(cfg) -> DDPM:
-    d = cfg.ddpm
-    return DDPM(d.num_timesteps, d.schedule, d.beta_start, d.beta_end, cfg.training.cond_dropout)
+    d, t = cfg.ddpm, cfg.training
+    return DDPM(d.num_timesteps, d.schedule, d.beta_start, d.beta_end, t.cond_dropout, d.prediction, t.min_snr_gamma)
 
 
 STRATEGIES = {"rflow": rectified_flow, "ddpm": ddpm}
 
 
 def build_strategy(cfg) -> Strategy:
+    """The strategy of `cfg`. `ddpm.prediction` is checked whatever the strategy, as config
+    validation checks `ddpm.schedule`: a typo is refused, not ignored until the strategy changes."""
+    check_prediction(cfg.ddpm.prediction)
     return STRATEGIES[cfg.strategy](cfg)
 
 

@@ -31,6 +31,7 @@ RESUMABLE = (
     "training.grad_clip",
     "training.ema_decay",
     "training.ema_start",
+    "training.ema_update_every",
     "training.cond_dropout",
     "training.precision",
     "training.grad_checkpointing",

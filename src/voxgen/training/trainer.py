@@ -409,7 +409,7 @@ class Trainer:
         if result.applied:  # a skipped step left the weights as they were: nothing for the EMA
             if p.step <= t.ema_start:
                 self.ema.reset(self.task.model)
-            else:
+            elif (p.step - t.ema_start) % t.ema_update_every == 0:
                 self.ema.update(self.task.model)
             self._last_loss = result.loss
         if p.step % t.log_every == 0:
