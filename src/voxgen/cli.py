@@ -149,10 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _models(args) -> int:
+    from voxgen.diffusion.controlnet import NAME, SUMMARY
     from voxgen.models.registry import MODELS
 
     for entry in MODELS.values():
         print(f"{entry.name:8s} {entry.summary}")
+    print(f"{NAME:8s} {SUMMARY}")
     return 0
 
 

@@ -356,7 +356,10 @@ def _model_names(task: str, diffusion_models) -> list[str]:
         from voxgen.models.autoencoders import AUTOENCODERS
 
         return list(AUTOENCODERS)
-    return list(diffusion_models)
+    from voxgen.diffusion.controlnet import NAME
+
+    # controlnet is built on a stage-1 run, not from the model section: no registry family.
+    return [*diffusion_models, NAME]
 
 
 def _check_finite(data, key: str = "") -> None:

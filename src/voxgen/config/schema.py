@@ -97,6 +97,21 @@ class AutoencoderConfig:
 
 
 @dataclass
+class ControlNetConfig:
+    # model.name=controlnet (stage 2 of the seeds' ControlNet recipe, Zhang et al. 2023): a
+    # trainable copy of a stage-1 UNet's encoder adds the condition to that frozen UNet.
+    # The folder of the stage-1 run (mode=bravo_uncond, model.name=unet); its EMA weights are
+    # the frozen base and the copy's initial weights. The run folder is only read.
+    base: str = path("")
+    # Multiplies the ControlNet's residuals (1 = as trained).
+    conditioning_scale: float = 1.0
+    # Widths of MONAI's conditioning embedding (the condition -> the first level's width). One
+    # entry: the condition arrives on the network's own grid, and each further entry would
+    # halve it.
+    conditioning_channels: List[int] = field(default_factory=lambda: [16])
+
+
+@dataclass
 class RFlowConfig:
     # uniform | logit-normal (Esser et al. 2024, "Scaling Rectified Flow Transformers").
     time_sampling: str = "logit-normal"
@@ -215,6 +230,7 @@ class Config:
     space: SpaceConfig = field(default_factory=SpaceConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rflow: RFlowConfig = field(default_factory=RFlowConfig)
     ddpm: DDPMConfig = field(default_factory=DDPMConfig)

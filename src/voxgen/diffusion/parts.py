@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from voxgen.diffusion import controlnet
 from voxgen.diffusion.modes import Mode, build_mode, drop_conditions
 from voxgen.diffusion.spaces import Space, build_space, decode_channels, encode_batch
 from voxgen.diffusion.strategies import Strategy, build_strategy
@@ -228,7 +229,10 @@ def build_parts(cfg, device: torch.device | str = "cpu", model: nn.Module | None
     mode, space, strategy = build_mode(cfg), build_space(cfg), build_strategy(cfg)
     space.check(cfg.data.shape)
     network = network_of(cfg, mode, space)
-    if model is None:
+    if model is None and cfg.model.name == controlnet.NAME:
+        # Not a registry family: it is built on a stage-1 run (its config and weights).
+        model = controlnet.build_controlnet(cfg, network)
+    elif model is None:
         try:
             channels = network.in_channels, network.out_channels
             model = build_model(cfg.model, *channels, network.shape, cfg.training.grad_checkpointing)

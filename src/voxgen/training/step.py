@@ -60,6 +60,11 @@ def train_step(
 
 
 def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW over the parameters that train: a frozen part of the network (a ControlNet's base
+    UNet) gets no moments, so neither the optimiser's memory nor its checkpointed state carry it."""
     return torch.optim.AdamW(
-        model.parameters(), lr=cfg.training.lr, betas=tuple(cfg.training.betas), weight_decay=cfg.training.weight_decay
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.training.lr,
+        betas=tuple(cfg.training.betas),
+        weight_decay=cfg.training.weight_decay,
     )
