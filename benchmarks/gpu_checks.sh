@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run, most important first, each under its own time limit
-# and all under one deadline, so a short GPU lease gets all it can:
+# and all under one deadline, so a short time on a GPU gets all it can:
 #   1. environment (GPU, driver, torch, CUDA, cuDNN, MONAI)
 #   2. materialised attention, per score and per op (benchmarks/attention_memory.py)
 #   3. planner vs measured on configs/grids/gpu_validation.yaml (`voxgen profile --grid`)
@@ -20,7 +20,7 @@ DEADLINE=$((SECONDS + ${1:-500}))
 WORK=${WORK:-$(mktemp -d)}
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 voxgen() { python3 -m voxgen.cli "$@"; }
-# Checkpoints stay behind: results.tgz must stay small enough to come back from a lease.
+# Checkpoints stay behind: results.tgz stays small enough to copy back from the GPU machine.
 pack() { tar czf "$OUT/results.tgz" --exclude=checkpoints --exclude='*.safetensors' --exclude=cache -C "$WORK" . ; }
 
 # run NAME SECONDS COMMAND...: COMMAND under a limit of SECONDS or what is left before the deadline.
