@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from voxgen.config import compose
+from voxgen.errors import ConfigError
 from voxgen.memory.cuda_emulation import CudaSemantics, cuda_autocast
 from voxgen.memory.planner import GiB, conv_required_bytes, conv_workspace_bytes, parse_memory, plan
 from voxgen.memory.tracker import AllocationTracker, block_bytes
@@ -86,7 +87,10 @@ def test_a_full_resolution_autoencoder_fits_on_its_required_workspaces():
 
 
 def test_parse_memory():
-    assert parse_memory("80GB") == 80 * GiB and parse_memory("512MiB") == 512 * 2**20 and parse_memory("1000") == 1000
+    assert parse_memory("80GB") == 80 * GiB and parse_memory("512MiB") == 512 * 2**20 and parse_memory("2097152") == 2 * 2**20
+    # A size without its unit is bytes: under 1 MiB it is refused, naming the likely meaning.
+    with pytest.raises(ConfigError, match=r"^--gpu-memory '141' is 141 bytes, less than 1 MiB: give a unit, like 141GB$"):
+        parse_memory("141")
 
 
 @pytest.fixture(scope="module")

@@ -187,12 +187,17 @@ class Plan:
 
 
 def parse_memory(text: str) -> int:
-    """'80GB', '80GiB', '40g', '81920MiB', '12345' (bytes) -> bytes. GB is read as GiB, as nvidia-smi's 80GB are."""
+    """'80GB', '80GiB', '40g', '81920MiB', '12345678' (bytes) -> bytes. GB is read as GiB, as nvidia-smi's 80GB are.
+
+    Under 1 MiB is refused: '--gpu-memory 80' is 80 bytes, almost certainly a size without its unit."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", text, re.IGNORECASE)
     if not match:
         raise ConfigError(f"--gpu-memory {text!r} is not a size like 80GB")
     scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[match.group(2).upper()]
-    return int(float(match.group(1)) * scale)
+    nbytes = int(float(match.group(1)) * scale)
+    if nbytes < 2**20:
+        raise ConfigError(f"--gpu-memory {text!r} is {nbytes} bytes, less than 1 MiB: give a unit, like {match.group(1)}GB")
+    return nbytes
 
 
 def conv_workspace_bytes(input_shape, weight_shape, output_shape, itemsize: int) -> int:
