@@ -160,3 +160,17 @@ def test_a_base_without_checkpoint_is_refused_when_built(runs, tmp_path):
     cfg = _stage2_config(folder)  # the config alone checks out
     with pytest.raises(CheckpointError, match="the stage-1 run has no checkpoint yet"):
         build_parts(cfg)
+
+
+def test_the_plan_counts_the_frozen_base_as_weights_without_optimiser_state(runs):
+    from voxgen.memory.planner import plan
+
+    run1, _, _ = runs
+    cfg = _stage2_config(run1)
+    model = build_parts(cfg).model
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    p = plan(cfg)
+    assert p.params == trainable + frozen and frozen > 0
+    # AdamW keeps two fp32 moments of the trainable parameters only (storages rounded to 512 B).
+    assert 8 * trainable <= p.breakdown["optimizer"] < 8 * trainable + 512 * 2 * len(list(model.parameters()))
