@@ -306,6 +306,7 @@ def validate(cfg: DictConfig, network: bool = True) -> None:
     from voxgen.diffusion.samplers import SAMPLERS
     from voxgen.diffusion.spaces import SPACES
     from voxgen.diffusion.strategies import STRATEGIES
+    from voxgen.diffusion.tumour_weight import check_tumour_weight
     from voxgen.models.registry import MODELS
     from voxgen.precision import PRECISIONS
 
@@ -329,6 +330,7 @@ def validate(cfg: DictConfig, network: bool = True) -> None:
     _require(len(shape) == 3 and all(s >= 1 for s in shape), f"data.shape={shape} must be three positive sizes [D, H, W]")
     _check_counts(cfg)
     _check_ranges(cfg)
+    check_tumour_weight(cfg.training.tumour_weight, MODES[cfg.mode], cfg.space.name, cfg.task)
     channels = list(cfg.model.channels)
     _require(
         len(channels) >= 1 and all(c >= 1 for c in channels), f"model.channels={channels} must be positive sizes, one per level"

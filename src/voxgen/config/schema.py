@@ -149,6 +149,10 @@ class TrainingConfig:
     # Min-SNR-gamma loss weighting (Hang et al. 2023; the paper uses 5): the loss, read as an error
     # on x0, is weighted by min(SNR(t), gamma) per sample (docs/training.md). 0 = off.
     min_snr_gamma: float = 0.0
+    # Regional loss weighting (the seeds' exp2c): a voxel of a tumour of V voxels (26-connected
+    # component of the seg mask) weighs 1 + tumour_weight * (27 / V)^(1/3), background 1; each
+    # sample's loss is the weighted mean (docs/training.md). Needs a mode with seg, space=pixel. 0 = off.
+    tumour_weight: float = 0.0
     # Slice mosaic of a sample written to TensorBoard every N steps (0 = only at the end).
     mosaic_every: int = 0
     device: str = "auto"  # auto | cpu | cuda

@@ -20,6 +20,7 @@ from voxgen.diffusion import controlnet
 from voxgen.diffusion.modes import Mode, build_mode, drop_conditions
 from voxgen.diffusion.spaces import Space, build_space, decode_channels, encode_batch
 from voxgen.diffusion.strategies import Strategy, build_strategy
+from voxgen.diffusion.tumour_weight import MASK, check_tumour_weight, tumour_weight_map
 from voxgen.errors import ConfigError
 from voxgen.models.registry import build_model
 from voxgen.precision import Autocast, autocast_policy
@@ -73,6 +74,9 @@ class Parts:
     encode: Callable[[dict], dict] = field(default=None)
     # The run's `sample` section: how previews are sampled (None: the strategy's default sampler).
     sample: object = None
+    # `training.tumour_weight`: tumour voxels of the batch's mask weigh more in the loss
+    # (voxgen.diffusion.tumour_weight); 0 = off, the plain loss.
+    tumour_weight: float = 0.0
 
     def __post_init__(self):
         if self.encode is None:
@@ -118,11 +122,18 @@ class Parts:
 
     def loss(self, batch: dict, generator: torch.Generator | None, step: int = 0) -> torch.Tensor:
         """Scalar loss of one batch (see `prediction_and_target`); the same at every step."""
-        return self.strategy.loss(*prediction_and_target(self, batch, generator))
+        return self.strategy.loss(*prediction_and_target(self, batch, generator), **self.voxel_weight(batch))
 
     def evaluate(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         prediction, target, t = prediction_and_target(self, batch, generator)
-        return self.strategy.loss(prediction, target, t), prediction, target
+        return self.strategy.loss(prediction, target, t, **self.voxel_weight(batch)), prediction, target
+
+    def voxel_weight(self, batch: dict) -> dict:
+        """{"voxel_weight": (B, 1, D, H, W)} from the batch's pixel-space tumour mask when
+        `tumour_weight` > 0; {} otherwise, so the loss is the plain one."""
+        if self.tumour_weight == 0:
+            return {}
+        return {"voxel_weight": tumour_weight_map(batch[MASK], self.tumour_weight)}
 
     def preview(self, batch: dict, seed: int) -> list[np.ndarray]:
         """[a sample for the first item's conditions, the real case]: first generated modality, (D, H, W)."""
@@ -228,6 +239,7 @@ def build_parts(cfg, device: torch.device | str = "cpu", model: nn.Module | None
     elsewhere, planned by `voxgen plan --factory`)."""
     mode, space, strategy = build_mode(cfg), build_space(cfg), build_strategy(cfg)
     space.check(cfg.data.shape)
+    tumour_weight = check_tumour_weight(cfg.training.tumour_weight, mode, space.name)
     network = network_of(cfg, mode, space)
     if model is None and cfg.model.name == controlnet.NAME:
         # Not a registry family: it is built on a stage-1 run (its config and weights).
@@ -240,4 +252,13 @@ def build_parts(cfg, device: torch.device | str = "cpu", model: nn.Module | None
             if space.name == "pixel":
                 raise
             raise ConfigError(_in_space(str(exc), space.name, network, cfg.model)) from None
-    return Parts(model.to(device), strategy, mode, space, network, autocast_policy(cfg.training.precision), sample=cfg.sample)
+    return Parts(
+        model.to(device),
+        strategy,
+        mode,
+        space,
+        network,
+        autocast_policy(cfg.training.precision),
+        sample=cfg.sample,
+        tumour_weight=tumour_weight,
+    )

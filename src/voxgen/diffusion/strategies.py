@@ -10,6 +10,7 @@ Rectified flow (voxgen's convention, never flipped; see docs/conventions.md):
 DDPM predicts eps, v or x0 (`ddpm.prediction`). Either strategy can weight its loss per sample
 with min-SNR-gamma (Hang et al. 2023, `training.min_snr_gamma`, 0 = off): the weight makes the
 loss, read as an error on x0, weigh min(SNR(t), gamma); docs/training.md derives each weight.
+The loss can also weight voxels (`training.tumour_weight`, voxgen.diffusion.tumour_weight).
 """
 
 from __future__ import annotations
@@ -45,8 +46,15 @@ class Strategy(Protocol):
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) times as the network sees them."""
 
-    def loss(self, prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-        """Scalar float32 loss; t (B,), the training times, for a loss weighted per sample."""
+    def loss(
+        self,
+        prediction: torch.Tensor,
+        target: torch.Tensor,
+        t: torch.Tensor | None = None,
+        voxel_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scalar float32 loss; t (B,), the training times, for a loss weighted per sample;
+        voxel_weight (B, 1, D, H, W), for a loss weighted per voxel (`training.tumour_weight`)."""
 
 
 def _check_min_snr_gamma(gamma: float) -> float:
@@ -55,12 +63,27 @@ def _check_min_snr_gamma(gamma: float) -> float:
     return float(gamma)
 
 
-def mse(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def mse(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    voxel_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Float32 scalar: the mean squared error, or with `weight` (B,) the batch mean of weight
-    times each sample's mean squared error (for equal weights 1 the same number up to rounding)."""
-    if weight is None:
+    times each sample's mean squared error (for equal weights 1 the same number up to rounding).
+
+    With `voxel_weight` w (B, 1, D, H, W), broadcast over the channels, each sample's error is
+    the weighted mean `sum(w err^2) / sum(w)` instead (`voxgen.diffusion.tumour_weight`)."""
+    if weight is None and voxel_weight is None:
         return torch.mean((prediction.float() - target.float()) ** 2)
-    per_sample = ((prediction.float() - target.float()) ** 2).flatten(1).mean(dim=1)  # (B,)
+    err = (prediction.float() - target.float()) ** 2  # (B, C, D, H, W)
+    if voxel_weight is None:
+        per_sample = err.flatten(1).mean(dim=1)  # (B,)
+    else:
+        w = voxel_weight.to(err.device, torch.float32).expand_as(err)
+        per_sample = (w * err).flatten(1).sum(dim=1) / w.flatten(1).sum(dim=1)  # (B,)
+    if weight is None:
+        return torch.mean(per_sample)
     return torch.mean(weight.to(per_sample.device, torch.float32) * per_sample)
 
 
@@ -117,10 +140,16 @@ class RectifiedFlow:
         t = t.double()
         return torch.minimum((1.0 - t) ** 2, self.min_snr_gamma * t**2)
 
-    def loss(self, prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        prediction: torch.Tensor,
+        target: torch.Tensor,
+        t: torch.Tensor | None = None,
+        voxel_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.min_snr_gamma == 0:
-            return mse(prediction, target)
-        return mse(prediction, target, self.min_snr_weight(_times(t)))
+            return mse(prediction, target, voxel_weight=voxel_weight)
+        return mse(prediction, target, self.min_snr_weight(_times(t)), voxel_weight)
 
 
 def ddpm_betas(num_timesteps: int, schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -222,10 +251,16 @@ class DDPM:
             return clipped / (snr + 1.0)
         return clipped
 
-    def loss(self, prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        prediction: torch.Tensor,
+        target: torch.Tensor,
+        t: torch.Tensor | None = None,
+        voxel_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.min_snr_gamma == 0:
-            return mse(prediction, target)
-        return mse(prediction, target, self.min_snr_weight(_times(t)))
+            return mse(prediction, target, voxel_weight=voxel_weight)
+        return mse(prediction, target, self.min_snr_weight(_times(t)), voxel_weight)
 
 
 def rectified_flow(cfg) -> RectifiedFlow:
