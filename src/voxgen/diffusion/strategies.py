@@ -87,7 +87,24 @@ def mse(
     return torch.mean(weight.to(per_sample.device, torch.float32) * per_sample)
 
 
-class RectifiedFlow:
+class WeightedLoss:
+    """The loss both strategies share: the MSE of the prediction, weighted per sample by the
+    strategy's `min_snr_weight(t)` when `min_snr_gamma` > 0 and per voxel by `voxel_weight`."""
+
+    min_snr_gamma: float = 0.0
+
+    def loss(
+        self,
+        prediction: torch.Tensor,
+        target: torch.Tensor,
+        t: torch.Tensor | None = None,
+        voxel_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        weight = None if self.min_snr_gamma == 0 else self.min_snr_weight(_times(t))
+        return mse(prediction, target, weight, voxel_weight)
+
+
+class RectifiedFlow(WeightedLoss):
     """Rectified flow / linear interpolant (Liu et al. 2022; Lipman et al. 2022)."""
 
     name = "rflow"
@@ -140,17 +157,6 @@ class RectifiedFlow:
         t = t.double()
         return torch.minimum((1.0 - t) ** 2, self.min_snr_gamma * t**2)
 
-    def loss(
-        self,
-        prediction: torch.Tensor,
-        target: torch.Tensor,
-        t: torch.Tensor | None = None,
-        voxel_weight: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if self.min_snr_gamma == 0:
-            return mse(prediction, target, voxel_weight=voxel_weight)
-        return mse(prediction, target, self.min_snr_weight(_times(t)), voxel_weight)
-
 
 def ddpm_betas(num_timesteps: int, schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """(T,) float64 betas. linear: evenly from beta_start to beta_end (Ho et al. 2020);
@@ -183,7 +189,7 @@ def check_prediction(prediction: str) -> str:
     return prediction
 
 
-class DDPM:
+class DDPM(WeightedLoss):
     """Discrete-time DDPM (Ho et al. 2020): x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps for integer
     timesteps t in [0, T), ab_t = prod_{i <= t} (1 - beta_i); the model sees the index t as its
     time and predicts eps (Ho et al.), v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 (Salimans & Ho
@@ -250,17 +256,6 @@ class DDPM:
         if self.prediction == "v":
             return clipped / (snr + 1.0)
         return clipped
-
-    def loss(
-        self,
-        prediction: torch.Tensor,
-        target: torch.Tensor,
-        t: torch.Tensor | None = None,
-        voxel_weight: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if self.min_snr_gamma == 0:
-            return mse(prediction, target, voxel_weight=voxel_weight)
-        return mse(prediction, target, self.min_snr_weight(_times(t)), voxel_weight)
 
 
 def rectified_flow(cfg) -> RectifiedFlow:
