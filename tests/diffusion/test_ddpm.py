@@ -81,11 +81,7 @@ def test_ddim_converges_with_order_one_and_dpmpp_2m_is_far_more_accurate(schedul
         out = sampler(eps, x, ddpm_grid(steps, 1000), alphas_cumprod=strategy.alphas_cumprod)
         return (out - exact).abs().max().item()
 
-    steps = [10, 20, 40, 80]
-    ddim_errors = [error(ddim, n) for n in steps]
-    assert abs(-np.polyfit(np.log(steps), np.log(ddim_errors), 1)[0] - 1.0) < 0.2, ddim_errors
-    for n, ddim_error in zip(steps[1:], ddim_errors[1:]):
-        assert error(dpmpp_2m, n) < ddim_error / 5
+    _assert_ddim_first_order_and_dpmpp_2m_5x_better(error)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -209,11 +205,7 @@ def test_v_and_x0_models_converge_as_eps_models_do(prediction, schedule):
         assert torch.allclose(out, run(sampler, eps, steps), rtol=0, atol=1e-9)
         return (out - exact).abs().max().item()
 
-    steps = [10, 20, 40, 80]
-    ddim_errors = [error(ddim, n) for n in steps]
-    assert abs(-np.polyfit(np.log(steps), np.log(ddim_errors), 1)[0] - 1.0) < 0.2, ddim_errors
-    for n, ddim_error in zip(steps[1:], ddim_errors[1:]):
-        assert error(dpmpp_2m, n) < ddim_error / 5
+    ddim_errors = _assert_ddim_first_order_and_dpmpp_2m_5x_better(error)
     # Read as eps, the same network's output is far off: the prediction type matters.
     assert (run(ddim, model, 20) - exact).abs().max().item() > 100 * ddim_errors[1]
 
@@ -284,3 +276,14 @@ def test_train_dry_run_refuses_an_unknown_prediction_in_one_line(capsys):
         assert captured.out == "" and captured.err == "error: ddpm.prediction='foo' is not one of eps, v, x0\n"
     with pytest.raises(ConfigError, match=r"^ddpm.prediction='epsilon' is not one of eps, v, x0$"):
         DDPM(10, prediction="epsilon")
+
+
+def _assert_ddim_first_order_and_dpmpp_2m_5x_better(error) -> list[float]:
+    """`error(sampler, steps)` against the exact x0: DDIM's falls as 1/steps, DPM-Solver++(2M)'s is
+    at least 5x below it from 20 steps on; returns DDIM's errors at 10, 20, 40, 80 steps."""
+    steps = [10, 20, 40, 80]
+    ddim_errors = [error(ddim, n) for n in steps]
+    assert abs(-np.polyfit(np.log(steps), np.log(ddim_errors), 1)[0] - 1.0) < 0.2, ddim_errors
+    for n, ddim_error in zip(steps[1:], ddim_errors[1:]):
+        assert error(dpmpp_2m, n) < ddim_error / 5
+    return ddim_errors

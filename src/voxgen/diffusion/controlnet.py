@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from omegaconf import OmegaConf
 
 from voxgen import checkpoint as store
+from voxgen.diffusion.run_inputs import read_saved_config
 from voxgen.errors import CheckpointError, ConfigError
 from voxgen.models.controlnet import ControlledUNet, build_controlled_unet
 
@@ -41,15 +41,7 @@ def base_config(cfg):
     path = Path(source)
     if not path.is_dir():
         raise ConfigError(f"{key}={path}: no such run folder")
-    saved = path / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError(f"{key}={path}: not a voxgen run folder (no config.yaml)")
-    try:
-        data = yaml.safe_load(saved.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{key}={path}: config.yaml does not read ({exc.__class__.__name__})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or not isinstance(data.get("data"), dict):
-        raise ConfigError(f"{key}={path}: config.yaml is not the config of a voxgen run (no model and data sections)")
+    data = read_saved_config(key, path, path / "config.yaml", ("model", "data"), "a voxgen run")
     base = OmegaConf.create(data)
     if base.get("task", "diffusion") != "diffusion":
         raise ConfigError(f"{key}={path} is a task={base.task} run, not a diffusion run")

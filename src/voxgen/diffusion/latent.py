@@ -22,7 +22,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError
 from rich.console import Console
@@ -32,6 +31,7 @@ from torch import nn
 from voxgen import checkpoint as store
 from voxgen.data.dataset import VolumeDataset
 from voxgen.data.latent_cache import LatentCache, cache_key, data_fingerprint, tensors_fingerprint
+from voxgen.diffusion.run_inputs import read_saved_config
 from voxgen.diffusion.spaces import dataset_batches
 from voxgen.errors import CheckpointError, ConfigError
 
@@ -55,14 +55,7 @@ def autoencoder_config(source: str | Path, needs: Sequence[str]):
     saved = path / "config.yaml" if path.is_dir() else path
     if not path.exists():
         raise ConfigError(f"{key}={path}: no such run folder or autoencoder config file")
-    if not saved.is_file():
-        raise ConfigError(f"{key}={path}: not a voxgen run folder (no config.yaml)")
-    try:
-        data = yaml.safe_load(saved.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{key}={path}: {saved.name} does not read ({exc.__class__.__name__})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or not isinstance(data.get("autoencoder"), dict):
-        raise ConfigError(f"{key}={path}: {saved.name} is not the config of an autoencoder (no model and autoencoder sections)")
+    data = read_saved_config(key, path, saved, ("model", "autoencoder"), "an autoencoder")
     if data.get("task", "diffusion") != "autoencoder":
         raise ConfigError(f"{key}={path} is a task={data.get('task', 'diffusion')} run, not an autoencoder (task=autoencoder)")
     cfg = OmegaConf.create(data)
