@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STEP",
         help="stop at this step with a checkpoint and exit 75, as a preemption would",
     )
+    p.add_argument(
+        "--run",
+        default=None,
+        metavar="RUN",
+        help="train the DiffRS discriminator head of this diffusion run (task=diffrs-head, in RUN/diffrs-head; "
+        "see docs/diffrs.md)",
+    )
 
     p = sub.add_parser("slurm", help="write an sbatch script that trains in segments, resubmitting itself until done")
     _add_overrides(p)
@@ -102,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split whose masks condition the samples")
     p.add_argument("--out", default=None, help="output folder (default RUN/samples)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    p.add_argument("--head", default=None, metavar="DIR", help="the DiffRS head of --solver diffrs (default RUN/diffrs-head)")
 
     sub.add_parser("models", help="list the model registry")
 

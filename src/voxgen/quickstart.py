@@ -18,6 +18,7 @@ from voxgen.config import compose
 from voxgen.config.compose import PRESET_DIR
 from voxgen.data.cohort import make_cohort
 from voxgen.data.dataset import VolumeDataset
+from voxgen.data.layout import Modalities
 from voxgen.diffusion.parts import build_parts
 from voxgen.diffusion.sampling import reference_affine, sample_volumes, sampling_settings, write_samples
 from voxgen.evaluation.distances import head_mask, intensity_w1, lesion_fraction_w1
@@ -41,7 +42,7 @@ class Quality:
 
 def held_out(cfg, modality: str) -> np.ndarray:
     """(N, D, H, W) real test volumes in model space."""
-    test = VolumeDataset(cfg.data.root, "test", (modality,), cfg.data.shape)
+    test = VolumeDataset(cfg.data.root, "test", (modality,), cfg.data.shape, layout=Modalities.of(cfg.data))
     return np.stack([test[i][modality][0].numpy() for i in range(len(test))])
 
 
@@ -53,7 +54,7 @@ def quality(cfg, trained_parts, num: int, seed: int) -> Quality:
     untrained_parts.load_state_dict(trained_parts.state_dict())
     modality = trained_parts.mode.generated[0]
     reals = held_out(cfg, modality)
-    sampling = sampling_settings(cfg.sample, trained_parts.strategy, bool(trained_parts.mode.conditions))
+    sampling = sampling_settings(cfg.sample, trained_parts.strategy, trained_parts.mode.conditional)
     trained = sample_volumes(cfg, trained_parts, num, seed, sampling).volumes[modality]
     untrained = sample_volumes(cfg, untrained_parts, num, seed, sampling).volumes[modality]
     if modality == "seg":
@@ -78,10 +79,10 @@ def quickstart(out: str | Path, overrides=(), console: Console | None = None, ca
     if result.interrupted:
         return {"interrupted": True, "exit_code": result.exit_code, "run_dir": str(run_dir)}
     cfg, parts, step = load_run(run_dir)
-    sampling = sampling_settings(cfg.sample, parts.strategy, bool(parts.mode.conditions))
+    sampling = sampling_settings(cfg.sample, parts.strategy, parts.mode.conditional)
     console.print(f"[bold]3/5 sample[/]: EMA weights, {sampling.solver}")
     samples = sample_volumes(cfg, parts, 8, 0, sampling)
-    paths, mosaic = write_samples(samples, out / "samples", reference_affine(cfg, parts.mode))
+    paths, mosaic = write_samples(samples, out / "samples", reference_affine(cfg, parts.mode), cfg.data.masks)
     console.print("[bold]4/5 evaluate[/]: samples vs held-out test cases, trained vs untrained model")
     q = quality(cfg, parts, num=8, seed=0)
     console.print("[bold]5/5 plan[/]: GPU memory of one training step of this config, traced without a GPU")

@@ -9,7 +9,7 @@ def test_defaults_and_overrides():
     assert cfg.training.steps == 7
     assert list(cfg.data.shape) == [8, 16, 24]
     assert cfg.model.attention == "naive"
-    assert cfg.mode == "seg"
+    assert cfg.mode.name == "seg"
 
 
 def test_yaml_file_then_override(tmp_path):

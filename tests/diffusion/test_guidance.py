@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from voxgen.diffusion.generate import generate, prediction_fn
-from voxgen.diffusion.modes import MODES, drop_conditions
+from voxgen.diffusion.modes import MODES
 from voxgen.diffusion.parts import NetworkShape, Parts, build_parts
 from voxgen.diffusion.rflow_samplers import euler, time_grid
 from voxgen.diffusion.samplers import parse_solver
@@ -19,12 +19,12 @@ from .tiny import SHAPE, learnable_batch, tiny_cfg
 
 def test_drop_conditions_nulls_whole_samples_with_the_given_probability():
     cond = torch.where(torch.rand(4000, 2, 2, 2, 2, generator=torch.Generator().manual_seed(0)) > 0.5, 1.0, -1.0)
-    dropped = drop_conditions(cond, 0.3, torch.Generator().manual_seed(1))
+    dropped = MODES["bravo"].drop_conditions(cond, 0.3, torch.Generator().manual_seed(1))
     null = (dropped == 0).flatten(1).all(dim=1)  # (B,)
     kept = (dropped == cond).flatten(1).all(dim=1)
     assert torch.all(null ^ kept)  # each sample is either untouched or entirely null
     assert abs(null.float().mean().item() - 0.3) < 0.03
-    again = drop_conditions(cond, 0.3, torch.Generator().manual_seed(1))
+    again = MODES["bravo"].drop_conditions(cond, 0.3, torch.Generator().manual_seed(1))
     assert torch.equal(again, dropped)  # the same generator drops the same samples
 
 

@@ -78,7 +78,8 @@ def test_modes_split_and_channels():
     batch = {"bravo": torch.ones(2, 1, 4, 4, 4), "seg": -torch.ones(2, 1, 4, 4, 4)}
     x0, cond = MODES["bravo"].split(batch)
     assert torch.equal(x0, batch["bravo"]) and torch.equal(cond, batch["seg"])
-    assert MODES["bravo"].model_input(x0, cond).shape == (2, 2, 4, 4, 4)
+    inputs, vector = MODES["bravo"].network_inputs(x0, cond)
+    assert inputs.shape == (2, 2, 4, 4, 4) and vector is None
     assert MODES["bravo"].channels(PixelSpace()) == (2, 1)
     x0, cond = MODES["seg"].split(batch)
     assert cond is None and torch.equal(x0, batch["seg"])

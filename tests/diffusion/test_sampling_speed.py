@@ -29,9 +29,9 @@ def test_an_euler_step_costs_at_most_1_2_forward_passes():
     parts.model.eval()
     x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     cond = torch.ones(2, 1, 16, 16, 16)
-    model_input, model_time = parts.mode.model_input(x, cond), parts.strategy.model_time(torch.full((2,), 0.5))
+    model_input, model_time = parts.mode.network_inputs(x, cond)[0], parts.strategy.model_time(torch.full((2,), 0.5))
     # What generate hands a sampler: counted, guided (scale 1), under autocast.
-    wrapped = guided(CountedModel(prediction_fn(parts)), 1.0)
+    wrapped = guided(CountedModel(prediction_fn(parts)), 1.0, parts.mode.null_condition)
     grid = time_grid(STEPS)
 
     def forwards():

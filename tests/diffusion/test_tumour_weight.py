@@ -104,8 +104,8 @@ def test_a_tiny_training_step_runs_with_tumour_weighting(mode):
         (["training.tumour_weight=-1"], "training.tumour_weight=-1.0 must be at least 0 (0 disables tumour weighting)"),
         (
             ["training.tumour_weight=2", "mode=bravo_uncond"],
-            "training.tumour_weight=2.0 needs the tumour mask, but mode 'bravo_uncond' has no seg (generates bravo; "
-            "conditions: none)",
+            "training.tumour_weight=2.0 needs the tumour mask, but mode 'bravo_uncond' has no mask modality (data.masks; "
+            "generates bravo; conditions: none)",
         ),
         (
             ["training.tumour_weight=2", "space=s2d"],

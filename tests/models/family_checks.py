@@ -117,3 +117,36 @@ def check_channels(overrides, shape=(8, 8, 8)):
         model = build_model(cfg.model, in_channels, 1, shape, False)
         with torch.no_grad():
             assert model(torch.randn(1, in_channels, *shape), torch.tensor([10.0])).shape == (1, 1, *shape)
+
+
+def check_vector_conditioning(tiny, shape=(8, 8, 8)):
+    """Built with a condition vector (mode=seg_conditioned), a network starts out ignoring it (the
+    embedding's last layer is zero), depends on it once that layer is not zero, refuses a call
+    without it, and a network built without one refuses a vector."""
+    torch.manual_seed(0)
+    model = build_model(cached_cfg(*tiny).model, 1, 1, shape, False, vector_size=7).eval()
+    x, t = torch.randn(2, 1, *shape, generator=torch.Generator().manual_seed(1)), torch.full((2,), 500.0)
+    a, b = torch.zeros(2, 7), torch.rand(2, 7, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(x, t, a), model(x, t, b))
+        embeddings = [m for m in model.modules() if type(m).__name__ == "VectorEmbedding"]
+        assert len(embeddings) == 1
+        # Zero-initialised output layers (adaLN-Zero, MONAI's last convolution) hide every input
+        # at init: move all weights off their initial values.
+        g = torch.Generator().manual_seed(3)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        assert (model(x, t, a) - model(x, t, b)).abs().max() > 1e-4
+        try:
+            model(x, t)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("a network built with a vector ran without one")
+        plain = build_model(cached_cfg(*tiny).model, 1, 1, shape, False).eval()
+        try:
+            plain(x, t, a)
+        except (ValueError, TypeError):
+            pass
+        else:
+            raise AssertionError("a network built without a vector took one")

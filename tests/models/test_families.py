@@ -8,7 +8,13 @@ import pytest
 from voxgen.models.registry import MODELS
 
 from . import test_dit, test_hdit, test_unet, test_uvit, test_wdm
-from .family_checks import check_attention_kinds_agree, check_channels, check_grad_checkpointing, check_trains_and_samples
+from .family_checks import (
+    check_attention_kinds_agree,
+    check_channels,
+    check_grad_checkpointing,
+    check_trains_and_samples,
+    check_vector_conditioning,
+)
 
 TINY = {
     "unet": ["model.name=unet", *test_unet.TINY],
@@ -32,6 +38,11 @@ def test_trains_20_steps_and_samples(family):
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_grad_checkpointing_same_loss_and_gradients(family):
     check_grad_checkpointing(TINY[family])
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_a_condition_vector_is_ignored_at_init_and_used_after(family):
+    check_vector_conditioning(TINY[family])
 
 
 @pytest.mark.parametrize("family", sorted(TINY))

@@ -37,7 +37,15 @@ from voxgen.checkpoint.layout import (
     split_prefix,
     with_prefix,
 )
-from voxgen.checkpoint.read import iter_tensors, list_checkpoints, load_latest, load_named, read_checkpoint, read_state
+from voxgen.checkpoint.read import (
+    iter_tensors,
+    list_checkpoints,
+    load_latest,
+    load_named,
+    load_weights,
+    read_checkpoint,
+    read_state,
+)
 from voxgen.checkpoint.retention import prune, retain
 from voxgen.checkpoint.write import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -65,6 +73,7 @@ __all__ = [
     "list_checkpoints",
     "load_latest",
     "load_named",
+    "load_weights",
     "prune",
     "read_checkpoint",
     "read_state",

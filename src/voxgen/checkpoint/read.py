@@ -9,6 +9,7 @@ under it: the others are not opened, so their damage does not matter to that rea
 from __future__ import annotations
 
 import json
+import sys
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from voxgen.checkpoint.layout import (
     _step_of,
     checkpoint_root,
     index_crc,
+    split_prefix,
 )
 from voxgen.errors import CheckpointError
 
@@ -300,3 +302,29 @@ def load_named(run_dir: str | Path, name: str) -> tuple[Path, dict[str, torch.Te
         raise CheckpointError(f"{folder}: checkpoint {name!r} does not exist")
     tensors, state = read_checkpoint(folder)
     return folder, tensors, state
+
+
+def load_weights(
+    run_dir: str | Path,
+    module: torch.nn.Module,
+    prefix: str,
+    missing: str,
+    restore: Callable[[dict], None] | None = None,
+    *,
+    assign: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load into `module` the `prefix` tensors ('ema/') of the newest checkpoint of another run that
+    reads back whole (`load_latest`: damaged ones are reported on stderr and older ones tried);
+    `restore(state)` gets that checkpoint's state. Returns (its tensors, its state);
+    CheckpointError(`missing`) when the run has no checkpoint. `assign` hands the tensors to a
+    module built on the meta device as they are."""
+
+    def use(folder: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        module.load_state_dict(split_prefix(tensors, prefix), assign=assign)
+        if restore is not None:
+            restore(state)
+
+    found = load_latest(run_dir, warn=lambda m: print(m, file=sys.stderr), prefix=prefix, use=use)
+    if found is None:
+        raise CheckpointError(missing)
+    return found[1], found[2]

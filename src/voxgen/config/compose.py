@@ -194,11 +194,11 @@ def _refuse_interpolations(data, source: str, key: str = "") -> None:
 
 
 # Sections that a plain value names the `name` of: `space: latent` is `space: {name: latent}`.
-SHORTHAND_SECTIONS = ("space",)
+SHORTHAND_SECTIONS = ("space", "mode", "augment")
 
 
 def _shorthand(data: dict) -> dict:
-    """`space: NAME` (YAML, saved configs) -> `space: {name: NAME}`."""
+    """`space: NAME` (YAML, saved configs) -> `space: {name: NAME}`; the same for mode and augment."""
     return {k: {"name": v} if k in SHORTHAND_SECTIONS and not isinstance(v, dict) else v for k, v in data.items()}
 
 
@@ -302,7 +302,7 @@ def validate(cfg: DictConfig, network: bool = True) -> None:
     """
     # Imported here: the registries import torch and model code, which `voxgen --help` and the
     # data commands do without.
-    from voxgen.diffusion.modes import MODES
+    from voxgen.diffusion.modes import MODES, build_mode, mask_modality
     from voxgen.diffusion.samplers import SAMPLERS
     from voxgen.diffusion.spaces import SPACES
     from voxgen.diffusion.strategies import STRATEGIES
@@ -311,9 +311,9 @@ def validate(cfg: DictConfig, network: bool = True) -> None:
     from voxgen.precision import PRECISIONS
 
     _check_finite(OmegaConf.to_container(cfg))
-    _choice(cfg.mode, sorted(MODES), "mode")
+    _choice(cfg.mode.name, sorted(MODES), "mode")
     _choice(cfg.strategy, sorted(STRATEGIES), "strategy")
-    _choice(cfg.task, ["diffusion", "autoencoder"], "task")
+    _choice(cfg.task, ["diffusion", "autoencoder", "diffrs-head"], "task")
     _choice(cfg.space.name, sorted(SPACES), "space")
     _choice(cfg.model.name, sorted(_model_names(cfg.task, MODELS)), "model.name")
     _choice(cfg.model.attention, ["sdpa", "naive"], "model.attention")
@@ -324,13 +324,23 @@ def validate(cfg: DictConfig, network: bool = True) -> None:
     if cfg.sample.solver is not None:
         # A solver may carry settings after its name (`heun2:25,shift=3`); the name first, for
         # the nearest-name hint; the whole spec against the strategy in _check_sampling.
-        _choice(str(cfg.sample.solver).split(",")[0].partition(":")[0].strip(), list(SAMPLERS), "sample.solver")
+        solver_name = str(cfg.sample.solver).split(",")[0].partition(":")[0].strip()
+        _choice(solver_name, list(SAMPLERS), "sample.solver")
+        # DiffRS needs a head trained on this run after it: only `voxgen sample --solver diffrs` binds one.
+        _require(
+            solver_name != "diffrs",
+            "sample.solver=diffrs needs the run's trained DiffRS head: train the run with another solver, then "
+            "`voxgen train --run RUN` and `voxgen sample --run RUN --solver diffrs:STEPS` (docs/diffrs.md)",
+        )
 
     shape = list(cfg.data.shape)
     _require(len(shape) == 3 and all(s >= 1 for s in shape), f"data.shape={shape} must be three positive sizes [D, H, W]")
     _check_counts(cfg)
     _check_ranges(cfg)
-    check_tumour_weight(cfg.training.tumour_weight, MODES[cfg.mode], cfg.space.name, cfg.task)
+    _check_modalities(cfg)
+    _check_augment(cfg)
+    mode = build_mode(cfg)
+    check_tumour_weight(cfg.training.tumour_weight, mode, mask_modality(cfg, mode), cfg.space.name, cfg.task)
     channels = list(cfg.model.channels)
     _require(
         len(channels) >= 1 and all(c >= 1 for c in channels), f"model.channels={channels} must be positive sizes, one per level"
@@ -350,6 +360,37 @@ def validate(cfg: DictConfig, network: bool = True) -> None:
     if network:
         _check_network(cfg)
     _check_sampling(cfg)
+
+
+def _check_augment(cfg: DictConfig) -> None:
+    """`augment.*` (docs/training.md#augmentation-sda-scoreaug): the method, ranges, and what it
+    does not combine with."""
+    from voxgen.diffusion.augment import METHODS, build_augmentation
+
+    a = cfg.augment
+    _choice(a.name, METHODS, "augment")
+    _interval("augment.probability", a.probability, 0, 1, closed_high=True)
+    _interval("augment.noise_shift", a.noise_shift, 0, 1, closed_high=True)
+    if a.translate is not None:
+        _interval("augment.translate", a.translate, 0, 0.5)
+    if a.cutout is not None:
+        _interval("augment.cutout", a.cutout, 0, 1, closed_high=True)
+    if a.name == "none":
+        return
+    _require(cfg.task == "diffusion", f"augment={a.name} augments diffusion training; task={cfg.task} does not take it")
+    _require(
+        cfg.training.tumour_weight == 0,
+        f"augment={a.name} moves voxels of the target, which training.tumour_weight={cfg.training.tumour_weight} "
+        "weights by the unmoved mask: use one of them",
+    )
+    aug = build_augmentation(a)
+    from voxgen.diffusion.controlnet import NAME as CONTROLNET
+
+    _require(
+        not (aug.omega_size and cfg.model.name == CONTROLNET),
+        f"augment={a.name} with augment.omega_conditioning=true gives the network a transform code, which "
+        f"model.name={CONTROLNET} does not take: set augment.omega_conditioning=false",
+    )
 
 
 def _model_names(task: str, diffusion_models) -> list[str]:
@@ -379,6 +420,25 @@ def _check_finite(data, key: str = "") -> None:
 
 def _all_finite(items: list) -> bool:
     return all(_all_finite(x) if isinstance(x, list) else not isinstance(x, float) or math.isfinite(x) for x in items)
+
+
+def _check_modalities(cfg: DictConfig) -> None:
+    """data.modalities: distinct plain file names; data.masks (and autoencoder.modalities of an
+    autoencoder run) among them."""
+    known = [str(m) for m in cfg.data.modalities]
+    _require(len(known) >= 1, "data.modalities is empty: name the modality files of a case folder")
+    for name in known:
+        _require(
+            bool(name) and not any(c in name for c in "/\\") and not name.startswith(".") and not name.endswith((".nii", ".gz")),
+            f"data.modalities entry {name!r} must be a plain file name without its .nii.gz (e.g. bravo)",
+        )
+    _require(len(set(known)) == len(known), f"data.modalities={known} names a modality twice")
+    checked = [("data.masks", cfg.data.masks)]
+    if cfg.task == "autoencoder":
+        checked.append(("autoencoder.modalities", cfg.autoencoder.modalities))
+    for key, names in checked:
+        for name in names:
+            _require(str(name) in known, f"{key} entry {str(name)!r} is not in data.modalities {known}")
 
 
 def _check_counts(cfg: DictConfig) -> None:
@@ -519,6 +579,6 @@ def _check_sampling(cfg: DictConfig) -> None:
     strategy = build_strategy(cfg)
     solver = cfg.sample.solver if cfg.sample.solver is not None else strategy.default_sampler
     try:
-        sampling_settings(cfg.sample, strategy, bool(build_mode(cfg).conditions))
+        sampling_settings(cfg.sample, strategy, build_mode(cfg).conditional)
     except ConfigError as exc:
         raise ConfigError(f"sample.solver={solver!r}: {exc}") from None

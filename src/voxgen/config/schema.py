@@ -51,6 +51,25 @@ class DataConfig:
     # Keep decoded volumes in memory after the first read (small data sets).
     cache: bool = True
     num_workers: int = 0
+    # The modality files a case folder may hold (ROOT/<split>/<case>/<modality>.nii.gz); a NIfTI
+    # file of any other name is reported as unknown (usually a misspelt modality). Modes name
+    # what they generate and what conditions them from this list.
+    modalities: List[str] = field(default_factory=lambda: ["bravo", "t1_pre", "t1_gd", "flair", "seg"])
+    # Which of them are masks: binarised at 0.5 on load, {-1, 1} in model space, thresholded at 0
+    # on the way out.
+    masks: List[str] = field(default_factory=lambda: ["seg"])
+
+
+@dataclass
+class ModeConfig:
+    # What is generated and what conditions it (`voxgen modes` lists them). `mode=NAME` on the
+    # command line or `mode: NAME` in YAML is short for mode.name.
+    name: str = "bravo"
+    # The modalities the mode generates and the ones that condition it, from data.modalities;
+    # null = the named mode's own (e.g. bravo: generates [bravo], conditions [seg]). Set them
+    # for data whose files are named otherwise (mode.generated=[t1c]).
+    generated: Optional[List[str]] = None
+    conditions: Optional[List[str]] = None
 
 
 @dataclass
@@ -112,6 +131,44 @@ class ControlNetConfig:
 
 
 @dataclass
+class AugmentConfig:
+    # Training-time augmentation of diffusion models (docs/training.md). none | sda | scoreaug
+    name: str = "none"
+    # Probability per sample of a transform (sda: of an extra, augmented copy of the sample).
+    probability: float = 0.5
+    # sda: the augmented copy is noised at t + noise_shift (rflow time units; ddpm: that fraction
+    # of ddpm.num_timesteps), capped at the noisiest time.
+    noise_shift: float = 0.1
+    # The transforms drawn from (one per augmented sample); null = the method's default
+    # (sda: rotate, flip; scoreaug: rotate, translate, cutout). Only shape-keeping ones: 180-degree
+    # rotations, and 90-degree ones in a plane whose two sizes are equal.
+    rotate: Optional[bool] = None
+    flip: Optional[bool] = None
+    # Largest shift, as a fraction of each axis (zero-filled); 0 = off.
+    translate: Optional[float] = None
+    # Largest edge of the zeroed box, as a fraction of each axis; 0 = off.
+    cutout: Optional[float] = None
+    # scoreaug: the network takes the transform's code next to its time (identity when sampling).
+    omega_conditioning: bool = True
+
+
+@dataclass
+class DiffRSConfig:
+    # task=diffrs-head: the discriminator head of discriminator-guided rejection sampling
+    # (Na et al. 2024; docs/diffrs.md). `voxgen train --run RUN` sets run, data.root, data.shape
+    # and run.dir (RUN/diffrs-head).
+    # The folder of the trained diffusion run the head is trained for (only read).
+    run: str = path("")
+    # Generated volumes the head trains on (made once, cached in its run folder); null = as many
+    # as the run's training cases. The held-out set has as many as its validation cases.
+    generated: Optional[int] = None
+    # The solver text that generates them; null = the run's own sample settings.
+    solver: Optional[str] = None
+    # Widths of the head's levels of 3D convolutions; each level after the first halves the grid.
+    channels: List[int] = field(default_factory=lambda: [16, 32, 64])
+
+
+@dataclass
 class RFlowConfig:
     # uniform | logit-normal (Esser et al. 2024, "Scaling Rectified Flow Transformers").
     time_sampling: str = "logit-normal"
@@ -144,7 +201,8 @@ class TrainingConfig:
     val_batches: int = 4
     checkpoint_every: int = 100
     log_every: int = 10
-    # Probability of dropping the conditions (zeroed) in a training step, for classifier-free guidance.
+    # Probability of replacing a sample's condition by the mode's null condition in a training step,
+    # for classifier-free guidance (docs/modes.md: zeros for volume conditions, -1 for size bins).
     cond_dropout: float = 0.0
     # Min-SNR-gamma loss weighting (Hang et al. 2023; the paper uses 5): the loss, read as an error
     # on x0, is weighted by min(SNR(t), gamma) per sample (docs/training.md). 0 = off.
@@ -229,12 +287,14 @@ class RunConfig:
 class Config:
     # diffusion | autoencoder
     task: str = "diffusion"
-    mode: str = "bravo"
+    mode: ModeConfig = field(default_factory=ModeConfig)
     strategy: str = "rflow"
     space: SpaceConfig = field(default_factory=SpaceConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    diffrs: DiffRSConfig = field(default_factory=DiffRSConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rflow: RFlowConfig = field(default_factory=RFlowConfig)
     ddpm: DDPMConfig = field(default_factory=DDPMConfig)

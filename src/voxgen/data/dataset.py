@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from voxgen.data.layout import (
     MASK_MODALITIES,
-    MODALITIES,
     SPLITS,
     Case,
+    Modalities,
     case_folders,
     case_problems,
     list_cases,
@@ -131,14 +131,18 @@ class ImageIndex:
 
 
 def read_case(
-    case: Case, modalities: Iterable[str], report: Callable[[str], None], images: ImageIndex | None = None
+    case: Case,
+    modalities: Iterable[str],
+    report: Callable[[str], None],
+    images: ImageIndex | None = None,
+    masks: Sequence[str] = MASK_MODALITIES,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Load a case's modalities and check each file and the files against each other.
 
     Returns {modality: (volume (D, H, W), affine)} for the files that passed. Each problem
     is passed to `report` as one line naming the file; `report` may raise. Problems: the
     file cannot be loaded (see `load_volume`), implausible voxel sizes, a shape or affine
-    differing from the case's first file, a mask that is not binary, an image whose voxels
+    differing from the case's first file, a mask (one of `masks`) that is not binary, an image whose voxels
     are all equal (scaling it to [-1, 1] gives a blank volume the model would learn from),
     and, with `images`, the same voxels as a file of another split already read into it.
     """
@@ -164,7 +168,7 @@ def read_case(
             diff = float(np.abs(affine - first[2]).max())
             report(f"{path}: affine differs from {first[0]} by {diff:.3g} mm (tolerance {AFFINE_TOLERANCE_MM} mm)")
             continue
-        if modality in MASK_MODALITIES:
+        if modality in masks:
             problem = mask_problem(volume)
         elif float(volume.max()) == float(volume.min()):
             problem = f"image is constant (every voxel {float(volume.min()):g})"
@@ -190,7 +194,7 @@ class VolumeDataset(torch.utils.data.Dataset):
 
     `dataset[i]` is {modality: float32 tensor (1, D, H, W), "case": case id}, with
     (D, H, W) = `shape`. Images are scaled to [-1, 1] (see `scale_image`), masks
-    (modalities in MASK_MODALITIES) are {-1, 1}. Volumes whose grid differs from
+    (`layout.masks`) are {-1, 1}. Volumes whose grid differs from
     `shape` are resampled (trilinear for images, nearest for masks). With
     cache=True processed tensors are kept in memory; treat them as read-only.
 
@@ -207,6 +211,7 @@ class VolumeDataset(torch.utils.data.Dataset):
         shape: Sequence[int],
         cache: bool = True,
         images: ImageIndex | None = None,
+        layout: Modalities = Modalities(),
     ):
         self.root = Path(root)
         self.split = split
@@ -217,7 +222,8 @@ class VolumeDataset(torch.utils.data.Dataset):
         if len(self.shape) != 3 or min(self.shape) < 1:
             raise DataError(f"{self.root}: data shape must be [D, H, W] of positive sizes, got {list(shape)}")
         self.cache = cache
-        self.cases: list[Case] = list_cases(self.root, split, self.modalities)
+        self.layout = layout
+        self.cases: list[Case] = list_cases(self.root, split, self.modalities, layout.known)
         leaks = shared_cases(self.root, involving=split)
         if leaks:
             raise DataError(leaks[0])
@@ -235,10 +241,10 @@ class VolumeDataset(torch.utils.data.Dataset):
         case = self.cases[index]
         item: dict = {"case": case.id}
         images = None if index in self._compared else self.images
-        volumes = read_case(case, self.modalities, _raise, images)
+        volumes = read_case(case, self.modalities, _raise, images, self.layout.masks)
         self._compared.add(index)
         for modality, (volume, _) in volumes.items():
-            is_mask = modality in MASK_MODALITIES
+            is_mask = modality in self.layout.masks
             if is_mask:
                 values = (volume > 0.5).astype(np.float32)
             else:
@@ -263,18 +269,24 @@ class VolumeDataset(torch.utils.data.Dataset):
         return self._affine.copy()
 
 
-def check_folder(root, modalities: Sequence[str] = MODALITIES, warn: Callable[[str], None] | None = None) -> list[str]:
+def check_folder(
+    root,
+    modalities: Sequence[str] | None = None,
+    warn: Callable[[str], None] | None = None,
+    layout: Modalities = Modalities(),
+) -> list[str]:
     """Every problem of a data folder, one line each naming the file; [] means OK.
 
     Checks every split (missing, a file, empty), every case folder (no files, unknown
-    NIfTI files, missing modalities), every requested modality file of every case (see
+    NIfTI files, missing modalities), every requested modality file of every case (default:
+    every modality of `layout`; see
     `read_case`), case ids shared between splits and images repeated in another split; it
     collects problems instead of stopping at the first. A `VolumeDataset` raises the same
     lines, the first it meets. An image repeated within one split is not a problem: it is
     passed to `warn`, one line each.
     """
     root = Path(root)
-    modalities = (modalities,) if isinstance(modalities, str) else tuple(modalities)
+    modalities = layout.known if modalities is None else (modalities,) if isinstance(modalities, str) else tuple(modalities)
     problem = root_problem(root)
     if problem:
         return [problem]
@@ -287,9 +299,9 @@ def check_folder(root, modalities: Sequence[str] = MODALITIES, warn: Callable[[s
             problems.append(str(exc))
             continue
         for case in cases:
-            problems.extend(case_problems(case, modalities))
+            problems.extend(case_problems(case, modalities, layout.known))
             present = [m for m in modalities if case.path(m).is_file()]
-            read_case(case, present, problems.append, images)
+            read_case(case, present, problems.append, images, layout.masks)
     problems.extend(shared_cases(root))
     if warn is not None:
         for line in images.within_split:

@@ -1,4 +1,8 @@
-"""The BrainMetShare folder layout: ROOT/{train,val,test}/<case>/<modality>.nii.gz."""
+"""The BrainMetShare folder layout: ROOT/{train,val,test}/<case>/<modality>.nii.gz.
+
+The modality names are the data set's (`data.modalities`, `data.masks`); BrainMetShare's are
+the defaults.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,19 @@ SPLITS = ("train", "val", "test")
 MODALITIES = ("bravo", "t1_pre", "t1_gd", "flair", "seg")
 MASK_MODALITIES = ("seg",)
 SUFFIX = ".nii.gz"
+
+
+@dataclass(frozen=True)
+class Modalities:
+    """The modality files a case folder may hold (`data.modalities`) and which are masks (`data.masks`)."""
+
+    known: tuple[str, ...] = MODALITIES
+    masks: tuple[str, ...] = MASK_MODALITIES
+
+    @classmethod
+    def of(cls, data_cfg) -> Modalities:
+        """From a config's `data` section."""
+        return cls(tuple(str(m) for m in data_cfg.modalities), tuple(str(m) for m in data_cfg.masks))
 
 
 @dataclass(frozen=True)
@@ -79,11 +96,11 @@ def case_folders(root: str | Path, split: str) -> list[Case]:
     return cases
 
 
-def case_problems(case: Case, modalities: Iterable[str]) -> list[str]:
+def case_problems(case: Case, modalities: Iterable[str], known: Sequence[str] = MODALITIES) -> list[str]:
     """What is wrong with a case folder's files by name alone (nothing is read), one line each.
 
     An empty folder is one problem (not one per missing modality). A NIfTI file whose name
-    is not a known modality is reported as unknown: it is usually a misspelt modality that
+    is not a `known` modality is reported as unknown: it is usually a misspelt modality that
     would otherwise be silently ignored. Files that are not NIfTI (notes, previews) are allowed.
     """
     modalities = [modalities] if isinstance(modalities, str) else list(modalities)
@@ -93,7 +110,7 @@ def case_problems(case: Case, modalities: Iterable[str]) -> list[str]:
         return [str(exc)]
     if modalities and not any(p.is_file() for p in entries):
         return [f"{case.folder}: case folder '{case.id}' has no files"]
-    known = [f"{m}{SUFFIX}" for m in MODALITIES]
+    known = [f"{m}{SUFFIX}" for m in known]
     problems = []
     for entry in entries:
         if entry.is_file() and _is_nifti_name(entry.name) and entry.name not in known:
@@ -109,7 +126,7 @@ def case_problems(case: Case, modalities: Iterable[str]) -> list[str]:
     return problems
 
 
-def list_cases(root: str | Path, split: str, modalities: Iterable[str]) -> list[Case]:
+def list_cases(root: str | Path, split: str, modalities: Iterable[str], known: Sequence[str] = MODALITIES) -> list[Case]:
     """Cases of one split that hold every requested modality, sorted by id.
 
     Raises DataError for a missing root or split folder, an empty split, or the first
@@ -119,7 +136,7 @@ def list_cases(root: str | Path, split: str, modalities: Iterable[str]) -> list[
     modalities = [modalities] if isinstance(modalities, str) else list(modalities)
     cases = case_folders(root, split)
     for case in cases:
-        problems = case_problems(case, modalities)
+        problems = case_problems(case, modalities, known)
         if problems:
             raise DataError(problems[0])
     return cases

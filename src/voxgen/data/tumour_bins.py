@@ -43,6 +43,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import cdist
@@ -241,3 +242,38 @@ def bin_adherence(requested, measured) -> dict:
         "mean_abs_error_per_bin": [float(v) for v in np.abs(wanted - found).mean(axis=0)],
         "rows": int(len(wanted)),
     }
+
+
+# The key under which a data set's items carry their mask's size-bin vector (`WithSizeBins`).
+SIZE_BINS = "size_bins"
+
+
+class WithSizeBins(torch.utils.data.Dataset):
+    """A volume data set whose items also hold `SIZE_BINS`: the (7,) int64 counts of their `mask`.
+
+    The counts are measured on the mask as the model sees it (the data set's grid, with the
+    spacing of its reference affine, `VolumeDataset.affine`), so a generated mask, which has
+    that grid, is measured the same way as the masks the model learnt from. Counted once per
+    item and kept.
+    """
+
+    def __init__(self, dataset, mask: str):
+        self.dataset, self.mask = dataset, mask
+        self.spacing = voxel_spacing(dataset.affine)
+        self._counts: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        if index not in self._counts:
+            volume = item[self.mask][0].numpy()  # (D, H, W), {-1, 1}: tumour above 0
+            self._counts[index] = torch.from_numpy(size_bin_vector(volume, self.spacing))
+        return item | {SIZE_BINS: self._counts[index]}
+
+    def __getattr__(self, name: str):
+        # Everything else (cases, affine, shape, modalities) is the wrapped data set's.
+        if name in ("dataset", "mask", "spacing", "_counts"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)

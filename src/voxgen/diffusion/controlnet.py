@@ -11,7 +11,6 @@ On the meta device (config checks, memory plans) only the base's config is read.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from omegaconf import OmegaConf
 
 from voxgen import checkpoint as store
 from voxgen.diffusion.run_inputs import read_saved_config
-from voxgen.errors import CheckpointError, ConfigError
+from voxgen.errors import ConfigError
 from voxgen.models.controlnet import ControlledUNet, build_controlled_unet
 
 NAME = "controlnet"
@@ -32,7 +31,7 @@ def base_config(cfg):
     """The stage-1 run's config, checked against `cfg` (stage 2); ConfigError (one line) for a base
     that is missing, is not a run, is not a UNet, or does not fit the stage-2 mode, space, data
     shape or strategy."""
-    from voxgen.diffusion.modes import MODES
+    from voxgen.diffusion.modes import build_mode, saved_mode
 
     key = "controlnet.base"
     source = str(cfg.controlnet.base)
@@ -49,10 +48,11 @@ def base_config(cfg):
         raise ConfigError(
             f"{key}={path} trained model.name={base.model.get('name')}; a ControlNet needs a UNet base (model.name=unet)"
         )
-    base_mode, mode = MODES.get(base.get("mode")), MODES[cfg.mode]
-    if base_mode is None or base_mode.conditions or base_mode.generated != mode.generated or not mode.conditions:
+    base_mode, mode = saved_mode(data), build_mode(cfg)
+    if base_mode is None or base_mode.conditional or base_mode.generated != mode.generated or not mode.conditions:
         raise ConfigError(
-            f"{key}={path} was trained with mode={base.get('mode')}; mode={cfg.mode} needs a base that generates "
+            f"{key}={path} was trained with mode={base_mode.name if base_mode else data.get('mode')}; mode={mode.name} "
+            "needs a base that generates "
             f"{', '.join(mode.generated)} unconditionally (mode=bravo_uncond) and a mode with a condition (mode=bravo)"
         )
     checks = [
@@ -90,12 +90,7 @@ def build_controlnet(cfg, network) -> ControlledUNet:
 def load_base(model: ControlledUNet, run_dir: Path) -> None:
     """The stage-1 run's EMA weights into `model.base`, and its encoder into the ControlNet."""
 
-    def use(folder, tensors, state) -> None:
-        model.base.load_state_dict(store.split_prefix(tensors, WEIGHTS_PREFIX))
-
-    found = store.load_latest(run_dir, warn=lambda m: print(m, file=sys.stderr), prefix=WEIGHTS_PREFIX, use=use)
-    if found is None:
-        raise CheckpointError(f"controlnet.base={run_dir}: the stage-1 run has no checkpoint yet")
+    store.load_weights(run_dir, model.base, WEIGHTS_PREFIX, f"controlnet.base={run_dir}: the stage-1 run has no checkpoint yet")
     with torch.no_grad():
         model.copy_encoder()
     model.base.requires_grad_(False).eval()

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from voxgen.diffusion.modes import null_condition
 from voxgen.diffusion.noise import seeded_generators
 from voxgen.diffusion.samplers import SolverSpec, prepare
 from voxgen.diffusion.spaces import decode_channels
@@ -39,9 +38,11 @@ def prediction_fn(parts) -> Callable:
     """The network as f(x, t, cond) for the samplers: the strategy maps sampler time t (rflow:
     [0, 1]; ddpm: timestep index) to the network's time; returns float32 predictions."""
 
+    from voxgen.diffusion.parts import network_output
+
     def prediction(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         with parts.autocast(x.device):
-            out = parts.model(parts.mode.model_input(x, cond), parts.strategy.model_time(t))
+            out = network_output(parts, x, t, cond)
         return out.float()
 
     return prediction
@@ -59,10 +60,10 @@ class CountedModel:
         return self.fn(x, t, cond)
 
 
-def guided(fn: Callable, scale: float) -> Callable:
-    """Classifier-free guidance (Ho & Salimans 2022): f_null + s (f_cond - f_null), with the
-    all-zero null condition. s = 1 is the plain conditional model, one call per evaluation;
-    any other s makes two calls."""
+def guided(fn: Callable, scale: float, null_condition: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """Classifier-free guidance (Ho & Salimans 2022): f_null + s (f_cond - f_null), with the mode's
+    null condition (`Mode.null_condition`). s = 1 is the plain conditional model, one call per
+    evaluation; any other s makes two calls."""
     if scale == 1.0:
         return fn
 
@@ -93,6 +94,12 @@ def generate(
     sees the batch)."""
     if not seeds:
         raise ValueError("generate needs at least one seed")
+    if solver.name == "diffrs":
+        # Its discriminator head is another run's: `diffrs.sample_with_head` binds it.
+        raise ConfigError(
+            f"solver '{solver}' needs the run's DiffRS head: sample with `voxgen sample --run RUN --solver {solver}` "
+            "(docs/diffrs.md)"
+        )
     if guidance_scale != 1.0 and cond is None:
         raise ConfigError(
             f"guidance scale {guidance_scale:g} needs a conditional mode; mode {parts.mode.name!r} has no condition (use 1)"
@@ -110,7 +117,7 @@ def generate(
         x = torch.stack([torch.randn(tuple(latent_shape), generator=g) for g in generators]).to(device)
         c = cond[start : start + len(chunk)].to(device) if cond is not None else None
         counted = CountedModel(prediction_fn(parts))
-        x = sampler(guided(counted, guidance_scale), x, grid, cond=c, generator=generators)
+        x = sampler(guided(counted, guidance_scale, parts.mode.null_condition), x, grid, cond=c, generator=generators)
         out.append(decode_channels(parts.space, x, parts.mode.generated).cpu())
         evaluations += counted.calls * len(chunk)
         if progress is not None:

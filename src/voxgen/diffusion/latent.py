@@ -33,7 +33,7 @@ from voxgen.data.dataset import VolumeDataset
 from voxgen.data.latent_cache import LatentCache, cache_key, data_fingerprint, tensors_fingerprint
 from voxgen.diffusion.run_inputs import read_saved_config
 from voxgen.diffusion.spaces import dataset_batches
-from voxgen.errors import CheckpointError, ConfigError
+from voxgen.errors import ConfigError
 
 # The weights the latent space uses: the EMA copy of the autoencoder, not its discriminator.
 WEIGHTS_PREFIX = "ema/autoencoder."
@@ -130,15 +130,10 @@ class LatentSpace:
                 f"(voxgen train --config {self.run_dir} run.dir=RUN) and set space.autoencoder=RUN"
             )
 
-        def use(folder, tensors, state) -> None:
-            # assign: a network built on the meta device (config checks) takes the tensors as they are.
-            self.network.load_state_dict(store.split_prefix(tensors, WEIGHTS_PREFIX), assign=True)
-            self.network.requires_grad_(False).eval()
-
-        found = store.load_latest(self.run_dir, warn=lambda m: print(m, file=sys.stderr), prefix=WEIGHTS_PREFIX, use=use)
-        if found is None:
-            raise CheckpointError(f"space.autoencoder={self.run_dir}: the autoencoder run has no checkpoint yet")
-        folder, tensors, _ = found
+        missing = f"space.autoencoder={self.run_dir}: the autoencoder run has no checkpoint yet"
+        # assign: a network built on the meta device (config checks) takes the tensors as they are.
+        tensors, _ = store.load_weights(self.run_dir, self.network, WEIGHTS_PREFIX, missing, assign=True)
+        self.network.requires_grad_(False).eval()
         self.fingerprint = tensors_fingerprint(tensors)
         self._loaded_on = torch.device("cpu")
 

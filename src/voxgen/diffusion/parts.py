@@ -16,11 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from voxgen.data.tumour_bins import NUM_BINS, WithSizeBins
 from voxgen.diffusion import controlnet
-from voxgen.diffusion.modes import Mode, build_mode, drop_conditions
+from voxgen.diffusion.augment import Augmentation, build_augmentation, scoreaug_batch, sda_batch
+from voxgen.diffusion.modes import SIZE_BINS, Mode, build_mode, mask_modality
 from voxgen.diffusion.spaces import Space, build_space, decode_channels, encode_batch
 from voxgen.diffusion.strategies import Strategy, build_strategy
-from voxgen.diffusion.tumour_weight import MASK, check_tumour_weight, tumour_weight_map
+from voxgen.diffusion.tumour_weight import check_tumour_weight, tumour_weight_map
 from voxgen.errors import ConfigError
 from voxgen.models.registry import build_model
 from voxgen.precision import Autocast, autocast_policy
@@ -41,6 +43,8 @@ class NetworkShape:
     data_in: int
     data_out: int
     data_shape: tuple[int, int, int] | None = None  # [D, H, W] of the data, before the space
+    # Length of the condition vector the network takes next to its time (0: none).
+    vector_size: int = 0
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -54,7 +58,7 @@ def network_of(cfg, mode: Mode, space: Space) -> NetworkShape:
     in_ch = cfg.model.in_channels if cfg.model.in_channels is not None else data_in
     out_ch = cfg.model.out_channels if cfg.model.out_channels is not None else data_out
     data_shape = tuple(int(s) for s in cfg.data.shape)
-    return NetworkShape(in_ch, out_ch, space.shape(data_shape), data_in, data_out, data_shape)
+    return NetworkShape(in_ch, out_ch, space.shape(data_shape), data_in, data_out, data_shape, mode.vector_size)
 
 
 @dataclass
@@ -77,6 +81,10 @@ class Parts:
     # `training.tumour_weight`: tumour voxels of the batch's mask weigh more in the loss
     # (voxgen.diffusion.tumour_weight); 0 = off, the plain loss.
     tumour_weight: float = 0.0
+    # The mode's mask modality (data.masks) that tumour weighting reads, if any.
+    mask: str | None = None
+    # `augment.*`: SDA or ScoreAug in training mode (voxgen.diffusion.augment); None = off.
+    augmentation: Augmentation | None = None
 
     def __post_init__(self):
         if self.encode is None:
@@ -101,10 +109,11 @@ class Parts:
         and the step does not encode them.
         """
         net, mode = self.network, self.mode
+        vectors = {SIZE_BINS: torch.empty(batch_size, NUM_BINS, device="meta")} if mode.size_bins else {}
         if (net.in_channels, net.out_channels) == (net.data_in, net.data_out):
             channels, shape = (self.space.latent_channels, net.shape) if self.space.cached else (1, net.data_shape)
-            return self, {m: torch.empty(batch_size, channels, *shape, device="meta") for m in mode.modalities}
-        cond_channels = net.in_channels - net.out_channels
+            return self, {m: torch.empty(batch_size, channels, *shape, device="meta") for m in mode.modalities} | vectors
+        cond_channels = net.in_channels - net.out_channels - (NUM_BINS if mode.size_bins == "channels" else 0)
         if mode.conditions and cond_channels < len(mode.conditions) or not mode.conditions and cond_channels:
             raise ConfigError(
                 f"model.in_channels={net.in_channels} and model.out_channels={net.out_channels} do not fit mode "
@@ -118,7 +127,7 @@ class Parts:
         batch = split(net.out_channels, mode.generated)
         if mode.conditions:
             batch.update(split(cond_channels, mode.conditions))
-        return replace(self, encode=already_encoded), batch
+        return replace(self, encode=already_encoded), batch | vectors
 
     def loss(self, batch: dict, generator: torch.Generator | None, step: int = 0) -> torch.Tensor:
         """Scalar loss of one batch (see `prediction_and_target`); the same at every step."""
@@ -133,7 +142,7 @@ class Parts:
         `tumour_weight` > 0; {} otherwise, so the loss is the plain one."""
         if self.tumour_weight == 0:
             return {}
-        return {"voxel_weight": tumour_weight_map(batch[MASK], self.tumour_weight)}
+        return {"voxel_weight": tumour_weight_map(batch[self.mask], self.tumour_weight)}
 
     def preview(self, batch: dict, seed: int) -> list[np.ndarray]:
         """[a sample for the first item's conditions, the real case]: first generated modality, (D, H, W)."""
@@ -151,7 +160,11 @@ class Parts:
         return replace(self, model=model)
 
     def prepare(self, train_set, val_set):
-        """The space's statistics from the training split, and the data sets the steps read."""
+        """The space's statistics from the training split, and the data sets the steps read (with
+        their masks' size-bin vectors for a size-bin mode)."""
+        if self.mode.size_bins:
+            mask = self.mode.generated[0]
+            train_set, val_set = WithSizeBins(train_set, mask), WithSizeBins(val_set, mask)
         return self.space.prepare(train_set, val_set)
 
     def state_dict(self) -> dict:
@@ -176,19 +189,51 @@ def prediction_and_target(
     they were drawn at (for a loss weighted per sample); noise and times from `generator`.
 
     In training mode, conditions are replaced by the null condition with probability
-    `parts.strategy.cond_dropout` per sample (classifier-free guidance); evaluation mode keeps
-    them, so validation losses compare the conditional model across steps.
+    `parts.strategy.cond_dropout` per sample (classifier-free guidance), and `parts.augmentation`
+    applies: SDA appends transformed copies at shifted times (so prediction, target and times
+    have B + K rows), ScoreAug moves x_t, the target and the volume conditions by one transform
+    per sample and gives the network the transform's code. Evaluation mode does neither, so
+    validation losses compare the conditional, unaugmented model across steps.
     """
     z0, cond = parts.mode.split(parts.encode(batch))  # (B, C, D', H', W'), (B, K, D', H', W') or None
     noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
     t = parts.strategy.sample_time(z0.shape[0], generator, z0.device)  # (B,)
     if cond is not None and parts.strategy.cond_dropout > 0 and parts.model.training:
         # Drawn after noise and times: runs without dropout keep their random streams.
-        cond = drop_conditions(cond, parts.strategy.cond_dropout, generator)
+        cond = parts.mode.drop_conditions(cond, parts.strategy.cond_dropout, generator)
+    # Drawn last, and only when on: runs without augmentation keep their random streams.
+    aug = parts.augmentation if parts.augmentation is not None and parts.augmentation.active(parts.model.training) else None
+    if aug is not None and aug.method == "sda":
+        steps = getattr(parts.strategy, "num_timesteps", None)
+        z0, noise, t, cond = sda_batch(aug, z0, noise, t, cond, generator, steps)  # (B + K, ...)
     x_t = parts.strategy.interpolate(z0, noise, t)
+    target = omega = None
+    if aug is not None and aug.method == "scoreaug":
+        target = parts.strategy.target(z0, noise, t)
+        x_t, target, cond, omega = scoreaug_batch(aug, x_t, target, cond, generator)
     with parts.autocast(z0.device):
-        prediction = parts.model(parts.mode.model_input(x_t, cond), parts.strategy.model_time(t))
-    return prediction, parts.strategy.target(z0, noise, t), t
+        prediction = network_output(parts, x_t, t, cond, omega)
+    # Otherwise the target is made after the forward, as it always was (the planner's peak).
+    return prediction, target if target is not None else parts.strategy.target(z0, noise, t), t
+
+
+def network_output(
+    parts: Parts, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, omega: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The network's prediction at x_t (B, C, D', H', W') and strategy time t (B,), given the mode's
+    condition: volume conditions join x_t along C, a size-bin vector goes next to the time.
+
+    A network trained with ScoreAug's omega conditioning also takes the code of the transform
+    x_t was moved by (B, 18) after the mode's vector; None (sampling, validation) is the
+    identity's code, zeros."""
+    x, vector = parts.mode.network_inputs(x_t, cond)
+    time = parts.strategy.model_time(t)
+    size = parts.augmentation.omega_size if parts.augmentation is not None else 0
+    if size:
+        if omega is None:
+            omega = torch.zeros(x_t.shape[0], size, device=x_t.device, dtype=x_t.dtype)
+        vector = omega if vector is None else torch.cat([vector, omega.to(vector.dtype)], dim=1)
+    return parts.model(x, time) if vector is None else parts.model(x, time, vector)
 
 
 def require_data_channels(cfg) -> None:
@@ -239,15 +284,25 @@ def build_parts(cfg, device: torch.device | str = "cpu", model: nn.Module | None
     elsewhere, planned by `voxgen plan --factory`)."""
     mode, space, strategy = build_mode(cfg), build_space(cfg), build_strategy(cfg)
     space.check(cfg.data.shape)
-    tumour_weight = check_tumour_weight(cfg.training.tumour_weight, mode, space.name)
+    if mode.size_bins and space.cached:
+        raise ConfigError(
+            f"mode={mode.name} reads the size bins of each batch's mask, which a latent cache does not keep: "
+            "set space.cache=false (the encoder then runs in the step)"
+        )
+    mask = mask_modality(cfg, mode)
+    tumour_weight = check_tumour_weight(cfg.training.tumour_weight, mode, mask, space.name)
+    augmentation = build_augmentation(cfg.augment)
     network = network_of(cfg, mode, space)
+    if augmentation is not None and augmentation.omega_size:
+        # ScoreAug's transform code goes after the mode's vector (network_output).
+        network = replace(network, vector_size=network.vector_size + augmentation.omega_size)
     if model is None and cfg.model.name == controlnet.NAME:
         # Not a registry family: it is built on a stage-1 run (its config and weights).
         model = controlnet.build_controlnet(cfg, network)
     elif model is None:
         try:
             channels = network.in_channels, network.out_channels
-            model = build_model(cfg.model, *channels, network.shape, cfg.training.grad_checkpointing)
+            model = build_model(cfg.model, *channels, network.shape, cfg.training.grad_checkpointing, network.vector_size)
         except ConfigError as exc:
             if space.name == "pixel":
                 raise
@@ -261,4 +316,6 @@ def build_parts(cfg, device: torch.device | str = "cpu", model: nn.Module | None
         autocast_policy(cfg.training.precision),
         sample=cfg.sample,
         tumour_weight=tumour_weight,
+        mask=mask,
+        augmentation=augmentation,
     )

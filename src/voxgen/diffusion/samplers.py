@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from voxgen.diffusion import ddpm_samplers
+from voxgen.diffusion.diffrs import diffrs
 from voxgen.diffusion.rflow_samplers import (
     bosh3,
     dopri5,
@@ -105,6 +106,14 @@ def _eta_check(s: dict) -> str | None:
     return None if 0.0 <= s["eta"] <= 1.0 else "eta must be in [0, 1]"
 
 
+def _diffrs_check(s: dict) -> str | None:
+    if not 0.0 <= s["percentile"] <= 1.0:
+        return "q must be in [0, 1]"
+    if s["backsteps"] < 1 or s["budget"] < 1:
+        return "back must be >= 1 and budget >= 1"
+    return None
+
+
 _RESTART_ALIASES = (("k", "restarts"), ("tmin", "t_min"), ("tmax", "t_max"), ("rsteps", "restart_steps"))
 SAMPLERS: dict[str, Sampler] = {
     s.name: s
@@ -132,6 +141,18 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler("ddpm", ddpm_samplers.ddpm, "ddpm", "steps", 1, 1, "ancestral DDPM (Ho et al. 2020)"),
         Sampler("ddim", ddpm_samplers.ddim, "ddpm", "steps", 1, 1, "DDIM with eta (Song et al. 2021)", check=_eta_check),
         Sampler("dpmpp2m", ddpm_samplers.dpmpp_2m, "ddpm", "steps", 2, 1, "DPM-Solver++(2M) (Lu et al. 2022)"),
+        # Needs the run's trained discriminator head: `voxgen sample --solver diffrs` binds it (docs/diffrs.md).
+        Sampler(
+            "diffrs",
+            diffrs,
+            "rflow",
+            "steps",
+            1,
+            None,
+            "Euler with discriminator rejection sampling (Na et al. 2024)",
+            (("q", "percentile"), ("back", "backsteps")),
+            _diffrs_check,
+        ),
     )
 }
 

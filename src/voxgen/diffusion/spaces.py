@@ -285,7 +285,7 @@ class WaveletSpace(HalvingSpace):
         moments: dict[str, _BandMoments] = {}
         for batch in batches:
             for modality, x in batch.items():
-                if torch.is_tensor(x):
+                if torch.is_tensor(x) and x.ndim == 5:  # volumes, not a size-bin vector
                     _check_volume(x, modality)
                     moments.setdefault(modality, _BandMoments()).update(haar_dwt3d(x.detach().to(torch.float64)))
         if not moments:
@@ -329,9 +329,9 @@ def _parse_stats(modality: str, entry) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def encode_batch(space: Space, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{modality: (B, 1, D, H, W)} -> {modality: (B, C', D', H', W')}; entries that are not tensors
-    (the case ids) pass as they are."""
-    return {name: space.encode(x, name) if torch.is_tensor(x) else x for name, x in batch.items()}
+    """{modality: (B, 1, D, H, W)} -> {modality: (B, C', D', H', W')}; entries that are not volumes
+    (the case ids, a size-bin vector (B, 7)) pass as they are."""
+    return {name: space.encode(x, name) if torch.is_tensor(x) and x.ndim == 5 else x for name, x in batch.items()}
 
 
 def encode_channels(space: Space, x: torch.Tensor, modalities: Sequence[str]) -> torch.Tensor:

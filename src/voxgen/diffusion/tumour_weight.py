@@ -35,20 +35,19 @@ from voxgen.errors import ConfigError
 
 # Reference tumour volume, in voxels: a 3x3x3 cube weighs 1 + tumour_weight.
 REFERENCE_VOXELS = 27
-# The modality that holds the tumour mask.
-MASK = "seg"
 
 
-def check_tumour_weight(weight: float, mode, space_name: str, task: str = "diffusion") -> float:
-    """`weight` as a float, or ConfigError when it cannot apply to this mode, space and task."""
+def check_tumour_weight(weight: float, mode, mask: str | None, space_name: str, task: str = "diffusion") -> float:
+    """`weight` as a float, or ConfigError when it cannot apply to this mode (whose mask modality
+    is `mask`, None without one), space and task."""
     key = f"training.tumour_weight={weight}"
     if not weight >= 0:
         raise ConfigError(f"{key} must be at least 0 (0 disables tumour weighting)")
     if weight > 0 and task != "diffusion":
         raise ConfigError(f"{key} weights the diffusion loss; task={task} has none (set it to 0)")
-    if weight > 0 and MASK not in mode.modalities:
+    if weight > 0 and mask is None:
         raise ConfigError(
-            f"{key} needs the tumour mask, but mode {mode.name!r} has no {MASK} (generates "
+            f"{key} needs the tumour mask, but mode {mode.name!r} has no mask modality (data.masks; generates "
             f"{', '.join(mode.generated)}; conditions: {', '.join(mode.conditions) or 'none'})"
         )
     if weight > 0 and space_name != "pixel":

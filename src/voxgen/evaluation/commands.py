@@ -36,6 +36,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i in every configuration")
     p.add_argument("--batch-size", type=int, default=8, help="volumes sampled together (default 8; fewer on a small GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale for conditional modes (default: the run's sample.guidance_scale)",
+    )
     p.add_argument("--out", default=None, help="output folder (default RUN/evaluation)")
 
 
@@ -58,7 +64,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         metavar="M1,M2",
         help="comma-separated subset of psnr, ssim, ms_ssim, fid, kid, mmd, intensity_w1, dice, hd95, lesions, "
-        "lesion_count_w1, lesion_size_w1, lesion_fraction_w1 (default: all that apply)",
+        "lesion_count_w1, lesion_size_w1, lesion_fraction_w1, bins_exact, bins_mae (default: all that apply)",
     )
     return p
 
@@ -87,6 +93,7 @@ def _evaluator(args, metrics):
         seed=args.seed,
         batch_size=args.batch_size,
         device=args.device,
+        guidance_scale=args.guidance_scale,
     )
 
 
@@ -102,7 +109,7 @@ def _line(row, headers) -> str:
 def _title(ev, what: str) -> str:
     ext = ev.extractor
     label = f"; features {ext.label}" if ext is not None else ""
-    return f"{what}: {ev.run_dir.name} ({ev.cfg.model.name}, {ev.cfg.mode}), {ev.samples} samples vs '{ev.split}'{label}"
+    return f"{what}: {ev.run_dir.name} ({ev.cfg.model.name}, {ev.parts.mode.name}), {ev.samples} samples vs '{ev.split}'{label}"
 
 
 def run_evaluate(args) -> int:
@@ -140,6 +147,7 @@ def run_evaluate(args) -> int:
 def run_evaluate_reconstruction(args) -> int:
     """`voxgen evaluate` of a compression model: PSNR and SSIM of its reconstructions of a split,
     next to trilinear down- and up-sampling by the same factor."""
+    from voxgen.data.layout import Modalities
     from voxgen.evaluation.reconstruction import reconstruction_table
     from voxgen.files import write_atomic
     from voxgen.training.runs import load_run
@@ -149,7 +157,7 @@ def run_evaluate_reconstruction(args) -> int:
     split = args.split or "test"
     device = next(task.model.parameters()).device
     _say(f"reconstructing the {split} split with {cfg.model.name} (step {step})")
-    table = reconstruction_table(task, cfg.data.root, split, cfg.data.shape, device)
+    table = reconstruction_table(task, cfg.data.root, split, cfg.data.shape, device, Modalities.of(cfg.data))
     out = Path(args.out) if args.out else Path(args.run) / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "reconstruction.md"

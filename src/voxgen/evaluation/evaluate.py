@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from voxgen.data.dataset import VolumeDataset
-from voxgen.data.layout import MASK_MODALITIES
+from voxgen.data.layout import Modalities
 from voxgen.errors import DataError, VoxgenError
 from voxgen.evaluation import metrics as registry
 from voxgen.evaluation.features import EXTRACTORS, Extractor, build_extractor
@@ -68,14 +68,15 @@ def voxel_spacing(dataset: VolumeDataset) -> tuple[float, float, float]:
     return float(norms[2]), float(norms[1]), float(norms[0])
 
 
-def reference_split(root, modalities, shape, split: str | None) -> VolumeDataset:
+def reference_split(cfg, modalities, split: str | None) -> VolumeDataset:
     """The split's dataset; None = test, or val when the data has no test cases."""
+    root, shape, layout = cfg.data.root, cfg.data.shape, Modalities.of(cfg.data)
     if split is not None:
-        return VolumeDataset(root, split, modalities, shape)
+        return VolumeDataset(root, split, modalities, shape, layout=layout)
     try:
-        return VolumeDataset(root, "test", modalities, shape)
+        return VolumeDataset(root, "test", modalities, shape, layout=layout)
     except DataError:
-        return VolumeDataset(root, "val", modalities, shape)
+        return VolumeDataset(root, "val", modalities, shape, layout=layout)
 
 
 class RunEvaluator:
@@ -95,6 +96,7 @@ class RunEvaluator:
         seed: int = 0,
         batch_size: int = 8,
         device: str = "auto",
+        guidance_scale: float | None = None,
     ):
         from voxgen.training.runs import load_run
 
@@ -109,14 +111,17 @@ class RunEvaluator:
             # change only by float rounding (~1e-5).
             self.parts.model.to(memory_format=torch.channels_last_3d)
         self.samples, self.seed, self.batch_size = int(samples), int(seed), int(batch_size)
+        self.guidance_scale = guidance_scale  # None: the run's sample.guidance_scale
         mode = self.parts.mode
-        self.data = reference_split(self.cfg.data.root, mode.modalities, self.cfg.data.shape, split)
+        self.data = reference_split(self.cfg, mode.modalities, split)
+        self.masks = tuple(self.cfg.data.masks)
         self.split = self.data.split
         self.spacing = voxel_spacing(self.data)
         items = [self.data[i] for i in range(len(self.data))]
         self.case_index = {item["case"]: i for i, item in enumerate(items)}
         self.reals = {m: np.stack([item[m][0].numpy() for item in items]) for m in mode.generated}
         self.paired = bool(mode.conditions)
+        self.size_bins = mode.size_bins is not None
         self.notes: list[str] = []
         self._several = len(mode.generated) > 1
         self.columns = self._columns(metrics)
@@ -127,6 +132,8 @@ class RunEvaluator:
         )
         self._real_features: dict[str, dict] = {}
         self._warm = False
+        # Size-bin modes: solver text -> the mean absolute count error of each of the 7 bins.
+        self.per_bin: dict[str, list[float]] = {}
 
     def _columns(self, names: Sequence[str] | None) -> list[Column]:
         shape = list(self.cfg.data.shape)
@@ -134,13 +141,19 @@ class RunEvaluator:
         chosen = [registry.get_metric(n) for n in names] if explicit else list(registry.METRICS.values())
         columns = []
         for modality in self.parts.mode.generated:
-            is_mask = modality in MASK_MODALITIES
+            is_mask = modality in self.masks
             for metric in chosen:
-                if not registry.applicable(metric, is_mask, self.paired):
+                if not registry.applicable(metric, is_mask, self.paired, self.size_bins):
                     if explicit:
                         what = "mask" if is_mask else "image"
                         kind_ok = metric.kind == "any" or (metric.kind == "mask") == is_mask
-                        need = f"{metric.kind} modalities" if not kind_ok else "conditioned samples"
+                        need = (
+                            f"{metric.kind} modalities"
+                            if not kind_ok
+                            else "a size-bin mode (seg_conditioned)"
+                            if metric.needs == "size_bins"
+                            else "conditioned samples"
+                        )
                         raise VoxgenError(
                             f"metric '{metric.name}' needs {need}; this run generates {modality} "
                             f"({what}{', unconditioned' if not self.paired else ''})"
@@ -179,10 +192,13 @@ class RunEvaluator:
 
     def sampling(self, text: str):
         """How to sample with `text`: the SolverSpec completed by the run's sample settings
-        (shift, eta), checked against the run's strategy, with the run's guidance scale."""
+        (shift, eta), checked against the run's strategy, with the run's guidance scale unless the
+        evaluator was given one."""
         from voxgen.diffusion.sampling import sampling_settings
 
-        return sampling_settings(self.cfg.sample, self.parts.strategy, self.paired, solver=text)
+        return sampling_settings(
+            self.cfg.sample, self.parts.strategy, self.parts.mode.conditional, solver=text, guidance_scale=self.guidance_scale
+        )
 
     def warm_up(self) -> None:
         """One untimed single-step batch: the first network calls pay one-time start-up (kernel
@@ -226,7 +242,7 @@ class RunEvaluator:
         for column, head in zip(self.columns, self.headers()):
             modality = column.modality
             if modality not in inputs:
-                is_mask = modality in MASK_MODALITIES
+                is_mask = modality in self.masks
                 reals = self.reals[modality]
                 inputs[modality] = registry.Inputs(
                     modality,
@@ -237,11 +253,14 @@ class RunEvaluator:
                     spacing=self.spacing,
                     extractor=self.extractor,
                     real_features=self._real_features.get(modality),
+                    requested_bins=result.size_bins,
                 )
             value = column.metric.fn(inputs[modality])
             if inputs[modality].real_features is not None:
                 self._real_features[modality] = inputs[modality].real_features
             row.values[head] = value
+            if column.metric.needs == "size_bins" and str(spec) not in self.per_bin:
+                self.per_bin[str(spec)] = registry.bin_adherence_of(inputs[modality])["mean_abs_error_per_bin"]
         return row
 
     def describe(self) -> list[str]:
@@ -252,13 +271,16 @@ class RunEvaluator:
             f"(seeds {self.seed}-{self.seed + self.samples - 1}) against the {len(self.data)} cases of the "
             f"'{self.split}' split; NFE = network evaluations per volume; seconds per volume include decoding."
         ]
+        if self.parts.mode.conditional:
+            scale = self.sampling(f"{self.parts.strategy.default_sampler}:1").guidance_scale
+            lines.append(f"Classifier-free guidance scale {scale:g} (1 = none; two network calls a step otherwise).")
         if any(c.metric.needs == "pairs" for c in self.columns):
             lines.append(
                 "Paired metrics compare sample i with the case whose condition produced it "
                 "(the split's cases in order, cycling); images in [-1, 1] (data range 2)."
             )
         for modality, reals in self.reals.items():
-            if modality in MASK_MODALITIES and any(c.metric.kind == "mask" for c in self.columns):
+            if modality in self.masks and any(c.metric.kind == "mask" for c in self.columns):
                 stats = lesion_stats(reals, self.spacing)
                 lines.append(
                     f"Reference {modality} masks: {stats.mean_count:.2f} lesions/mask (26-connected), median "
@@ -276,6 +298,14 @@ class RunEvaluator:
                     f"{ext.name} is a random network: its numbers are not comparable with published figures; "
                     "use them to compare configurations of this table only."
                 )
+        if self.size_bins:
+            lines.append(
+                "Size bins: each sample is asked for the tumour counts per size bin of one mask of the split "
+                "(in order, cycling) and measured the same way (26-connected tumours, Feret diameter, bins "
+                "[0,3,6,10,15,20,30,inf) mm, counts capped at 10). Mean absolute count error per bin:"
+            )
+            for spec, errors in self.per_bin.items():
+                lines.append(f"  {spec}: " + " ".join(f"{e:.2f}" for e in errors))
         return lines + self.notes
 
 

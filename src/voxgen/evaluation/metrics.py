@@ -44,7 +44,10 @@ class Inputs:
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # mm along (D, H, W)
     extractor: Extractor | None = None
     real_features: dict[str, np.ndarray] | None = None  # cached by the caller across sample sets
+    # Size-bin modes: the tumour counts per size bin requested of each sample, (N, 7).
+    requested_bins: np.ndarray | None = None
     _sample_features: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    _bin_adherence: dict | None = field(default=None, repr=False)
 
     def features(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """({view: sample features}, {view: reference features}), each computed once."""
@@ -126,6 +129,28 @@ def lesions_per_mask(inputs: Inputs) -> float:
     return masks.lesion_stats(inputs.samples, inputs.spacing).mean_count
 
 
+def bin_adherence_of(inputs: Inputs) -> dict:
+    """`tumour_bins.bin_adherence` of the samples' measured size bins against their requests,
+    measured once per `Inputs`."""
+    from voxgen.data.tumour_bins import bin_adherence, size_bin_vector
+
+    if inputs.requested_bins is None:
+        raise VoxgenError(f"{inputs.modality}: size-bin metrics need a size-bin mode (seg_conditioned)")
+    if inputs._bin_adherence is None:
+        spacing_xyz = tuple(reversed(inputs.spacing))  # Inputs.spacing is (D, H, W) = (z, y, x)
+        measured = [size_bin_vector(mask, spacing_xyz) for mask in inputs.samples]
+        inputs._bin_adherence = bin_adherence(inputs.requested_bins, measured)
+    return inputs._bin_adherence
+
+
+def bins_exact(inputs: Inputs) -> float:
+    return bin_adherence_of(inputs)["exact_fraction"]
+
+
+def bins_mae(inputs: Inputs) -> float:
+    return float(np.mean(bin_adherence_of(inputs)["mean_abs_error_per_bin"]))
+
+
 def intensity(inputs: Inputs) -> float:
     return intensity_w1(inputs.samples, inputs.reals)
 
@@ -137,7 +162,8 @@ def lesion_fraction(inputs: Inputs) -> float:
 @dataclass(frozen=True)
 class Metric:
     """name: registry key and CLI choice; label: table header (feature metrics add the extractor);
-    needs: 'pairs' (conditioned samples), 'features' (an extractor) or 'sets' (the two sets);
+    needs: 'pairs' (conditioned samples), 'features' (an extractor), 'sets' (the two sets) or
+    'size_bins' (the size-bin requests of a seg_conditioned mode);
     kind: 'image', 'mask' or 'any' modality; better: 'lower', 'higher' or 'none' (a statistic)."""
 
     name: str
@@ -177,6 +203,24 @@ METRICS: dict[str, Metric] = {
         Metric("lesion_count_w1", "lesion-count W1", lesion_count_w1, "sets", "mask", "lower", "W1 of lesions per mask"),
         Metric("lesion_size_w1", "lesion-size W1 (mm^3)", lesion_size_w1, "sets", "mask", "lower", "W1 of lesion volumes"),
         Metric(
+            "bins_exact",
+            "bins exact",
+            bins_exact,
+            "size_bins",
+            "mask",
+            "higher",
+            "fraction of samples whose 7 measured size-bin counts all equal the requested ones",
+        ),
+        Metric(
+            "bins_mae",
+            "bins MAE",
+            bins_mae,
+            "size_bins",
+            "mask",
+            "lower",
+            "mean absolute error of the size-bin counts, averaged over samples and the 7 bins",
+        ),
+        Metric(
             "lesion_fraction_w1",
             "lesion-fraction W1",
             lesion_fraction,
@@ -189,10 +233,11 @@ METRICS: dict[str, Metric] = {
 }
 
 
-def applicable(metric: Metric, is_mask: bool, paired: bool) -> bool:
-    """Whether `metric` can be computed for a modality (mask or image) with or without pairs."""
+def applicable(metric: Metric, is_mask: bool, paired: bool, size_bins: bool = False) -> bool:
+    """Whether `metric` can be computed for a modality (mask or image) with or without pairs, and
+    with or without size-bin requests."""
     kind_ok = metric.kind == "any" or (metric.kind == "mask") == is_mask
-    return kind_ok and (metric.needs != "pairs" or paired)
+    return kind_ok and (metric.needs != "pairs" or paired) and (metric.needs != "size_bins" or size_bins)
 
 
 def get_metric(name: str) -> Metric:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from voxgen.data.dataset import VolumeDataset
+from voxgen.data.layout import Modalities
 from voxgen.evaluation.pixel import psnr, ssim
 
 DATA_RANGE = 2.0  # model space: [-1, 1]
@@ -46,13 +47,13 @@ def _scores(pred: torch.Tensor, target: torch.Tensor, win_size: int) -> tuple[fl
 
 @torch.no_grad()
 def reconstruction_rows(
-    task, data_root, split: str, shape: Sequence[int], device, batch_size: int = 4
+    task, data_root, split: str, shape: Sequence[int], device, batch_size: int = 4, layout: Modalities = Modalities()
 ) -> list[ReconstructionRow]:
     """Rows for every modality of an autoencoder task on `split`: the autoencoder (its
     deterministic reconstruction) and the trilinear baseline by the autoencoder's factor."""
     network = task.model.autoencoder
     factor = tuple(int(f) for f in network.factor)
-    dataset = VolumeDataset(data_root, split, task.modalities, shape)
+    dataset = VolumeDataset(data_root, split, task.modalities, shape, layout=layout)
     # SSIM's usual 11-voxel window, shrunk to the largest odd size that fits the smallest axis.
     win_size = min(11, min(shape) - (1 - min(shape) % 2))
     grid = math.prod(s // f for s, f in zip(shape, factor, strict=True))
@@ -71,9 +72,9 @@ def reconstruction_rows(
     return rows
 
 
-def reconstruction_table(task, data_root, split: str, shape: Sequence[int], device) -> str:
+def reconstruction_table(task, data_root, split: str, shape: Sequence[int], device, layout: Modalities = Modalities()) -> str:
     """`reconstruction_rows` as a Markdown table."""
-    rows = reconstruction_rows(task, data_root, split, shape, device)
+    rows = reconstruction_rows(task, data_root, split, shape, device, layout=layout)
     lines = ["| method | modality | PSNR (dB) | SSIM | values per volume |", "|---|---|---|---|---|"]
     lines += [f"| {r.method} | {r.modality} | {r.psnr:.2f} | {r.ssim:.4f} | {r.values_per_volume:,} |" for r in rows]
     return "\n".join(lines)

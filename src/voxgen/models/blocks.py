@@ -86,3 +86,34 @@ def checkpoint_each(modules: Iterable[nn.Module]) -> None:
     """
     for module in modules:
         enable_checkpointing(module)
+
+
+class VectorEmbedding(nn.Module):
+    """A condition vector (B, K) -> (B, width), added to a network's time embedding (FiLM through
+    the embedding: every block that the time modulates is modulated by the vector too).
+
+    The last layer starts at zero, so a network starts out ignoring the vector, as the zero
+    convolutions of a ControlNet start it out ignoring its control. Networks build it after
+    their own initialisation, so the weights a seed gives the rest of the network do not depend
+    on whether there is a vector.
+    """
+
+    def __init__(self, size: int, width: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(size, width), nn.SiLU(), nn.Linear(width, width))
+        if not self.mlp[-1].weight.is_meta:
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, vector: torch.Tensor) -> torch.Tensor:
+        return self.mlp(vector)
+
+
+def add_vector(embedding: torch.Tensor, vector_embed: VectorEmbedding | None, vector: torch.Tensor | None) -> torch.Tensor:
+    """The time embedding (B, E) plus the vector's embedding when the network takes one; a vector
+    given to a network built without one (or the reverse) is an error, not silently ignored."""
+    if (vector_embed is None) != (vector is None):
+        raise ValueError("the network takes a condition vector exactly when it was built with vector_size > 0")
+    if vector_embed is None:
+        return embedding
+    return embedding + vector_embed(vector).to(embedding.dtype)

@@ -9,7 +9,8 @@ DDPM; in voxgen the training objective comes from `strategy`, so `sit` is the sa
 factory under a second name (with `strategy=rflow` it is the SiT set-up).
 
 Differences from the 2D paper model, on purpose:
-- no class embedding: conditions enter as extra input channels (see `mode`);
+- no class embedding: volume conditions enter as extra input channels, a condition vector
+  (size bins, ScoreAug's transform) as an embedding added to the time embedding (see `mode`);
 - the positional embedding is a learnable (1, N, hidden) parameter initialised with 3D
   sin-cos features, as in the seeds' profiled model (their parameter counts include it).
 """
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from voxgen.errors import ConfigError
-from voxgen.models.blocks import checkpoint_each
+from voxgen.models.blocks import VectorEmbedding, add_vector, checkpoint_each
 from voxgen.models.transformer import (
     Attention,
     Mlp,
@@ -107,7 +108,8 @@ class FinalLayer(nn.Module):
 
 
 class DiT3D(nn.Module):
-    """f(x, t): x (B, C_in, D, H, W), t (B,) model time in [0, 1000] -> (B, C_out, D, H, W).
+    """f(x, t[, vector]): x (B, C_in, D, H, W), t (B,) model time in [0, 1000], vector (B, K) when
+    built with vector_size > 0 (added to the time embedding) -> (B, C_out, D, H, W).
 
     `shape` [D, H, W] fixes the token grid (D/p, H/p, W/p) and so the size of the
     learnable positional embedding.
@@ -123,6 +125,7 @@ class DiT3D(nn.Module):
         size: DiTSize,
         attention: str = "sdpa",
         qk_norm: bool = True,
+        vector_size: int = 0,
     ):
         super().__init__()
         self.out_channels = out_channels
@@ -137,6 +140,7 @@ class DiT3D(nn.Module):
         )
         self.final_layer = FinalLayer(size.hidden, patch, out_channels)
         self.initialize_weights()
+        self.vector_embed = VectorEmbedding(vector_size, size.hidden) if vector_size else None
 
     def transformer_blocks(self) -> list[DiTBlock]:
         """Every transformer block, input side first."""
@@ -150,20 +154,22 @@ class DiT3D(nn.Module):
         )
         fill_sincos_3d(self.pos_embed, self.grid)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, vector: torch.Tensor | None = None) -> torch.Tensor:
         h = self.x_embedder(x) + self.pos_embed  # (B, N, C)
-        c = self.t_embedder(t)  # (B, C)
+        c = add_vector(self.t_embedder(t), self.vector_embed, vector)  # (B, C)
         for block in self.blocks:
             h = block(h, c)  # (B, N, C)
         h = self.final_layer(h, c)  # (B, N, p^3 C_out)
         return unpatchify(h, self.grid, self.patch, self.out_channels)  # (B, C_out, D, H, W)
 
 
-def build_dit(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool) -> nn.Module:
+def build_dit(
+    cfg, *, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool, vector_size: int = 0
+) -> nn.Module:
     """The factory of `dit` and `sit` (registered in `voxgen.models`)."""
     options = transformer_options(cfg, qk_norm_default=True)  # null: on, as in the profiled seed DiT
     size = dit_size(cfg.variant, cfg.hidden_size, cfg.depth)
-    model = DiT3D(in_channels=in_channels, out_channels=out_channels, shape=shape, size=size, **options)
+    model = DiT3D(in_channels=in_channels, out_channels=out_channels, shape=shape, size=size, vector_size=vector_size, **options)
     if grad_checkpointing:
         checkpoint_each(model.transformer_blocks())
     return model

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from voxgen.errors import ConfigError
-from voxgen.models.blocks import check_divisible, checkpoint_each
+from voxgen.models.blocks import VectorEmbedding, add_vector, check_divisible, checkpoint_each
 from voxgen.models.dit import VARIANTS, DiTBlock, DiTSize, FinalLayer, dit_size
 from voxgen.models.transformer import (
     check_patch_size,
@@ -87,7 +87,8 @@ class TokenSplit(nn.Module):
 
 
 class HDiT(nn.Module):
-    """f(x, t): x (B, C_in, D, H, W), t (B,) model time -> (B, C_out, D, H, W).
+    """f(x, t[, vector]): x (B, C_in, D, H, W), t (B,) model time, vector (B, K) when built with
+    vector_size > 0 -> (B, C_out, D, H, W).
 
     `grids[l]` is the token grid of level l: (D, H, W) / (patch * 2^l).
     """
@@ -103,6 +104,7 @@ class HDiT(nn.Module):
         level_depths: Sequence[int],
         attention: str = "sdpa",
         qk_norm: bool = True,
+        vector_size: int = 0,
     ):
         super().__init__()
         dim, levels = size.hidden, len(level_depths) // 2
@@ -124,6 +126,7 @@ class HDiT(nn.Module):
         self.up = nn.ModuleList(stage(level_depths[2 * levels - level]) for level in range(levels))
         self.final = FinalLayer(dim, patch, out_channels)
         self.initialize_weights()
+        self.vector_embed = VectorEmbedding(vector_size, dim) if vector_size else None
 
     def transformer_blocks(self) -> list[DiTBlock]:
         """Every transformer block: encoder levels, middle, decoder levels (each by level index, finest first)."""
@@ -139,8 +142,8 @@ class HDiT(nn.Module):
         for table, grid in zip(self.pos_embeds, self.grids):
             fill_sincos_3d(table, grid)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        c = self.t_embedder(t)  # (B, C)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, vector: torch.Tensor | None = None) -> torch.Tensor:
+        c = add_vector(self.t_embedder(t), self.vector_embed, vector)  # (B, C)
         tokens = self.patch_embed(x) + self.pos_embeds[0]  # (B, N0, C)
         skips = []
         for level, stage in enumerate(self.down):
@@ -184,13 +187,21 @@ def check_hdit_config(cfg, shape: Sequence[int]) -> None:
     )
 
 
-def build_hdit(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool) -> nn.Module:
+def build_hdit(
+    cfg, *, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool, vector_size: int = 0
+) -> nn.Module:
     """The factory of `hdit` (registered in `voxgen.models`)."""
     check_hdit_config(cfg, shape)
     options = transformer_options(cfg, qk_norm_default=True)  # null: on, as DiT's blocks
     size = dit_size(cfg.variant, cfg.hidden_size)  # DiT's S/B/L/XL, width overridable by model.hidden_size
     model = HDiT(
-        in_channels=in_channels, out_channels=out_channels, shape=shape, size=size, level_depths=list(cfg.level_depths), **options
+        in_channels=in_channels,
+        out_channels=out_channels,
+        shape=shape,
+        size=size,
+        level_depths=list(cfg.level_depths),
+        vector_size=vector_size,
+        **options,
     )
     if grad_checkpointing:
         checkpoint_each(model.transformer_blocks())

@@ -1,8 +1,10 @@
 """Model registry: name -> factory. It also drives the CLI's choices (`voxgen models`).
 
 A factory takes the model section of the config, the channel counts and the spatial shape
-the network sees, and returns an `nn.Module` with `forward(x, t) -> prediction` where
-x is (B, C_in, D, H, W) and t is (B,) model time.
+the network sees, and the size of a condition vector (`vector_size`, 0 = none), and returns an
+`nn.Module` with `forward(x, t[, vector]) -> prediction` where x is (B, C_in, D, H, W), t is
+(B,) model time and vector (B, vector_size) is added to the time embedding (FiLM through the
+embedding, `voxgen.models.blocks.VectorEmbedding`).
 
 This module imports no family, so families never import it back: the package
 `voxgen.models` (its `__init__`) imports the families and registers each with one line.
@@ -43,12 +45,20 @@ def register(name: str, summary: str) -> Callable[[Factory], Factory]:
     return wrap
 
 
-def build_model(model_cfg, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool) -> nn.Module:
-    """Build the network named by `model_cfg.name` for inputs of `shape` [D, H, W]."""
+def build_model(
+    model_cfg, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool, vector_size: int = 0
+) -> nn.Module:
+    """Build the network named by `model_cfg.name` for inputs of `shape` [D, H, W]; with
+    `vector_size` > 0 it also takes a condition vector (B, vector_size) next to its time."""
     if model_cfg.name not in MODELS:
         raise ConfigError(f"model.name={model_cfg.name!r} is not one of {', '.join(sorted(MODELS))}")
     return MODELS[model_cfg.name].factory(
-        model_cfg, in_channels=in_channels, out_channels=out_channels, shape=tuple(shape), grad_checkpointing=grad_checkpointing
+        model_cfg,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        shape=tuple(shape),
+        grad_checkpointing=grad_checkpointing,
+        vector_size=vector_size,
     )
 
 

@@ -9,7 +9,7 @@ from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
 from voxgen.errors import ConfigError
-from voxgen.models.blocks import check_divisible, checkpoint_each
+from voxgen.models.blocks import VectorEmbedding, check_divisible, checkpoint_each
 
 
 def res_blocks(value) -> int | list[int]:
@@ -18,17 +18,26 @@ def res_blocks(value) -> int | list[int]:
 
 
 class UNet(nn.Module):
-    """f(x, t): x (B, C_in, D, H, W), t (B,) model time -> (B, C_out, D, H, W)."""
+    """f(x, t[, vector]): x (B, C_in, D, H, W), t (B,) model time, vector (B, K) when built with
+    one -> (B, C_out, D, H, W).
+
+    The vector enters through MONAI's class-embedding slot, whose output is added to the time
+    embedding; the slot's lookup table is replaced by a `VectorEmbedding` of a float vector.
+    """
 
     def __init__(self, net: DiffusionModelUNet):
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x, timesteps=t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, vector: torch.Tensor | None = None) -> torch.Tensor:
+        if (self.net.num_class_embeds is None) != (vector is None):
+            raise ValueError("the network takes a condition vector exactly when it was built with vector_size > 0")
+        return self.net(x, timesteps=t, class_labels=vector)
 
 
-def build_unet(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool) -> nn.Module:
+def build_unet(
+    cfg, *, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool, vector_size: int = 0
+) -> nn.Module:
     """The factory of `unet` (registered in `voxgen.models`); `wdm` builds its inner UNet with it too."""
     channels = list(cfg.channels)
     downsamplings = len(channels) - 1  # each halves every axis
@@ -49,7 +58,10 @@ def build_unet(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int]
         num_head_channels=cfg.num_head_channels,
         norm_num_groups=cfg.norm_num_groups,
         use_flash_attention=cfg.attention == "sdpa",
+        num_class_embeds=vector_size or None,
     )
+    if vector_size:
+        net.class_embedding = VectorEmbedding(vector_size, net.time_embed[-1].out_features)
     if grad_checkpointing:
         checkpoint_each([*net.down_blocks, net.middle_block, *net.up_blocks])
     return UNet(net)

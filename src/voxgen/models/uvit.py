@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from voxgen.errors import ConfigError
-from voxgen.models.blocks import checkpoint_each
+from voxgen.models.blocks import VectorEmbedding, add_vector, checkpoint_each
 from voxgen.models.transformer import Attention, Mlp, token_stem, transformer_options, unpatchify
 
 
@@ -96,7 +96,8 @@ class UViTBlock(nn.Module):
 
 
 class UViT3D(nn.Module):
-    """f(x, t): x (B, C_in, D, H, W), t (B,) model time in [0, 1000] -> (B, C_out, D, H, W).
+    """f(x, t[, vector]): x (B, C_in, D, H, W), t (B,) model time in [0, 1000], vector (B, K) when
+    built with vector_size > 0 -> (B, C_out, D, H, W).
 
     `shape` [D, H, W] fixes the token grid (D/p, H/p, W/p) and so the size of the
     learnable positional embedding, (1, 1 + N, hidden): one time token plus N patches.
@@ -114,6 +115,7 @@ class UViT3D(nn.Module):
         size: UViTSize,
         attention: str = "sdpa",
         qk_norm: bool = False,
+        vector_size: int = 0,
     ):
         super().__init__()
         self.in_channels = in_channels
@@ -132,6 +134,8 @@ class UViT3D(nn.Module):
         self.decoder_pred = nn.Linear(hidden, patch**3 * in_channels)
         self.final_layer = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1)
         self.initialize_weights()
+        # The vector's embedding joins the time token (U-ViT has no time embedding to modulate).
+        self.vector_embed = VectorEmbedding(vector_size, hidden) if vector_size else None
 
     def transformer_blocks(self) -> list[UViTBlock]:
         """Every transformer block, first half, middle, second half."""
@@ -156,9 +160,9 @@ class UViT3D(nn.Module):
         if not self.pos_embed.is_meta:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, vector: torch.Tensor | None = None) -> torch.Tensor:
         h = self.patch_embed(x)  # (B, N, C)
-        time_token = self.time_embed(t).to(h.dtype)[:, None]  # (B, 1, C)
+        time_token = add_vector(self.time_embed(t), self.vector_embed, vector).to(h.dtype)[:, None]  # (B, 1, C)
         h = torch.cat([time_token, h], dim=1) + self.pos_embed  # (B, 1 + N, C)
         skips = []
         for block in self.in_blocks:
@@ -173,11 +177,13 @@ class UViT3D(nn.Module):
         return self.final_layer(volume)  # (B, C_out, D, H, W)
 
 
-def build_uvit(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool) -> nn.Module:
+def build_uvit(
+    cfg, *, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool, vector_size: int = 0
+) -> nn.Module:
     """The factory of `uvit` (registered in `voxgen.models`)."""
     options = transformer_options(cfg, qk_norm_default=False)  # null: off, as in the U-ViT paper
     size = uvit_size(cfg.variant, cfg.hidden_size, cfg.depth)
-    model = UViT3D(in_channels=in_channels, out_channels=out_channels, shape=shape, size=size, **options)
+    model = UViT3D(in_channels=in_channels, out_channels=out_channels, shape=shape, size=size, vector_size=vector_size, **options)
     if grad_checkpointing:
         checkpoint_each(model.transformer_blocks())
     return model

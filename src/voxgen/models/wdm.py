@@ -63,15 +63,16 @@ def haar_idwt3d(z: torch.Tensor) -> torch.Tensor:
 
 
 class WaveletUNet(nn.Module):
-    """f(x, t): x (B, C_in, D, H, W), t (B,) model time -> (B, C_out, D, H, W) via sub-bands."""
+    """f(x, t[, vector]): x (B, C_in, D, H, W), t (B,) model time, vector (B, K) when built with
+    vector_size > 0 -> (B, C_out, D, H, W) via sub-bands."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, vector: torch.Tensor | None = None) -> torch.Tensor:
         bands = haar_dwt3d(x)  # (B, 8 C_in, D/2, H/2, W/2)
-        return haar_idwt3d(self.unet(bands, t))  # (B, 8 C_out, ...) -> (B, C_out, D, H, W)
+        return haar_idwt3d(self.unet(bands, t, vector))  # (B, 8 C_out, ...) -> (B, C_out, D, H, W)
 
 
 def check_wdm_config(cfg, shape: Sequence[int]) -> None:
@@ -93,7 +94,9 @@ def check_wdm_config(cfg, shape: Sequence[int]) -> None:
         )
 
 
-def build_wdm(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool) -> nn.Module:
+def build_wdm(
+    cfg, *, in_channels: int, out_channels: int, shape: Sequence[int], grad_checkpointing: bool, vector_size: int = 0
+) -> nn.Module:
     """The factory of `wdm` (registered in `voxgen.models`)."""
     check_wdm_config(cfg, shape)
     half = tuple(int(s) // 2 for s in shape)  # [D/2, H/2, W/2]: the grid of the sub-bands
@@ -103,5 +106,6 @@ def build_wdm(cfg, *, in_channels: int, out_channels: int, shape: Sequence[int],
         out_channels=SUBBANDS * out_channels,
         shape=half,
         grad_checkpointing=grad_checkpointing,
+        vector_size=vector_size,
     )
     return WaveletUNet(unet)

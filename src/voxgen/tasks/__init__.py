@@ -68,6 +68,7 @@ class Task(Protocol):
 TASKS = {
     "diffusion": "voxgen.diffusion.parts:build_diffusion_task",
     "autoencoder": "voxgen.tasks.autoencoder:build_autoencoder_task",
+    "diffrs-head": "voxgen.tasks.diffrs_head:build_diffrs_head_task",
 }
 
 

@@ -8,7 +8,28 @@ from pathlib import Path
 
 
 def run_train(args) -> int:
-    """The body of `voxgen train`."""
+    """The body of `voxgen train`; with `--run RUN` (or `diffrs.run=RUN`), the DiffRS head of that run,
+    whose data and folder come from the run and whose accuracy on held-out volumes is measured once
+    the trainer returns (docs/diffrs.md)."""
+    run = args.run or _override(args.overrides, "diffrs.run")
+    if not run:
+        return _with_signals_noted(args)
+    from voxgen.tasks.diffrs_head import head_accuracy, head_overrides, report_line
+
+    args.overrides, head_dir = head_overrides(run, args.overrides)
+    code = _with_signals_noted(args)
+    if code == 0 and not args.dry_run:
+        print(report_line(head_accuracy(head_dir)))
+    return code
+
+
+def _override(overrides: list[str], key: str) -> str | None:
+    """The value of the last `key=VALUE` among the overrides, as written."""
+    values = [text.split("=", 1)[1].strip() for text in overrides if text.split("=", 1)[0].strip() == key]
+    return values[-1] if values else None
+
+
+def _with_signals_noted(args) -> int:
     # A scheduler's SIGTERM or SIGUSR1 can come while torch is still importing; note it here and
     # let the trainer act on it (checkpoint, exit 75) instead of dying without one.
     pending: list[int] = []

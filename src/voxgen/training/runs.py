@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from voxgen import checkpoint as store
-from voxgen.errors import CheckpointError
 from voxgen.tasks import Task, build_task
 from voxgen.training.resume import run_config
 from voxgen.training.trainer import resolve_device
@@ -24,13 +22,7 @@ def load_run(run_dir: str | Path, weights: str = "ema", device: str = "auto") ->
     prefix = f"{weights}/"
     parts = build_task(cfg, resolve_device(device))
 
-    def use(folder, tensors, state) -> None:
-        parts.model.load_state_dict(store.split_prefix(tensors, prefix))
-        parts.load_state_dict(state.get("task", {}))
-
-    found = store.load_latest(run_dir, warn=lambda m: print(m, file=sys.stderr), prefix=prefix, use=use)
-    if found is None:
-        raise CheckpointError(f"{run_dir}: run has no checkpoint yet")
-    _, _, state = found
+    missing = f"{run_dir}: run has no checkpoint yet"
+    _, state = store.load_weights(run_dir, parts.model, prefix, missing, lambda s: parts.load_state_dict(s.get("task", {})))
     parts.model.eval()
     return cfg, parts, state["step"]

@@ -20,6 +20,7 @@ from voxgen import checkpoint as store
 from voxgen.config import to_dict, to_yaml
 from voxgen.data.batches import collate, epoch_batches, to_device
 from voxgen.data.dataset import ImageIndex, VolumeDataset
+from voxgen.data.layout import Modalities
 from voxgen.errors import ConfigError, TrainingCollapsed, TrainingDiverged, WriteError
 from voxgen.files import write_atomic
 from voxgen.tasks import Task, build_task
@@ -93,8 +94,9 @@ class Trainer:
         modalities = self.task.modalities
         # One index of the images read: a train image copied into val is a leak the data check stops.
         images = ImageIndex()
-        self.train_set = VolumeDataset(cfg.data.root, "train", modalities, cfg.data.shape, cfg.data.cache, images)
-        self.val_set = VolumeDataset(cfg.data.root, "val", modalities, cfg.data.shape, cfg.data.cache, images)
+        layout = Modalities.of(cfg.data)
+        self.train_set = VolumeDataset(cfg.data.root, "train", modalities, cfg.data.shape, cfg.data.cache, images, layout)
+        self.val_set = VolumeDataset(cfg.data.root, "val", modalities, cfg.data.shape, cfg.data.cache, images, layout)
         self.optimizer = make_optimizer(self.task.model, cfg)
         self.ema = EMA(self.task.model, cfg.training.ema_decay)
         self.ema_task = self.task.with_model(self.ema.module)
