@@ -146,8 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_gen(data_sub, "phantoms", "procedural phantoms (fast, for tests)")
     c = data_sub.add_parser("check", help="report every problem of a data folder")
     c.add_argument("root")
+    c.add_argument("--mode", default=None, help="check only the modalities this mode reads (default: all of data.modalities)")
     c.add_argument(
-        "--mode", default=None, help="check only the modalities this mode reads (default: every modality voxgen knows)"
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="the data set's names: data.modalities=[...] data.masks=[...] mode.generated=[...] mode.conditions=[...]",
     )
     from voxgen.evaluation.commands import add_evaluate_parser, add_find_steps_parser
 
@@ -169,14 +173,31 @@ def _models(args) -> int:
 def _data(args) -> int:
     from voxgen.data.commands import run_data
 
-    if args.data_command == "check" and args.mode is not None:
-        # Modes belong to a higher layer than data: the command line names the modalities.
-        from voxgen.diffusion.modes import MODES
+    if args.data_command != "check" or (args.mode is None and not args.overrides):
+        return run_data(args)
+    # Modes and the config belong to higher layers than data: the command line resolves the
+    # modality names (data.modalities, data.masks, the mode's own) and hands them down.
+    from voxgen.config import compose
+    from voxgen.config.compose import parse_override
+    from voxgen.data.layout import Modalities
+    from voxgen.diffusion.modes import MODES, build_mode
 
-        if args.mode not in MODES:
-            raise VoxgenError(f"--mode {args.mode!r} is not one of {', '.join(sorted(MODES))}")
-        return run_data(args, MODES[args.mode].modalities)
-    return run_data(args)
+    if args.mode is None:
+        # The data set's names alone; a mode's own names are checked with the mode (--mode).
+        given = dict(parse_override(text) for text in args.overrides)
+        if set(given) - {"data.modalities", "data.masks"}:
+            raise VoxgenError("voxgen data check takes data.modalities=[...] and data.masks=[...]; mode.* needs --mode NAME")
+        default = Modalities()
+        layout = Modalities(
+            tuple(map(str, given.get("data.modalities", default.known))), tuple(map(str, given.get("data.masks", default.masks)))
+        )
+        if set(layout.masks) - set(layout.known):
+            raise VoxgenError(f"data.masks {list(layout.masks)} names modalities not in data.modalities {list(layout.known)}")
+        return run_data(args, None, layout)
+    if args.mode not in MODES:
+        raise VoxgenError(f"--mode {args.mode!r} is not one of {', '.join(sorted(MODES))}")
+    cfg = compose([], [*args.overrides, f"mode={args.mode}"])
+    return run_data(args, build_mode(cfg).modalities, Modalities.of(cfg.data))
 
 
 # Each command's body lives with its package, imported only when the command runs, so

@@ -125,6 +125,11 @@ def test_a_data_set_with_its_own_modality_names_trains_and_samples(phantom_root,
         shutil.copy(case / "bravo.nii.gz", target / "t1c.nii.gz")
         shutil.copy(case / "seg.nii.gz", target / "lesions.nii.gz")
     names = ["data.modalities=[t1c,lesions]", "data.masks=[lesions]", "mode.generated=[t1c]", "mode.conditions=[lesions]"]
+    assert main(["data", "check", str(root), *names[:2]]) == 0
+    assert main(["data", "check", str(root), *names, "--mode", "bravo"]) == 0
+    capsys.readouterr()
+    assert main(["data", "check", str(root)]) == 2  # BrainMetShare's names: every file is unknown
+    assert "unknown file in case" in capsys.readouterr().out
     run = tmp_path / "run"
     assert main(["train", *TINY, *names, f"data.root={root}", f"run.dir={run}"]) == 0
     assert main(["sample", "--run", str(run), "--num", "1", "--steps", "2", "--out", str(tmp_path / "s")]) == 0

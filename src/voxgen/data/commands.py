@@ -7,14 +7,15 @@ from collections.abc import Sequence
 from voxgen.errors import VoxgenError
 
 
-def run_data(args, modalities: Sequence[str] | None = None) -> int:
-    """`check` reads `modalities` (default: every modality voxgen knows); the others make a data set."""
+def run_data(args, modalities: Sequence[str] | None = None, layout=None) -> int:
+    """`check` reads `modalities` (default: every modality of `layout`, the data set's names,
+    BrainMetShare's by default); the others make a data set."""
     if args.data_command == "check":
         from voxgen.data.dataset import check_folder
-        from voxgen.data.layout import MODALITIES
+        from voxgen.data.layout import Modalities
 
         # An image repeated within one split is worth knowing but does not fail the check.
-        problems = check_folder(args.root, modalities or MODALITIES, warn=lambda line: print(f"warning: {line}"))
+        problems = check_folder(args.root, modalities, lambda line: print(f"warning: {line}"), layout or Modalities())
         for line in problems:
             print(line)
         if problems:
