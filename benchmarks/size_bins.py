@@ -11,7 +11,7 @@ from the held-out split. The script
 1. makes a phantom data set (`voxgen.data.phantoms.make_phantoms`, 96 cases, train/val/test
    64/16/16) on the model's grid and prints the requested vectors of the val and test splits
    (counts per bin measured on the masks at `data.shape`, `voxgen.data.tumour_bins`);
-2. trains a small UNet per mode and variant (VARIANTS: the GroupNorm grouping) with
+2. trains a small UNet per mode and variant (VARIANTS: the GroupNorm grouping, tumour weighting) with
    `voxgen.training.trainer.train`, the trainer behind `voxgen train` (the equivalent command
    lines are printed), with condition dropout, so that classifier-free guidance has a null
    condition to push against;
@@ -90,6 +90,9 @@ UNET = [
 VARIANTS = {
     "groups8": ["model.norm_num_groups=8"],
     "groups2": ["model.norm_num_groups=2"],
+    # Tumour voxels weigh 1 + 5 (27 / V)^(1/3) in the loss (training.tumour_weight): against the
+    # pull towards all-background masks that the plain loss gives when tumours are a few voxels.
+    "groups2_tw5": ["model.norm_num_groups=2", "training.tumour_weight=5"],
 }
 BEGIN, END = "<!-- size_bins.py: begin -->", "<!-- size_bins.py: end -->"
 BIN_NAMES = [f"{lo}-{hi}" for lo, hi in zip(BIN_EDGES_MM, [*BIN_EDGES_MM[1:], "inf"])]

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -10,8 +11,9 @@ from tiny_run import TINY_RUN
 from voxgen import checkpoint as store
 from voxgen.cli import main
 from voxgen.diffusion import parts as parts_module
-from voxgen.diffusion.augment import OMEGA_SIZE, Transform, build_augmentation, rotations, sda_batch, shift_times
+from voxgen.diffusion.augment import OMEGA_SIZE, Transform, build_augmentation, rotations, sda_batch
 from voxgen.diffusion.parts import build_parts, network_output, prediction_and_target
+from voxgen.diffusion.strategies import DDPM, RectifiedFlow
 from voxgen.models.blocks import VectorEmbedding
 from voxgen.training.signals import EXIT_PREEMPTED
 
@@ -115,12 +117,13 @@ def test_sda_moves_x0_and_condition_together_and_shifts_the_time():
     cond = 3 * z0  # a condition that is a known function of the volume
     noise, t = torch.randn(z0.shape, generator=g), torch.tensor([0.2, 0.5, 0.95])
     aug = build_augmentation(tiny_cfg(*SDA).augment)
-    x, n, tt, c = sda_batch(aug, z0, noise, t, cond, torch.Generator().manual_seed(1), None)
+    noisier = partial(RectifiedFlow().noisier, shift=aug.noise_shift)
+    x, n, tt, c = sda_batch(aug, z0, noise, t, cond, torch.Generator().manual_seed(1), noisier)
     assert x.shape[0] == 6 and torch.equal(x[:3], z0) and torch.equal(n[:3], noise) and torch.equal(c[:3], cond)
     assert torch.equal(c[3:], 3 * x[3:])  # the same transform hit x0 and its condition
     assert not torch.equal(x[3:], z0) and torch.equal(torch.sort(x[3:].flatten(1))[0], torch.sort(z0.flatten(1))[0])
     assert torch.allclose(tt[3:], torch.tensor([0.3, 0.6, 1.0])) and not torch.equal(n[3:], noise)
-    assert shift_times(torch.tensor([0, 950]), 0.1, 1000).tolist() == [100, 999]
+    assert DDPM(num_timesteps=1000).noisier(torch.tensor([0, 950]), 0.1).tolist() == [100, 999]
     # Through the step: B + K rows of prediction, target and time.
     parts = build_parts(tiny_cfg(*SDA)).with_model(_recorder())
     parts.model.train()

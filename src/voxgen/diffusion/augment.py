@@ -29,6 +29,7 @@ x0 with the transformed noise.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -216,16 +217,6 @@ def _moves_with_volume(cond: torch.Tensor | None, x: torch.Tensor) -> bool:
     return cond is not None and cond.ndim == x.ndim
 
 
-def shift_times(t: torch.Tensor, shift: float, num_timesteps: int | None) -> torch.Tensor:
-    """SDA's noise-level shift: rectified-flow times (float, t = 1 is noise) move by `shift` up to
-    1; DDPM timestep indices (integers) by round(shift * T) up to T - 1."""
-    if t.is_floating_point():
-        return (t + shift).clamp(max=1.0)
-    if num_timesteps is None:
-        raise ValueError("integer timesteps need the strategy's num_timesteps")
-    return (t + round(shift * num_timesteps)).clamp(max=num_timesteps - 1)
-
-
 def sda_batch(
     aug: Augmentation,
     z0: torch.Tensor,
@@ -233,13 +224,14 @@ def sda_batch(
     t: torch.Tensor,
     cond: torch.Tensor | None,
     generator: torch.Generator | None,
-    num_timesteps: int | None,
+    noisier: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(x0, noise, t, cond) with SDA's auxiliary copies appended along the batch: (B + K, ...).
 
     For each of the K samples drawn (probability `aug.probability`), x0 (B, C, D, H, W) and its
     volume conditions are moved by one transform together; the copy gets fresh noise (drawn after
-    the transforms) and the time `shift_times(t)`. A size-bin vector is copied unchanged.
+    the transforms) and the time `noisier(t)` (the strategy's `noisier` by `aug.noise_shift`). A
+    size-bin vector is copied unchanged.
     """
     transforms = aug.draw(z0.shape[0], tuple(z0.shape[-3:]), generator, z0.device)
     picked = [i for i, tr in enumerate(transforms) if tr is not None]
@@ -248,7 +240,7 @@ def sda_batch(
     chosen = [transforms[i] for i in picked]
     extra_x0 = transform_batch(z0[picked], chosen)  # (K, C, D, H, W)
     extra_noise = torch.randn(extra_x0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
-    extra_t = shift_times(t[picked], aug.noise_shift, num_timesteps)
+    extra_t = noisier(t[picked])
     if cond is not None:
         extra_cond = transform_batch(cond[picked], chosen) if _moves_with_volume(cond, z0) else cond[picked]
         cond = torch.cat([cond, extra_cond])

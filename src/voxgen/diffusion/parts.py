@@ -204,8 +204,8 @@ def prediction_and_target(
     # Drawn last, and only when on: runs without augmentation keep their random streams.
     aug = parts.augmentation if parts.augmentation is not None and parts.augmentation.active(parts.model.training) else None
     if aug is not None and aug.method == "sda":
-        steps = getattr(parts.strategy, "num_timesteps", None)
-        z0, noise, t, cond = sda_batch(aug, z0, noise, t, cond, generator, steps)  # (B + K, ...)
+        noisier = partial(parts.strategy.noisier, shift=aug.noise_shift)
+        z0, noise, t, cond = sda_batch(aug, z0, noise, t, cond, generator, noisier)  # (B + K, ...)
     x_t = parts.strategy.interpolate(z0, noise, t)
     target = omega = None
     if aug is not None and aug.method == "scoreaug":

@@ -132,6 +132,10 @@ class RectifiedFlow(WeightedLoss):
         normal = torch.randn(batch, generator=generator, device=device)
         return torch.sigmoid(self.logit_mean + self.logit_std * normal)
 
+    def noisier(self, t: torch.Tensor, shift: float) -> torch.Tensor:
+        """Times `shift` (a fraction of the time axis) closer to the noise, at most 1 (SDA)."""
+        return (t + shift).clamp(max=1.0)
+
     def interpolate(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = append_dims(t, x0.ndim).to(x0.dtype)
         return (1.0 - t) * x0 + t * noise
@@ -221,6 +225,10 @@ class DDPM(WeightedLoss):
     def sample_time(self, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
         """(B,) integer timesteps, uniform on {0, ..., T - 1}."""
         return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device)
+
+    def noisier(self, t: torch.Tensor, shift: float) -> torch.Tensor:
+        """Timesteps round(shift T) closer to the noise, at most T - 1 (SDA)."""
+        return (t + round(shift * self.num_timesteps)).clamp(max=self.num_timesteps - 1)
 
     def interpolate(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # The schedule stays float64 until it is indexed, then meets the volume's dtype.
