@@ -86,9 +86,10 @@ def test_other_errors_are_not_taken_for_out_of_memory():
         measure([("first step", lambda: (_ for _ in ()).throw(ValueError("bug")), True)], FakeMemory())
 
 
-def test_profile_runs_the_real_step_on_cpu_with_a_stand_in_allocator():
+@pytest.mark.parametrize("extra", [[], ["mode=seg_conditioned"]], ids=["bravo", "size-bins"])
+def test_profile_runs_the_real_step_on_cpu_with_a_stand_in_allocator(extra):
     memory = FakeMemory()
-    m = profile(compose([], TINY), device="cpu", memory=memory)
+    m = profile(compose([], [*TINY, *extra]), device="cpu", memory=memory)
     assert m.status == OK and m.first_allocated == 0 and m.steady_allocated == 0 and m.environment == {}
     assert memory.events == ["release", "reset", "read", "reset", "read", "release"]
 

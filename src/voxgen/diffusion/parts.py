@@ -161,8 +161,11 @@ class Parts:
 
     def prepare(self, train_set, val_set):
         """The space's statistics from the training split, and the data sets the steps read (with
-        their masks' size-bin vectors for a size-bin mode)."""
-        if self.mode.size_bins:
+        their masks' size-bin vectors for a size-bin mode).
+
+        Items that carry a size-bin vector already (the profiler's random batch, shaped by
+        `meta_batch`) are read as they are: their vector is what the step costs, not a count."""
+        if self.mode.size_bins and SIZE_BINS not in train_set[0]:
             mask = self.mode.generated[0]
             train_set, val_set = WithSizeBins(train_set, mask), WithSizeBins(val_set, mask)
         return self.space.prepare(train_set, val_set)
