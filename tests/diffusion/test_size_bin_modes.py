@@ -86,10 +86,16 @@ def test_seg_conditioned_plans_trains_samples_and_evaluates(phantom_root, tmp_pa
     assert "Mean absolute count error per bin:" in table
 
 
-def test_seg_conditioned_input_takes_eight_channels(phantom_root, capsys):
-    assert main(["plan", "--json", *TINY, "mode=seg_conditioned_input", f"data.root={phantom_root}"]) == 0
+def test_seg_conditioned_input_takes_eight_channels_and_samples(phantom_root, tmp_path, capsys):
+    common = [*TINY, "mode=seg_conditioned_input", f"data.root={phantom_root}"]
+    assert main(["plan", "--json", *common]) == 0
     planned = json.loads(capsys.readouterr().out)
     assert (planned["in_channels"], planned["out_channels"]) == (8, 1)
+    run = tmp_path / "run"
+    assert main(["train", *common, f"run.dir={run}"]) == 0
+    out = tmp_path / "s"
+    assert main(["sample", "--run", str(run), "--num", "1", "--steps", "2", "--out", str(out)]) == 0
+    assert len(list(csv.DictReader((out / "size_bins.csv").open()))) == 1
 
 
 def test_size_bin_metrics_need_a_size_bin_mode(phantom_root, tmp_path, capsys):
