@@ -4,6 +4,8 @@ task's name (`task=` in the config picks one from TASKS).
 
 - `diffusion` (voxgen.diffusion.parts.Parts): a space, a mode and a strategy around a network.
 - `autoencoder` (voxgen.tasks.autoencoder): the compression models behind `space=latent`.
+- `diffrs-head` (voxgen.tasks.diffrs_head): the discriminator head of DiffRS sampling, on a trained
+  diffusion run (`voxgen train --run RUN`).
 """
 
 from __future__ import annotations
