@@ -271,9 +271,3 @@ class WithSizeBins(torch.utils.data.Dataset):
             volume = item[self.mask][0].numpy()  # (D, H, W), {-1, 1}: tumour above 0
             self._counts[index] = torch.from_numpy(size_bin_vector(volume, self.spacing))
         return item | {SIZE_BINS: self._counts[index]}
-
-    def __getattr__(self, name: str):
-        # Everything else (cases, affine, shape, modalities) is the wrapped data set's.
-        if name in ("dataset", "mask", "spacing", "_counts"):
-            raise AttributeError(name)
-        return getattr(self.dataset, name)

@@ -28,13 +28,16 @@ class Strategy(Protocol):
     """How data is noised, what the network predicts and how time is drawn."""
 
     name: str
-    # Probability per sample of training with the null (all-zero) condition (classifier-free guidance).
+    # Probability per sample of training with the mode's null condition (classifier-free guidance).
     cond_dropout: float
     # The sampler `sample.solver: null` stands for (voxgen.diffusion.samplers).
     default_sampler: str
 
     def sample_time(self, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
         """(B,) training times."""
+
+    def noisier(self, t: torch.Tensor, shift: float) -> torch.Tensor:
+        """Training times `shift` (a fraction of the time axis) closer to the noise (SDA)."""
 
     def interpolate(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t of data x0 (B, C, D, H, W) and noise of the same shape at times t (B,)."""
