@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from voxgen.diffusion.sampling import reference_affine, sample_volumes, sampling_settings, write_samples
+from voxgen.diffusion.sampling import reference_affine, requested_sampling, sample_volumes, write_samples
 from voxgen.errors import VoxgenError
 from voxgen.training.runs import load_run
 
@@ -21,15 +21,7 @@ def run_sample(args) -> int:
     if args.head is not None:
         raise VoxgenError("--head is the discriminator head of --solver diffrs:STEPS (docs/diffrs.md)")
     cfg, parts, step = load_run(args.run, weights=args.weights)
-    sampling = sampling_settings(
-        cfg.sample,
-        parts.strategy,
-        parts.mode.conditional,
-        solver=args.solver,
-        steps=args.steps,
-        shift=args.shift,
-        guidance_scale=args.guidance_scale,
-    )
+    sampling = requested_sampling(cfg, parts, args)
     samples = sample_volumes(cfg, parts, args.num, args.seed, sampling, split=args.split)
     out = Path(args.out) if args.out else Path(args.run) / "samples"
     paths, mosaic = write_samples(samples, out, reference_affine(cfg, parts.mode), cfg.data.masks)

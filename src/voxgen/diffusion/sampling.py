@@ -58,6 +58,20 @@ def sampling_settings(
     return Sampling(spec, scale)
 
 
+def requested_sampling(cfg, parts, request) -> Sampling:
+    """`sampling_settings` of a run with what a `voxgen sample` command line asks for (`request`
+    has solver, steps, shift and guidance_scale, each None for the run's own)."""
+    return sampling_settings(
+        cfg.sample,
+        parts.strategy,
+        parts.mode.conditional,
+        solver=request.solver,
+        steps=request.steps,
+        shift=request.shift,
+        guidance_scale=request.guidance_scale,
+    )
+
+
 @dataclass
 class Samples:
     volumes: dict[str, np.ndarray]  # modality -> (N, D, H, W) in model space

@@ -427,22 +427,14 @@ def head_overrides(run: str, overrides: list[str]) -> tuple[list[str], Path]:
 def run_diffrs_sample(args) -> int:
     """`voxgen sample --run RUN --solver diffrs:...`: `voxgen sample` with the run's head (RUN/diffrs-head
     or --head), which also writes diffrs.json (acceptance rate, NFE, the head's accuracy)."""
-    from voxgen.diffusion.sampling import Samples, conditions_for, reference_affine, sampling_settings, write_samples
+    from voxgen.diffusion.sampling import Samples, conditions_for, reference_affine, requested_sampling, write_samples
 
     weights = {"ema": "ema/", "model": "model/"}[args.weights]
     run = open_run(args.run, _device(), key="--run", weights=weights)
     head_dir = Path(args.head) if args.head else Path(args.run) / HEAD_FOLDER
     head, state = load_head(head_dir, run, args.run)
     parts = run.parts
-    sampling = sampling_settings(
-        run.cfg.sample,
-        parts.strategy,
-        parts.mode.conditional,
-        solver=args.solver,
-        steps=args.steps,
-        shift=args.shift,
-        guidance_scale=args.guidance_scale,
-    )
+    sampling = requested_sampling(run.cfg, parts, args)
     conditions = conditions_for(run.cfg, parts, args.split, args.num)
     seeds = list(range(args.seed, args.seed + args.num))
     result, tally = sample_with_head(
