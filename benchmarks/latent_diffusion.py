@@ -64,14 +64,16 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="the cohort the autoencoder was trained on (default: its data.root)")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--out", default="docs/latent-diffusion.md")
+    # Smaller shapes only to test the script (benchmarks/gpu_check.sh --dry-run); they must divide by 8.
+    parser.add_argument("--shape", type=int, nargs=3, default=SHAPE, metavar=("D", "H", "W"))
     args = parser.parse_args()
     ae_cfg = compose([Path(args.autoencoder) / "config.yaml"])
     root = Path(args.data or ae_cfg.data.root)
     if not (root / "test").is_dir():
-        make_cohort(root, cases=24, shape=tuple(SHAPE), seed=0)
+        make_cohort(root, cases=24, shape=tuple(args.shape), seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        common = [f"data.root={root}", f"data.shape=[{','.join(map(str, SHAPE))}]", *UNET]
+        common = [f"data.root={root}", f"data.shape=[{','.join(map(str, args.shape))}]", *UNET]
         latent = [
             "mode=bravo_seg_cond",
             "space=latent",
@@ -113,7 +115,8 @@ def main() -> None:
             "",
             f"Measured {date}, 2-core CPU, torch {torch.__version__}, with",
             "",
-            f"    .venv/bin/python benchmarks/latent_diffusion.py --autoencoder {args.autoencoder} --steps {args.steps}",
+            f"    .venv/bin/python benchmarks/latent_diffusion.py --autoencoder {args.autoencoder} --steps {args.steps}"
+            + ("" if args.shape == SHAPE else f" --shape {' '.join(map(str, args.shape))}"),
             "",
             __doc__.split("\n\n", 2)[2].strip(),
             "",

@@ -24,6 +24,12 @@ def _add_json_and_grid(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--out", metavar="DIR", help="folder for --grid's tables and chart (default runs/memory/GRID)")
 
 
+def _add_world(p: argparse.ArgumentParser) -> None:
+    """The torchrun job a plan is for (docs/distributed.md); checked by the command, in one line."""
+    p.add_argument("--world-size", default=None, metavar="N", help="processes (GPUs) of the torchrun job: plan each rank")
+    p.add_argument("--sharding", default=None, metavar="ddp|fsdp", help="how the ranks share the model (training.sharding)")
+
+
 def _add_data_gen(sub, name: str, help: str) -> None:
     p = sub.add_parser(name, help=help)
     p.add_argument("--out", required=True, help="data folder to create")
@@ -71,7 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="SIGUSR1 this long before the time limit, to checkpoint and exit (default 300)",
     )
     p.add_argument("--partition", default=None)
-    p.add_argument("--gpus", type=int, default=1, help="GPUs per job (default 1; 0 asks for none)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs of the one training process (default 1; 0 asks for none)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes of each job (more than 1 needs --gpus-per-node)")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        metavar="G",
+        help="run torchrun on every node with one training process per GPU (DDP or FSDP: training.sharding)",
+    )
+    p.add_argument(
+        "--mem",
+        default=None,
+        metavar="SIZE",
+        help="host memory per node, sbatch's --mem (default: the planned host memory of a node + 25%%)",
+    )
     p.add_argument(
         "--sbatch", action="append", default=[], metavar="OPTION", help="one more #SBATCH option, e.g. --account=abc (repeatable)"
     )
@@ -120,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factory", metavar="MODULE:FUNCTION", help="plan an importable nn.Module factory (f(x) or f(x, t))")
     p.add_argument("--input-shape", metavar="C,D,H,W", help="network input of --factory (batch from training.batch_size)")
     p.add_argument("--output-channels", type=int, metavar="N", help="output channels of --factory (default C)")
+    _add_world(p)
 
     p = sub.add_parser("fit", help="the largest configuration of a product that fits a GPU, without a GPU")
     _add_overrides(p)

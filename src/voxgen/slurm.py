@@ -5,12 +5,21 @@ wall-time limit, passes it to `voxgen train`, and when training exits 75 (checkp
 not finished) submits itself again with the segment counter VOXGEN_SEGMENT raised by one, up
 to a number of segments. Exit 0 ends the chain; any other exit code stops it.
 
+With `--nodes N --gpus-per-node G` the job runs one torchrun per node, G training processes
+each (`_multinode_launch`); SIGUSR1 reaches every training process and the exit code of the
+workers (not torchrun's) decides the chain.
+
+`#SBATCH --mem` is the planned host memory of a node (`voxgen.memory.host`: G training
+processes) with `MEM_MARGIN` on top, unless the user gives their own (`--mem`, or `--sbatch
+--mem...`).
+
 Paths reach the script twice: in `#SBATCH` lines, which sbatch reads itself (not the shell: see
-`_directive`), and in the shell body, where every one is shell-quoted.
+`_sbatch_quoted`), and in the shell body, where every one is shell-quoted.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -25,6 +34,14 @@ TEMPLATE = Path(__file__).resolve().parent / "config" / "slurm" / "train.sbatch"
 MAX_SIGNAL_LEAD = 65535
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+# sbatch's --mem: a whole number, megabytes unless K, M, G or T follows.
+_MEM = re.compile(r"^[1-9][0-9]*[KMGT]?$")
+# Room above the planned host memory in `--mem`: the plan read within 7% of the measured peak RSS
+# of CPU runs, but one UNet run 20% low where glibc keeps freed memory (docs/memory.md, "Host
+# memory"), and the cgroup that enforces --mem also charges the page cache of the files a run
+# reads and writes (NIfTI cases, checkpoints).
+MEM_MARGIN = 0.25
+GiB = 2**30
 
 
 @dataclass
@@ -35,9 +52,30 @@ class SlurmJob:
     segments: int = 10
     signal_lead: int = 300
     partition: str | None = None
-    gpus: int = 1
+    gpus: int = 1  # one training process with this many GPUs (no torchrun)
     sbatch_options: list[str] = field(default_factory=list)  # extra "#SBATCH" options, e.g. --account=abc
     setup: list[str] = field(default_factory=list)  # shell lines before training (module load, venv)
+    nodes: int = 1
+    # With a value: torchrun on every node, one training process per GPU (docs/distributed.md).
+    gpus_per_node: int | None = None
+    mem: str | None = None  # sbatch's --mem; None: the planned host memory of a node
+
+    @property
+    def torchrun(self) -> bool:
+        return self.gpus_per_node is not None
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.gpus_per_node if self.torchrun else 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+    @property
+    def user_mem(self) -> bool:
+        """The user sets the job's memory: --mem, or an --sbatch option for it."""
+        return self.mem is not None or any(o.startswith("--mem") for o in self.sbatch_options)
 
 
 def time_seconds(text: str) -> int:
@@ -89,6 +127,16 @@ def _check(job: SlurmJob) -> None:
         raise ConfigError(f"--segments {job.segments} must be at least 1")
     if job.gpus < 0:
         raise ConfigError(f"--gpus {job.gpus} must not be negative")
+    if job.nodes < 1:
+        raise ConfigError(f"--nodes {job.nodes} must be at least 1")
+    if job.nodes > 1 and not job.torchrun:
+        raise ConfigError(f"--nodes {job.nodes} needs --gpus-per-node G: one torchrun per node starts G training processes")
+    if job.torchrun and job.gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node {job.gpus_per_node} must be at least 1")
+    if job.mem is not None and not _MEM.match(job.mem):
+        raise ConfigError(f"--mem {job.mem!r}: give sbatch's size, a whole number with M, G or T, e.g. 64G")
+    if job.mem is not None and any(o.startswith("--mem") for o in job.sbatch_options):
+        raise ConfigError("--mem and --sbatch --mem... cannot be combined: give the job's memory once")
     for option in job.sbatch_options:
         if not option.startswith("-") or "\n" in option:
             raise ConfigError(f"--sbatch {option!r}: give one sbatch option, e.g. --account=abc")
@@ -141,7 +189,7 @@ def render(overrides: list[str], config_files: list[str], job: SlurmJob, script:
     run_dir = _run_dir(overrides)
     _one_line({"run.dir": run_dir, "script": script, "working folder": Path.cwd()})
     files = [str(Path(f).expanduser().resolve()) for f in config_files]
-    compose(files, overrides)  # a wrong key fails now, not in the queue hours later
+    cfg = compose(files, overrides)  # a wrong key fails now, not in the queue hours later
     train = ["voxgen", "train"]
     for f in files:
         train += ["--config", f]
@@ -149,9 +197,16 @@ def render(overrides: list[str], config_files: list[str], job: SlurmJob, script:
     options = []
     if job.partition:
         options.append(f"--partition={job.partition}")
-    if job.gpus:
+    if job.torchrun:
+        options += [f"--nodes={job.nodes}", "--ntasks-per-node=1", f"--gpus-per-node={job.gpus_per_node}"]
+    elif job.gpus:
         options.append(f"--gpus={job.gpus}")
     options += job.sbatch_options
+    lines = [f"#SBATCH {o}" for o in options]
+    if job.mem is not None:
+        lines.append(f"#SBATCH --mem={job.mem}")
+    elif not job.user_mem:
+        lines += _planned_mem(cfg, job)
     try:
         text = template.read_text()
     except OSError as exc:
@@ -164,13 +219,110 @@ def render(overrides: list[str], config_files: list[str], job: SlurmJob, script:
         # Relative paths in the overrides (data.root, ...) mean what they meant here.
         "workdir": _sbatch_quoted(str(Path.cwd())),
         "log": _sbatch_quoted(_log_pattern(script)),
-        "sbatch_options": "\n".join(f"#SBATCH {o}" for o in options),
+        "sbatch_options": "\n".join(lines),
         "script": shlex.quote(str(script)),
         "segments": str(job.segments),
         "setup": "\n".join(job.setup),
         "train_command": shlex.join(train),
+        "launch": _multinode_launch(train, job) if job.torchrun else _single_launch(train),
     }
     return _fill(text, values, template)
+
+
+def _planned_mem(cfg, job: SlurmJob) -> list[str]:
+    """`#SBATCH --mem=` for the planned host memory of a node, with a comment saying how it was found."""
+    from voxgen.memory.host import host_plan
+    from voxgen.memory.planner import trace_step
+
+    device = "cpu" if cfg.training.device == "cpu" or (not job.torchrun and job.gpus == 0) else "cuda"
+    try:
+        host = host_plan(trace_step(cfg), job.world_size, cfg.training.sharding, device)
+    except VoxgenError as exc:
+        raise type(exc)(f"{exc} (while planning the host memory for #SBATCH --mem: pass --mem SIZE to skip it)") from None
+    node = host.node_bytes(job.ranks_per_node)
+    mem = max(1, math.ceil(node * (1 + MEM_MARGIN) / GiB))
+    ranks = f"{job.ranks_per_node} training processes" if job.ranks_per_node > 1 else "the training process"
+    note = f"; {'; '.join(host.notes)}" if host.notes else ""
+    return [
+        f"# --mem: planned host memory of a node ({ranks}) {node / GiB:.1f} GiB + {100 * MEM_MARGIN:.0f}%{note}",
+        f"#SBATCH --mem={mem}G",
+    ]
+
+
+def _single_launch(train: list[str]) -> str:
+    comment = "# In the background, so that this shell can take SIGUSR1 while training runs."
+    return f"{comment}\nsrun --ntasks=1 {shlex.join(train)} &"
+
+
+def _multinode_launch(train: list[str], job: SlurmJob) -> str:
+    """One torchrun per node (srun starts `node` once on each), one `worker` per GPU under it."""
+    torchrun = (
+        f"torchrun --no-python --nnodes={job.nodes} --nproc-per-node={job.gpus_per_node} --rdzv-backend=c10d "
+        '--rdzv-endpoint="$VOXGEN_RDZV" --rdzv-id="${SLURM_JOB_ID:-voxgen}" bash -c "$VOXGEN_WORKER"'
+    )
+    return MULTINODE.replace("{{torchrun}}", torchrun).replace("{{train_command}}", shlex.join(train))
+
+
+# The launch of `--nodes N --gpus-per-node G` jobs, in place of `srun --ntasks=1 voxgen train ...`.
+MULTINODE = """# One torchrun per node (srun --ntasks-per-node=1), each starting one `voxgen train` per GPU;
+# the first node of the job hosts the rendezvous (port: VOXGEN_RDZV_PORT, else one from the job id).
+#
+# SIGUSR1 has to reach every training process. This shell passes it to srun, and srun passes it
+# on to the `node` function it runs on every node. torchrun would not pass it on to its workers
+# (and SIGUSR1's default action would end torchrun itself), so `node` sends it to torchrun's
+# children, the `worker` shells, and each worker sends it to its `voxgen train`. The trainer
+# stops all ranks at the same step with one checkpoint and exits 75. torchrun itself exits 1
+# whatever code a worker failed with, so each worker writes its exit code to a folder of its
+# node, and `node` exits with the workers' code: 75 if any stopped to be resumed, unless one
+# failed otherwise (that code), 0 when all finished.
+HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1)
+export VOXGEN_RDZV="${HEAD:-$(hostname)}:${VOXGEN_RDZV_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 10000))}"
+
+# Waits for process $1, again after each trap, and returns its exit code.
+wait_for() {
+    local rc
+    while :; do
+        wait "$1"
+        rc=$?
+        # A trap ends `wait` early with a status above 128 while the process still runs.
+        if [ "$rc" -gt 128 ] && kill -0 "$1" 2>/dev/null; then
+            continue
+        fi
+        return "$rc"
+    done
+}
+
+worker() {
+    {{train_command}} &
+    local child=$!
+    trap 'kill -USR1 "$child" 2>/dev/null' USR1
+    trap 'kill -TERM "$child" 2>/dev/null' TERM
+    wait_for "$child"
+    local rc=$?
+    echo "$rc" > "$VOXGEN_STATUS/rank-$RANK"
+    exit "$rc"
+}
+
+node() {
+    VOXGEN_STATUS=$(mktemp -d)
+    export VOXGEN_STATUS
+    {{torchrun}} &
+    local agent=$!
+    trap 'pkill -USR1 -P "$agent"' USR1
+    wait_for "$agent"
+    local rc=$? codes
+    codes=$(cat "$VOXGEN_STATUS"/rank-* 2>/dev/null | sort -un | tr '\n' ' ')
+    rm -rf "$VOXGEN_STATUS"
+    [ -z "$codes" ] && exit "$rc"  # no worker ran: torchrun's own failure
+    for code in $codes; do
+        case "$code" in 0|75) ;; *) exit "$code" ;; esac
+    done
+    case " $codes " in *" 75 "*) exit 75 ;; esac
+    exit 0
+}
+
+export VOXGEN_WORKER="$(declare -f wait_for worker); worker"
+srun --ntasks-per-node=1 bash -c "$(declare -f wait_for node); node" &"""
 
 
 def write_script(
@@ -186,18 +338,24 @@ def write_script(
 
 def run_slurm(args) -> int:
     """The body of `voxgen slurm`."""
+    if args.gpus is not None and args.gpus_per_node is not None:
+        raise ConfigError("--gpus and --gpus-per-node cannot be combined: --gpus-per-node G runs one process per GPU")
     job = SlurmJob(
         time=args.time,
         segments=args.segments,
         signal_lead=args.signal_lead,
         partition=args.partition,
-        gpus=args.gpus,
+        gpus=1 if args.gpus is None else args.gpus,
         sbatch_options=args.sbatch,
         setup=args.setup,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        mem=args.mem,
     )
     path = write_script(args.overrides, args.config, job, args.out, Path(args.template) if args.template else TEMPLATE)
+    shape = f"{job.nodes} node(s) x {job.gpus_per_node} GPUs, " if job.torchrun else ""
     print(
-        f"wrote {path}: up to {job.segments} jobs of {job.time}, each warned {job.signal_lead} s before its limit; "
+        f"wrote {path}: {shape}up to {job.segments} jobs of {job.time}, each warned {job.signal_lead} s before its limit; "
         f"submit it with: sbatch {shlex.quote(str(path))}"
     )
     return 0

@@ -14,6 +14,7 @@ from voxgen.diffusion import parts as parts_module
 from voxgen.diffusion.augment import OMEGA_SIZE, Transform, build_augmentation, rotations, sda_batch
 from voxgen.diffusion.parts import build_parts, network_output, prediction_and_target
 from voxgen.diffusion.strategies import DDPM, RectifiedFlow
+from voxgen.draws import Draws
 from voxgen.models.blocks import VectorEmbedding
 from voxgen.training.signals import EXIT_PREEMPTED
 
@@ -57,8 +58,8 @@ def test_method_defaults_and_draws_follow_the_generator():
     assert sda.kinds == ("rotate", "flip") and score.kinds == ("rotate", "translate", "cutout")
     assert sda.omega_size == 0 and score.omega_size == OMEGA_SIZE
     assert build_augmentation(tiny_cfg().augment) is None
-    first = score.draw(64, (8, 8, 12), torch.Generator().manual_seed(1), "cpu")
-    assert first == score.draw(64, (8, 8, 12), torch.Generator().manual_seed(1), "cpu")
+    first = score.draw((8, 8, 12), Draws.of(torch.Generator().manual_seed(1), 64, "cpu"))
+    assert first == score.draw((8, 8, 12), Draws.of(torch.Generator().manual_seed(1), 64, "cpu"))
     assert 16 < sum(t is None for t in first) < 48  # probability 0.5
     moved = [t for t in first if t is not None]
     assert {"box" if t.box else "shift" if any(t.shift) else "rotate" for t in moved} == {"box", "shift", "rotate"}
@@ -118,7 +119,7 @@ def test_sda_moves_x0_and_condition_together_and_shifts_the_time():
     noise, t = torch.randn(z0.shape, generator=g), torch.tensor([0.2, 0.5, 0.95])
     aug = build_augmentation(tiny_cfg(*SDA).augment)
     noisier = partial(RectifiedFlow().noisier, shift=aug.noise_shift)
-    x, n, tt, c = sda_batch(aug, z0, noise, t, cond, torch.Generator().manual_seed(1), noisier)
+    x, n, tt, c = sda_batch(aug, z0, noise, t, cond, Draws.of(torch.Generator().manual_seed(1), 3, "cpu"), noisier)
     assert x.shape[0] == 6 and torch.equal(x[:3], z0) and torch.equal(n[:3], noise) and torch.equal(c[:3], cond)
     assert torch.equal(c[3:], 3 * x[3:])  # the same transform hit x0 and its condition
     assert not torch.equal(x[3:], z0) and torch.equal(torch.sort(x[3:].flatten(1))[0], torch.sort(z0.flatten(1))[0])

@@ -13,6 +13,7 @@ from voxgen.diffusion.parts import build_parts
 from voxgen.diffusion.samplers import parse_solver
 from voxgen.diffusion.shapes import append_dims
 from voxgen.diffusion.strategies import DDPM, build_strategy, ddpm_betas
+from voxgen.draws import Draws
 from voxgen.errors import ConfigError
 from voxgen.training.step import make_optimizer, train_step
 
@@ -61,7 +62,7 @@ def test_ddpm_interpolation_target_and_model_time():
         assert torch.allclose(x_t[i], torch.full_like(x_t[i], math.sqrt(ab) * 0.5 - math.sqrt(1 - ab)), atol=1e-6)
     assert torch.equal(strategy.target(x0, noise), noise)
     assert torch.equal(strategy.model_time(t), torch.tensor([0.0, 99.0]))
-    draws = strategy.sample_time(20000, torch.Generator().manual_seed(0), "cpu")
+    draws = strategy.sample_time(Draws.of(torch.Generator().manual_seed(0), 20000, "cpu"))
     assert draws.min() == 0 and draws.max() == 99 and abs(draws.double().mean().item() - 49.5) < 0.6
 
 

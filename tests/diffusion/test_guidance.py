@@ -11,6 +11,7 @@ from voxgen.diffusion.rflow_samplers import euler, time_grid
 from voxgen.diffusion.samplers import parse_solver
 from voxgen.diffusion.spaces import PixelSpace
 from voxgen.diffusion.strategies import RectifiedFlow
+from voxgen.draws import Draws
 from voxgen.errors import ConfigError
 from voxgen.precision import autocast_policy
 
@@ -19,12 +20,12 @@ from .tiny import SHAPE, learnable_batch, tiny_cfg
 
 def test_drop_conditions_nulls_whole_samples_with_the_given_probability():
     cond = torch.where(torch.rand(4000, 2, 2, 2, 2, generator=torch.Generator().manual_seed(0)) > 0.5, 1.0, -1.0)
-    dropped = MODES["bravo"].drop_conditions(cond, 0.3, torch.Generator().manual_seed(1))
+    dropped = MODES["bravo"].drop_conditions(cond, 0.3, Draws.of(torch.Generator().manual_seed(1), 4000, "cpu"))
     null = (dropped == 0).flatten(1).all(dim=1)  # (B,)
     kept = (dropped == cond).flatten(1).all(dim=1)
     assert torch.all(null ^ kept)  # each sample is either untouched or entirely null
     assert abs(null.float().mean().item() - 0.3) < 0.03
-    again = MODES["bravo"].drop_conditions(cond, 0.3, torch.Generator().manual_seed(1))
+    again = MODES["bravo"].drop_conditions(cond, 0.3, Draws.of(torch.Generator().manual_seed(1), 4000, "cpu"))
     assert torch.equal(again, dropped)  # the same generator drops the same samples
 
 
@@ -65,15 +66,18 @@ def test_the_loss_drops_conditions_in_training_only_and_reproducibly():
 def test_without_dropout_the_random_stream_is_unchanged():
     batch = {"bravo": torch.randn(4, 1, 2, 2, 2), "seg": torch.ones(4, 1, 2, 2, 2)}
     with_spy, without = _spy_parts(0.0), _spy_parts(0.0)
-    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    with_spy.loss(batch, g1)
-    without.loss(batch, g2)
-    assert torch.equal(g1.get_state(), g2.get_state())
-    # The stream is the one of noise then times: nothing else was drawn.
-    g3 = torch.Generator().manual_seed(5)
-    torch.randn(4, 1, 2, 2, 2, generator=g3)
-    RectifiedFlow().sample_time(4, g3, "cpu")
-    assert torch.equal(g1.get_state(), g3.get_state())
+    d1, d2, d3 = (Draws.for_step(5, 0, 4, "cpu") for _ in range(3))
+    with_spy.loss(batch, d1)
+    without.loss(batch, d2)
+
+    def same(a: Draws, b: Draws) -> bool:
+        return all(torch.equal(x.get_state(), y.get_state()) for x, y in zip(a.samples, b.samples))
+
+    assert same(d1, d2)
+    # Each sample's stream is the one of its noise then its time: nothing else was drawn.
+    d3.normal((1, 2, 2, 2))
+    RectifiedFlow().sample_time(d3)
+    assert same(d1, d3)
 
 
 @pytest.fixture(scope="module")

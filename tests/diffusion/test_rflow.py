@@ -7,6 +7,7 @@ from voxgen.diffusion.modes import MODES
 from voxgen.diffusion.rflow_samplers import euler, time_grid
 from voxgen.diffusion.shapes import append_dims
 from voxgen.diffusion.strategies import RectifiedFlow, logit_normal_density
+from voxgen.draws import Draws
 
 
 def test_append_dims_any_rank():
@@ -32,10 +33,10 @@ def test_convention_t0_is_data_t1_is_noise():
 
 def test_time_sampling_distributions():
     g = torch.Generator().manual_seed(0)
-    uniform = RectifiedFlow("uniform").sample_time(20000, g, "cpu")
+    uniform = RectifiedFlow("uniform").sample_time(Draws.of(g, 20000, "cpu"))
     assert 0 <= uniform.min() and uniform.max() <= 1
     assert abs(uniform.mean().item() - 0.5) < 0.01 and abs(uniform.var().item() - 1 / 12) < 0.003
-    logit = RectifiedFlow("logit-normal").sample_time(20000, g, "cpu")
+    logit = RectifiedFlow("logit-normal").sample_time(Draws.of(g, 20000, "cpu"))
     # Logit-normal(0, 1) concentrates mass in the middle: P(0.25 < t < 0.75) = P(|z| < ln 3).
     inside = ((logit > 0.25) & (logit < 0.75)).float().mean().item()
     expected = math.erf(math.log(3) / math.sqrt(2))

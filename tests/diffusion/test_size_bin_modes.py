@@ -12,6 +12,7 @@ from tiny_run import TINY_RUN
 from voxgen.cli import main
 from voxgen.data.tumour_bins import size_bin_vector
 from voxgen.diffusion.modes import MODES, NULL_SIZE_BINS, scale_counts
+from voxgen.draws import Draws
 
 TINY = [*TINY_RUN, "training.batch_size=2"]
 COUNTS = torch.tensor([[1, 0, 2, 0, 0, 0, 10], [0, 0, 0, 0, 0, 0, 0]])
@@ -39,7 +40,7 @@ def test_the_null_size_bin_vector_is_no_real_request():
     mode = MODES["seg_conditioned"]
     cond = scale_counts(COUNTS)
     assert torch.equal(mode.null_condition(cond), torch.full((2, 7), NULL_SIZE_BINS))
-    dropped = mode.drop_conditions(cond.repeat(500, 1), 0.5, torch.Generator().manual_seed(0))
+    dropped = mode.drop_conditions(cond.repeat(500, 1), 0.5, Draws.of(torch.Generator().manual_seed(0), 1000, "cpu"))
     null = (dropped == NULL_SIZE_BINS).all(dim=1)
     kept = (dropped == cond.repeat(500, 1)).all(dim=1)
     assert torch.all(null ^ kept) and 400 < int(null.sum()) < 600

@@ -25,23 +25,30 @@ def test_split_values_keeps_bracketed_lists():
     assert split_values("2,4,8") == ["2", "4", "8"]
     assert split_values("[20,32,32],[40,64,64]") == ["[20,32,32]", "[40,64,64]"]
     assert parse_vary(["model.depth=1,2", "data.shape=[8,8,8]"]) == [("model.depth", ["1", "2"]), ("data.shape", ["[8,8,8]"])]
-    for bad in (["model.depth"], ["model.depth=1,,2"], ["a=1", "a=2"], []):
+    for bad in (["model.depth"], ["model.depth=1,,2"], ["a=1", "a=2"], [], ["world_size=0,2"], ["world_size=two"]):
         with pytest.raises(ConfigError):
             parse_vary(bad)
 
 
-def _fake_planner(bytes_per_param: int):
-    """Peak = parameters x bytes_per_param: a planner whose answer is known in advance."""
+def _fake_planner(bytes_per_param: int, world_calls: list | None = None):
+    """Peak = parameters x bytes_per_param / world size: a planner whose answer is known in advance."""
     calls = []
 
-    def planner(cfg, gpu):
+    def planner(cfg, gpu, world_size=1):
         from voxgen.memory.grid import describe
 
         params = describe(cfg).params
         calls.append(params)
-        peak = params * bytes_per_param
+        if world_calls is not None:
+            world_calls.append((world_size, cfg.training.sharding, cfg.training.grad_checkpointing))
+        peak = params * bytes_per_param // world_size
         return SimpleNamespace(
-            peak_bytes=peak, peak_bytes_first_step=peak - 1, peak_phase="forward", peak_module="m", band_bytes=[peak, peak, peak]
+            peak_bytes=peak,
+            peak_bytes_first_step=peak - 1,
+            peak_phase="forward",
+            peak_module="m",
+            band_bytes=[peak, peak, peak],
+            collectives={"nccl_bytes": 0},
         )
 
     return planner, calls
@@ -95,3 +102,45 @@ def test_fit_cli_errors(capsys):
     assert code == 2 and err.startswith("error: no candidate fits")
     code, _, err = _run(capsys, "fit", *TINY_DIT)
     assert code == 2 and "--vary" in err
+
+
+def test_fit_varies_world_size_and_sharding_and_takes_the_cheapest_run_that_fits():
+    """Among candidates of one network: fewer processes first, then no checkpointing, then DDP."""
+    axes = parse_vary(["training.grad_checkpointing=false,true", "training.sharding=ddp,fsdp", "world_size=1,2,4"])
+    world_calls = []
+    planner, _ = _fake_planner(1000, world_calls)
+    from voxgen.config import compose
+    from voxgen.memory.grid import describe
+
+    params = describe(compose([], TINY_DIT)).params
+    gpu = int(params * 1000 / 3 / 0.9)  # the fake's peak fits from 4 processes on
+    result = fit(axes, gpu, 0.1, overrides=TINY_DIT, planner=planner)
+    assert result.best.world_size == 4 and result.best.overrides == [
+        "training.grad_checkpointing=false",
+        "training.sharding=ddp",
+    ]
+    assert result.best.label == "training.grad_checkpointing=false training.sharding=ddp world_size=4"
+    # Planned in order of cost; world size 1 is the same run whatever the sharding (product order kept).
+    assert world_calls[:4] == [(1, "ddp", False), (1, "fsdp", False), (1, "ddp", True), (1, "fsdp", True)]
+    assert world_calls[4:8] == [(2, "ddp", False), (2, "fsdp", False), (2, "ddp", True), (2, "fsdp", True)]
+    assert world_calls[8] == (4, "ddp", False) and len(world_calls) == 9
+    assert result.next_up.world_size == 2 and json.loads(json.dumps(result.to_json()))["best"]["world_size"] == 4
+    table = format_table(result)
+    assert "FITS <- largest" in table[9] and all("costlier run (not planned" in line for line in table[10:])
+
+
+def test_the_tracing_planner_traces_a_network_once_for_every_world_size(monkeypatch):
+    from voxgen.memory import fit as fit_module
+    from voxgen.memory import planner as planner_module
+
+    traced = []
+    real = planner_module.trace_step
+    monkeypatch.setattr(planner_module, "trace_step", lambda cfg, *a, **k: traced.append(cfg) or real(cfg, *a, **k))
+    axes = parse_vary(["training.sharding=ddp,fsdp", "world_size=1,2,8"])
+    result = fit_module.fit(axes, 80 * GiB, overrides=TINY_DIT, plan_all=True)
+    assert len(traced) == 1 and all(c.status == FITS for c in result.candidates)
+    peaks = {c.label: c.peak_bytes for c in result.candidates}
+    # The same trace, spread differently: FSDP needs less per rank as ranks are added, DDP does not.
+    assert peaks["training.sharding=fsdp world_size=8"] < peaks["training.sharding=fsdp world_size=2"]
+    assert peaks["training.sharding=ddp world_size=8"] == peaks["training.sharding=ddp world_size=2"]
+    assert peaks["training.sharding=fsdp world_size=1"] == peaks["training.sharding=ddp world_size=1"]

@@ -264,3 +264,151 @@ def test_paths_sbatch_cannot_take_are_refused_in_one_line(tmp_path, run_dir, out
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and all(w in err for w in words)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _torchrun_dir() -> str | None:
+    """The folder of the torchrun that comes with this environment's torch (none: not installed)."""
+    import shutil
+    import sys
+
+    found = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    return str(Path(found).parent) if found else None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+MULTINODE_FAKES = {
+    "scontrol": """#!/bin/bash
+echo localhost
+""",
+    # One training process of the torchrun job: waits for SIGUSR1 and exits 75, or exits at once
+    # with FAKE_EXIT_<RANK> or FAKE_EXIT.
+    "voxgen": """#!/bin/bash
+printf '%s\\n' "$@" > "$FAKE_DIR/argv-$RANK"
+own="FAKE_EXIT_$RANK"
+code="${!own:-${FAKE_EXIT:-}}"
+if [ -n "$code" ]; then exit "$code"; fi
+trap 'echo "USR1 $RANK" >> "$FAKE_DIR/signals"; exit 75' USR1
+touch "$FAKE_DIR/started-$RANK"
+while :; do sleep 0.05; done
+""",
+}
+
+
+@pytest.fixture
+def multinode(tmp_path, fakes):
+    """The fakes of `fakes` (srun runs its command here, once: one node) with the real torchrun."""
+    torchrun = _torchrun_dir()
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    state, env = fakes
+    bin_dir = tmp_path / "bin"
+    for name, text in MULTINODE_FAKES.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**env, "PATH": f"{bin_dir}:{torchrun}:{env['PATH']}", "VOXGEN_RDZV_PORT": str(_free_port())}
+    return state, env
+
+
+def _multinode_script(tmp_path, **job):
+    run_dir = tmp_path / "my run"
+    return write_script(
+        ["data.root=data", f"run.dir={run_dir}"],
+        [],
+        SlurmJob(segments=1, mem="8G", **job),
+        tmp_path / "train.sbatch",
+    ), run_dir
+
+
+def test_a_multinode_script_runs_one_torchrun_per_node_and_checks_in_bash(tmp_path):
+    script, run_dir = _multinode_script(tmp_path, nodes=4, gpus_per_node=8)
+    text = script.read_text()
+    options = _sbatch_directives(text)
+    assert (options["--nodes"], options["--ntasks-per-node"], options["--gpus-per-node"]) == ("4", "1", "8")
+    assert "--gpus" not in options and options["--mem"] == "8G" and options["--signal"] == "B:USR1@300"
+    assert "srun --ntasks-per-node=1 bash -c" in text
+    torchrun = next(line for line in text.split("\n") if line.strip().startswith("torchrun "))
+    for flag in ("--no-python", "--nnodes=4", "--nproc-per-node=8", "--rdzv-backend=c10d", '--rdzv-endpoint="$VOXGEN_RDZV"'):
+        assert flag in torchrun
+    assert f"voxgen train data.root=data 'run.dir={run_dir}'" in text
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    # One GPU per job keeps today's script: no torchrun.
+    single = _script(tmp_path, gpus=1).read_text()
+    assert "torchrun" not in single and "srun --ntasks=1 voxgen train" in single
+
+
+def test_sigusr1_reaches_every_training_process_under_torchrun_and_their_75_is_the_jobs(tmp_path, multinode):
+    """SLURM's warning to the batch shell reaches both workers of the node through srun, the node's
+    shell and torchrun; torchrun exits 1, but the job sees the workers' 75."""
+    state, env = multinode
+    script, run_dir = _multinode_script(tmp_path, nodes=1, gpus_per_node=2)
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not all((state / f"started-{rank}").exists() for rank in (0, 1)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert (state / "started-0").exists() and (state / "started-1").exists()
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert sorted(_lines(state / "signals")) == ["USR1 0", "USR1 1"]
+    assert proc.returncode == 75 and "checkpoint written, but the limit of 1 segments is reached" in err
+    assert _lines(state / "argv-1") == ["train", "data.root=data", f"run.dir={run_dir}"]
+
+
+@pytest.mark.parametrize(
+    "codes, code, reported",
+    [
+        ({"FAKE_EXIT": "0"}, 0, "training finished in segment 1"),
+        ({"FAKE_EXIT": "3"}, 3, "stopped with exit code 3"),
+        ({"FAKE_EXIT_0": "0", "FAKE_EXIT_1": "75"}, 75, "limit of 1 segments is reached"),
+        ({"FAKE_EXIT_0": "75", "FAKE_EXIT_1": "2"}, 2, "stopped with exit code 2"),
+    ],
+)
+def test_the_workers_exit_code_decides_the_chain(tmp_path, multinode, codes, code, reported):
+    state, env = multinode
+    script, _ = _multinode_script(tmp_path, nodes=1, gpus_per_node=2)
+    env = {**env, **codes}
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == code and reported in result.stdout + result.stderr
+    assert not (state / "sbatch.log").exists()
+
+
+def test_mem_is_the_planned_host_memory_of_a_node_with_its_margin(tmp_path):
+    from voxgen.config import compose
+    from voxgen.memory.host import host_plan
+    from voxgen.memory.planner import trace_step
+    from voxgen.slurm import MEM_MARGIN
+
+    overrides = ["data.root=data", f"run.dir={tmp_path / 'run'}", "training.sharding=fsdp"]
+    script = write_script(overrides, [], SlurmJob(nodes=2, gpus_per_node=4), tmp_path / "a.sbatch")
+    mem = _sbatch_directives(script.read_text())["--mem"]
+    node = host_plan(trace_step(compose([], overrides)), 8, "fsdp").node_bytes(4)
+    assert mem.endswith("G") and node * (1 + MEM_MARGIN) <= int(mem[:-1]) * 2**30 < node * (1 + MEM_MARGIN) + 2**30
+    assert "planned host memory of a node (4 training processes)" in script.read_text()
+    # The user's own memory, as --mem or as an sbatch option, is written instead.
+    own = write_script(overrides, [], SlurmJob(mem="500G"), tmp_path / "b.sbatch").read_text()
+    assert _sbatch_directives(own)["--mem"] == "500G" and "planned host memory" not in own
+    per_cpu = write_script(overrides, [], SlurmJob(sbatch_options=["--mem-per-cpu=4G"]), tmp_path / "c.sbatch").read_text()
+    assert "--mem" not in _sbatch_directives(per_cpu) and "--mem-per-cpu=4G" in per_cpu
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--nodes", "2"], "--nodes 2 needs --gpus-per-node"),
+        (["--gpus", "2", "--gpus-per-node", "2"], "--gpus and --gpus-per-node cannot be combined"),
+        (["--gpus-per-node", "0"], "--gpus-per-node 0 must be at least 1"),
+        (["--mem", "lots"], "--mem 'lots'"),
+        (["--mem", "8G", "--sbatch=--mem=9G"], "--mem and --sbatch --mem"),
+    ],
+)
+def test_bad_multinode_jobs_are_refused_in_one_line(tmp_path, capsys, argv, words):
+    assert main(["slurm", f"run.dir={tmp_path / 'run'}", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -33,10 +33,12 @@ from voxgen.checkpoint.layout import (
     INDEX,
     LATEST,
     STATE,
+    checkpoint_folder,
     checkpoint_root,
     split_prefix,
     with_prefix,
 )
+from voxgen.checkpoint.plan import Part
 from voxgen.checkpoint.read import (
     iter_tensors,
     list_checkpoints,
@@ -51,6 +53,7 @@ from voxgen.checkpoint.write import (
     DEFAULT_MAX_SHARD_BYTES,
     FREE_SPACE_MARGIN,
     MIN_SHARD_BYTES,
+    Writers,
     delete_checkpoint,
     discard_after,
     remove_leftovers,
@@ -66,6 +69,9 @@ __all__ = [
     "LATEST",
     "MIN_SHARD_BYTES",
     "STATE",
+    "Part",
+    "Writers",
+    "checkpoint_folder",
     "checkpoint_root",
     "delete_checkpoint",
     "discard_after",

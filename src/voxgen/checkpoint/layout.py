@@ -31,6 +31,11 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def checkpoint_folder(run_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` is (or will be)."""
+    return checkpoint_root(run_dir) / f"step_{step:08d}"
+
+
 def _step_of(folder: Path) -> int:
     """100 for RUN/checkpoints/step_00000100."""
     return int(_STEP_NAME.fullmatch(folder.name).group(1))

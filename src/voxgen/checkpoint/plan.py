@@ -3,6 +3,10 @@
 No file, safetensors header included, is larger than max_shard_bytes: a tensor that does not
 fit in one file is cut into flat pieces (keys `NAME#START`, START the first flat element),
 each in its own shard, and put back together on load.
+
+A process of a sharded (FSDP) run holds only a slice of some tensors: a `Part` says where its
+slice starts in the whole tensor, and the slice is written as pieces of that tensor, so the
+checkpoint reads back as whole tensors, the same as one written by a single process.
 """
 
 from __future__ import annotations
@@ -24,6 +28,14 @@ _ENTRY_BYTES = 128
 _HEADER_FIXED_BYTES = 8 + 8 + 8 + len(json.dumps({"__metadata__": _SAFETENSORS_METADATA}))
 
 
+@dataclass(frozen=True)
+class Part:
+    """A process's slice of a tensor: flat elements from `start` of a tensor of `shape`."""
+
+    start: int
+    shape: tuple[int, ...]
+
+
 @dataclass
 class _Piece:
     name: str  # the tensor's name in the checkpoint
@@ -37,12 +49,16 @@ def _entry_bytes(key: str, shape) -> int:
     return _ENTRY_BYTES + len(json.dumps(key)) + sum(len(str(int(d))) + 1 for d in shape)
 
 
-def _plan(tensors: dict[str, torch.Tensor], max_bytes: int) -> tuple[list[list[_Piece]], list[int]]:
+def _plan(
+    tensors: dict[str, torch.Tensor], max_bytes: int, parts: dict[str, Part] | None = None
+) -> tuple[list[list[_Piece]], list[int]]:
     """Shards (lists of pieces) and an upper bound of each shard's file size, header included.
 
     Tensors are placed in the order given, each shard filled before the next is started, so
-    tensors saved next to each other (all of `ema/`) share shards with few others.
+    tensors saved next to each other (all of `ema/`) share shards with few others. A tensor
+    named in `parts` is a slice of a larger one: it is written as pieces of that one.
     """
+    parts = parts or {}
     capacity = max_bytes - _HEADER_FIXED_BYTES
     shards: list[list[_Piece]] = [[]]
     used = [0]
@@ -54,17 +70,20 @@ def _plan(tensors: dict[str, torch.Tensor], max_bytes: int) -> tuple[list[list[_
 
     for name, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
-        cost = _entry_bytes(name, tensor.shape) + nbytes
+        part = parts.get(name)
+        first = 0 if part is None else part.start
+        key = name if part is None else f"{name}#{first}"
+        cost = _entry_bytes(key, tensor.shape) + nbytes
         if cost > capacity - used[-1] and cost <= capacity:
             new_shard()
         if cost <= capacity - used[-1]:
-            shards[-1].append(_Piece(name, name))
+            shards[-1].append(_Piece(name, key) if part is None else _Piece(name, key, first, first + tensor.numel()))
             used[-1] += cost
             continue
         # Larger than a whole file: flat pieces, each filling a fresh shard, the last one
         # leaving its shard open to the tensors that follow.
         new_shard()
-        n, esize, start = tensor.numel(), tensor.element_size(), 0
+        n, esize, start = first + tensor.numel(), tensor.element_size(), first
         while start < n:
             key = f"{name}#{start}"
             room = (capacity - _entry_bytes(key, [n])) // esize
@@ -83,34 +102,52 @@ def _plan(tensors: dict[str, torch.Tensor], max_bytes: int) -> tuple[list[list[_
     return shards, [_HEADER_FIXED_BYTES + u for u in used]
 
 
-def _shard_name(i: int, n: int) -> str:
-    return f"tensors-{i:05d}-of-{n:05d}.safetensors"
+def _shard_name(i: int, n: int, writer: int | None = None) -> str:
+    """The i-th of n shard files; a process of several writing one checkpoint prefixes its number,
+    so that file names sort by process first: the order its slices of a tensor go back in."""
+    name = f"tensors-{i:05d}-of-{n:05d}.safetensors"
+    return name if writer is None else f"rank-{writer:05d}-{name}"
 
 
-def _index(shards: list[list[_Piece]], tensors: dict[str, torch.Tensor], files: dict[str, dict]) -> dict:
-    """index.json: where each tensor lives, how split ones are put back, size and crc32 of every file."""
+def _index_part(
+    shards: list[list[_Piece]], filenames: list[str], tensors: dict[str, torch.Tensor], parts: dict[str, Part]
+) -> tuple[dict[str, str], dict[str, dict]]:
+    """(weight_map, split_tensors) of one writer's shards: where its whole tensors live, and its
+    pieces of split ones."""
     weight_map: dict[str, str] = {}
     split: dict[str, dict] = {}
-    for i, pieces in enumerate(shards, start=1):
-        filename = _shard_name(i, len(shards))
+    for filename, pieces in zip(filenames, shards):
         for p in pieces:
             if p.start is None:
                 weight_map[p.name] = filename
                 continue
             t = tensors[p.name]
+            shape = parts[p.name].shape if p.name in parts else tuple(t.shape)
             dtype = str(t.dtype).removeprefix("torch.")
-            entry = split.setdefault(p.name, {"dtype": dtype, "shape": list(t.shape), "pieces": []})
+            entry = split.setdefault(p.name, {"dtype": dtype, "shape": list(shape), "pieces": []})
             entry["pieces"].append({"file": filename, "key": p.key, "start": p.start, "stop": p.stop})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    return {"format": FORMAT, "total_bytes": total, "weight_map": weight_map, "split_tensors": split, "files": files}
+    return weight_map, split
 
 
-def _shard_payload(pieces: list[_Piece], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _index(writers: list[tuple[dict[str, str], dict[str, dict]]], files: dict[str, dict], total_bytes: int) -> dict:
+    """index.json from every writer's part (in writer order): where each tensor lives, how split
+    ones are put back, size and crc32 of every file."""
+    weight_map: dict[str, str] = {}
+    split: dict[str, dict] = {}
+    for part_map, part_split in writers:
+        weight_map.update(part_map)
+        for name, entry in part_split.items():
+            split.setdefault(name, {**entry, "pieces": []})["pieces"].extend(entry["pieces"])
+    return {"format": FORMAT, "total_bytes": total_bytes, "weight_map": weight_map, "split_tensors": split, "files": files}
+
+
+def _shard_payload(pieces: list[_Piece], tensors: dict[str, torch.Tensor], parts: dict[str, Part]) -> dict[str, torch.Tensor]:
     # Tensors reach the host one shard at a time, so host memory holds one shard, not the state.
     payload = {}
     for p in pieces:
         t = tensors[p.name].detach()
         if p.start is not None:
-            t = t.contiguous().view(-1)[p.start : p.stop]
+            first = parts[p.name].start if p.name in parts else 0
+            t = t.contiguous().view(-1)[p.start - first : p.stop - first]
         payload[p.key] = t.to("cpu").contiguous()
     return payload

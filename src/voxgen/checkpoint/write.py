@@ -12,7 +12,10 @@ import os
 import re
 import shutil
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -28,11 +31,12 @@ from voxgen.checkpoint.layout import (
     _file_crc,
     _read_pointer,
     _step_of,
+    checkpoint_folder,
     checkpoint_root,
     index_crc,
     json_bytes,
 )
-from voxgen.checkpoint.plan import _SAFETENSORS_METADATA, _index, _plan, _shard_name, _shard_payload
+from voxgen.checkpoint.plan import _SAFETENSORS_METADATA, Part, _index, _index_part, _plan, _shard_name, _shard_payload
 from voxgen.errors import CheckpointError
 from voxgen.files import fsync, permissions
 
@@ -139,26 +143,108 @@ def discard_after(run_dir: str | Path, kept: Path) -> list[Path]:
     return newer
 
 
+@dataclass(frozen=True)
+class Writers:
+    """The processes that write one checkpoint together (a sharded run): each writes the slices
+    of tensors it holds (`parts`) into files of its own; the first also writes the tensors every
+    process holds alike, state.json and index.json, and moves the folder into place. `gather`
+    brings every process's value to the first (None elsewhere); `all_ok` is True on every
+    process when it is True on every process. One process is a world of one writer."""
+
+    rank: int = 0
+    size: int = 1
+    gather: Callable[[Any], list | None] = field(default=lambda value: [value])
+    all_ok: Callable[[bool], bool] = field(default=lambda ok: ok)
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
     tensors: dict[str, torch.Tensor],
     state: dict,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    writers: Writers = Writers(),
+    parts: dict[str, Part] | None = None,
 ) -> Path:
     """Write a complete checkpoint for `step` and point `latest` at it; returns its folder.
 
     tensors: name -> tensor (any device, any shape); state: JSON-able. Raises CheckpointError,
     with nothing changed on disk, when the cap is below 1 MiB, the disk has too little free
     space, or any write fails.
+
+    Several `writers`: every process calls this with its own `tensors`; those named in `parts`
+    are its slices of larger tensors, the others are written by the first process only (they are
+    the same everywhere). A failure on any process fails the checkpoint on all.
     """
     root = checkpoint_root(run_dir)
-    name = f"step_{step:08d}"
+    name = checkpoint_folder(run_dir, step).name
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < MIN_SHARD_BYTES:
         raise CheckpointError(f"{root}: max_shard_bytes={max_shard_bytes} is below the minimum of {MIN_SHARD_BYTES} (1 MiB)")
+    parts = parts or {}
+    if not writers.first:  # what every process holds alike is the first one's to write
+        tensors = {k: t for k, t in tensors.items() if k in parts}
     state_bytes = json_bytes(state)  # unserialisable state fails here, before the disk is touched
-    shards, bounds = _plan(tensors, max_shard_bytes)
-    needs = sum(bounds) + len(state_bytes) + 4096 + 256 * sum(map(len, shards))
+    shards, bounds = _plan(tensors, max_shard_bytes, parts)
+    local_needs = sum(bounds) + 256 * sum(map(len, shards))
+    needs = sum(writers.gather(local_needs) or []) + len(state_bytes) + 4096
+    tmp, final, aside = root / f".{name}.tmp", root / name, root / f".{name}.old"
+
+    # 1. The first process makes room and the temporary folder; the others wait for it.
+    previous = intact = error = None
+    if writers.first:
+        try:
+            previous, intact = _prepare(root, name, tmp, needs)
+        except CheckpointError as exc:
+            error = exc
+    if not writers.all_ok(error is None):
+        raise error or CheckpointError(f"checkpoint {final} not written: the first process of the run could not prepare it")
+
+    # 2. Every process writes its shard files.
+    doing, files, filenames = f"creating {tmp.name}", {}, []
+    try:
+        for i, pieces in enumerate(shards, start=1):
+            filename = _shard_name(i, len(shards), writers.rank if writers.size > 1 else None)
+            doing = f"writing {filename}"
+            size, crc = _write_shard(tmp / filename, _shard_payload(pieces, tensors, parts))
+            if size > max_shard_bytes:  # the header bound in _plan is wrong if this happens
+                raise CheckpointError(f"checkpoint {final}: {filename} has {size} bytes, over max_shard_bytes={max_shard_bytes}")
+            files[filename] = {"bytes": size, "crc32": crc}
+            filenames.append(filename)
+    except OSError as exc:
+        error = CheckpointError(
+            f"checkpoint {final} not written: {exc.strerror or exc} while {doing} "
+            f"({_sizes(needs, _free_bytes(root))} in {root}); {intact or 'the previous checkpoint is intact'}"
+        )
+    except CheckpointError as exc:
+        error = exc
+    local_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    written = writers.gather((files, _index_part(shards, filenames, tensors, parts), local_bytes))
+    if not writers.all_ok(error is None):
+        if writers.first:
+            with contextlib.suppress(OSError):
+                _roll_back(root, tmp, None, aside)
+        raise error or CheckpointError(f"checkpoint {final} not written: a write failed on another process of the run")
+
+    # 3. The first process writes state.json and index.json and moves the folder into place.
+    if writers.first:
+        try:
+            all_files = {k: v for f, _, _ in written for k, v in f.items()}
+            index = _index([part for _, part, _ in written], all_files, sum(b for _, _, b in written))
+            _commit(root, name, tmp, state_bytes, index, previous, intact, needs)
+        except CheckpointError as exc:
+            error = exc
+    if not writers.all_ok(error is None):
+        raise error or CheckpointError(f"checkpoint {final} not written: the first process of the run could not commit it")
+    return final
+
+
+def _prepare(root: Path, name: str, tmp: Path, needs: int) -> tuple[str | None, str]:
+    """Make the checkpoint's temporary folder once the disk has room for `needs` bytes;
+    (the checkpoint `latest` names now, words saying it stays intact)."""
     try:
         root.mkdir(parents=True, exist_ok=True)
         _remove_stale(root)
@@ -171,27 +257,24 @@ def save_checkpoint(
         raise CheckpointError(
             f"checkpoint {root / name} not written: not enough free space ({_sizes(needs, free)} in {root}); {intact}"
         )
-
-    tmp, final, aside = root / f".{name}.tmp", root / name, root / f".{name}.old"
-    doing = f"creating {tmp.name}"
-    installed = False
     try:
         tmp.mkdir()
-        files: dict[str, dict] = {}
-        for i, pieces in enumerate(shards, start=1):
-            filename = _shard_name(i, len(shards))
-            doing = f"writing {filename}"
-            size, crc = _write_shard(tmp / filename, _shard_payload(pieces, tensors))
-            if size > max_shard_bytes:  # the header bound in _plan is wrong if this happens
-                raise CheckpointError(
-                    f"checkpoint {root / name}: {filename} has {size} bytes, over max_shard_bytes={max_shard_bytes}"
-                )
-            files[filename] = {"bytes": size, "crc32": crc}
-        doing = f"writing {STATE}"
-        files[STATE] = {"bytes": len(state_bytes), "crc32": zlib.crc32(state_bytes)}
+    except OSError as exc:
+        raise CheckpointError(
+            f"checkpoint {root / name} not written: {exc.strerror or exc} while creating {tmp.name}; {intact}"
+        ) from None
+    return previous, intact
+
+
+def _commit(root: Path, name: str, tmp: Path, state_bytes: bytes, index: dict, previous: str | None, intact: str, needs: int):
+    """state.json and index.json into the written folder, then the folder into place and `latest`."""
+    final, aside = root / name, root / f".{name}.old"
+    installed = False
+    doing = f"writing {STATE}"
+    try:
+        index["files"][STATE] = {"bytes": len(state_bytes), "crc32": zlib.crc32(state_bytes)}
         _write_bytes(tmp / STATE, state_bytes)
         doing = f"writing {INDEX}"
-        index = _index(shards, tensors, files)
         index["index_crc32"] = index_crc(index)
         _write_bytes(tmp / INDEX, json_bytes(index))
         fsync(tmp)
@@ -213,13 +296,11 @@ def save_checkpoint(
             raise
         free_now = _free_bytes(root)
         if committed:
-            raise CheckpointError(f"checkpoint {root / name} written but not synced to disk: {exc.strerror or exc}") from None
+            raise CheckpointError(f"checkpoint {final} written but not synced to disk: {exc.strerror or exc}") from None
         raise CheckpointError(
-            f"checkpoint {root / name} not written: {exc.strerror or exc} while {doing} "
-            f"({_sizes(needs, free_now)} in {root}); {intact}"
+            f"checkpoint {final} not written: {exc.strerror or exc} while {doing} ({_sizes(needs, free_now)} in {root}); {intact}"
         ) from None
     shutil.rmtree(aside, ignore_errors=True)
-    return final
 
 
 def _roll_back(root: Path, tmp: Path, installed: Path | None, aside: Path) -> None:

@@ -291,6 +291,8 @@ MiB = 2**20
 SEED_MAX = 2**32 - 1
 # ddpm.schedule names; the DDPM strategy builds its betas from them.
 DDPM_SCHEDULES = ("linear", "cosine")
+# training.sharding: how a model is spread over the processes of a torchrun job.
+SHARDINGS = ("ddp", "fsdp")
 
 
 def validate(cfg: DictConfig, network: bool = True) -> None:
@@ -318,6 +320,7 @@ def validate(cfg: DictConfig, network: bool = True) -> None:
     _choice(cfg.model.name, sorted(_model_names(cfg.task, MODELS)), "model.name")
     _choice(cfg.model.attention, ["sdpa", "naive"], "model.attention")
     _choice(cfg.training.precision, PRECISIONS, "training.precision")
+    _choice(cfg.training.sharding, SHARDINGS, "training.sharding")
     _choice(cfg.training.device, ["auto", "cpu", "cuda"], "training.device")
     _choice(cfg.rflow.time_sampling, ["uniform", "logit-normal"], "rflow.time_sampling")
     _choice(cfg.ddpm.schedule, DDPM_SCHEDULES, "ddpm.schedule")

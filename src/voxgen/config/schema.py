@@ -214,6 +214,21 @@ class TrainingConfig:
     # Slice mosaic of a sample written to TensorBoard every N steps (0 = only at the end).
     mosaic_every: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    # Speed switches for GPUs, off until measured on the run's own model (docs/speed.md):
+    # torch.compile of the network (training steps and sampling), channels-last-3d memory layout
+    # of the network and its inputs, the fused AdamW kernel, and TF32 for float32 matmuls and
+    # convolutions.
+    compile: bool = False
+    channels_last: bool = False
+    fused_optimizer: bool = False
+    tf32: bool = False
+    # Under torchrun with more than one process (docs/distributed.md): ddp keeps a whole copy of
+    # the model on every GPU; fsdp shards parameters, gradients and optimizer state across them
+    # (PyTorch's fully_shard). training.batch_size is the batch of one process.
+    sharding: str = "ddp"  # ddp | fsdp
+    # fsdp: a module becomes its own unit (gathered whole only while it computes) once it holds
+    # this many parameters that no smaller unit holds; the rest belong to the root unit.
+    fsdp_unit_params: int = 20_000_000
 
 
 @dataclass

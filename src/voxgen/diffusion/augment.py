@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from voxgen.draws import Draws
 from voxgen.errors import ConfigError
 
 METHODS = ("none", "sda", "scoreaug")
@@ -149,19 +150,18 @@ class Augmentation:
         """Whether a step augments (and draws from the generator): training, probability > 0."""
         return training and self.probability > 0
 
-    def draw(self, batch: int, shape: tuple[int, int, int], generator: torch.Generator | None, device) -> list[Transform | None]:
+    def draw(self, shape: tuple[int, int, int], draws: Draws) -> list[Transform | None]:
         """One transform per sample, or None (not augmented) with 1 - probability.
 
-        `UNIFORMS` uniforms per sample come from `generator` on its own device (the global CPU
-        generator when None) and are read on the host, one small copy per step. On the meta device
-        (the memory planner) nothing is drawn: every sample takes the first option of the first
-        kind, so a plan is repeatable and counts the augmented batch.
+        `UNIFORMS` uniforms per sample come from its generator in `draws` and are read on the
+        host, one small copy per step. On the meta device (the memory planner) nothing is drawn:
+        every sample takes the first option of the first kind, so a plan is repeatable and counts
+        the augmented batch.
         """
-        if torch.device(device).type == "meta":
-            rows = [[0.0] * UNIFORMS for _ in range(batch)]
+        if draws.device.type == "meta":
+            rows = [[0.0] * UNIFORMS for _ in range(len(draws))]
         else:
-            where = generator.device if generator is not None else torch.device("cpu")
-            rows = torch.rand(batch, UNIFORMS, generator=generator, device=where, dtype=torch.float64).tolist()
+            rows = draws.uniform((UNIFORMS,), torch.float64).tolist()
         return [self._transform(u, shape) if u[0] < self.probability else None for u in rows]
 
     def _transform(self, u: list[float], shape: tuple[int, int, int]) -> Transform:
@@ -223,7 +223,7 @@ def sda_batch(
     noise: torch.Tensor,
     t: torch.Tensor,
     cond: torch.Tensor | None,
-    generator: torch.Generator | None,
+    draws: Draws,
     noisier: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(x0, noise, t, cond) with SDA's auxiliary copies appended along the batch: (B + K, ...).
@@ -233,13 +233,13 @@ def sda_batch(
     the transforms) and the time `noisier(t)` (the strategy's `noisier` by `aug.noise_shift`). A
     size-bin vector is copied unchanged.
     """
-    transforms = aug.draw(z0.shape[0], tuple(z0.shape[-3:]), generator, z0.device)
+    transforms = aug.draw(tuple(z0.shape[-3:]), draws)
     picked = [i for i, tr in enumerate(transforms) if tr is not None]
     if not picked:
         return z0, noise, t, cond
     chosen = [transforms[i] for i in picked]
     extra_x0 = transform_batch(z0[picked], chosen)  # (K, C, D, H, W)
-    extra_noise = torch.randn(extra_x0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    extra_noise = draws.normal(extra_x0.shape[1:], z0.dtype, rows=picked)
     extra_t = noisier(t[picked])
     if cond is not None:
         extra_cond = transform_batch(cond[picked], chosen) if _moves_with_volume(cond, z0) else cond[picked]
@@ -252,13 +252,13 @@ def scoreaug_batch(
     x_t: torch.Tensor,
     target: torch.Tensor,
     cond: torch.Tensor | None,
-    generator: torch.Generator | None,
+    draws: Draws,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(x_t, target, cond, omega): x_t and the target (B, C, D, H, W) and the volume conditions of
     each sample moved by the same transform (drawn with `aug.probability`, else kept), and the
     transforms' codes omega (B, OMEGA_SIZE) in x_t's dtype (zeros for kept samples)."""
     shape = tuple(x_t.shape[-3:])
-    transforms = aug.draw(x_t.shape[0], shape, generator, x_t.device)
+    transforms = aug.draw(shape, draws)
     codes = [(IDENTITY if tr is None else tr).omega(shape) for tr in transforms]
     omega = torch.tensor(codes, dtype=torch.float32).to(device=x_t.device, dtype=x_t.dtype)  # (B, 18)
     if all(tr is None for tr in transforms):

@@ -23,6 +23,7 @@ import torch
 
 from voxgen.data.tumour_bins import MAX_COUNT, NUM_BINS, SIZE_BINS
 from voxgen.diffusion.shapes import append_dims
+from voxgen.draws import Draws
 from voxgen.errors import ConfigError
 
 # The null size-bin vector's value in every bin (scaled counts lie in [0, 1]).
@@ -84,10 +85,10 @@ class Mode:
             return torch.full_like(cond, NULL_SIZE_BINS)
         return torch.zeros_like(cond)
 
-    def drop_conditions(self, cond: torch.Tensor, probability: float, generator: torch.Generator | None) -> torch.Tensor:
+    def drop_conditions(self, cond: torch.Tensor, probability: float, draws: Draws) -> torch.Tensor:
         """cond with each sample's condition replaced by the null one with `probability`; the draw
-        comes from `generator`, so a seeded run drops the same samples again."""
-        keep = torch.rand(cond.shape[0], generator=generator, device=cond.device) >= probability  # (B,)
+        comes from each sample's generator, so a seeded run drops the same samples again."""
+        keep = draws.uniform().to(cond.device) >= probability  # (B,)
         return torch.where(append_dims(keep, cond.ndim), cond, self.null_condition(cond))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from voxgen.diffusion.modes import SIZE_BINS, Mode, build_mode, mask_modality
 from voxgen.diffusion.spaces import Space, build_space, decode_channels, encode_batch
 from voxgen.diffusion.strategies import Strategy, build_strategy
 from voxgen.diffusion.tumour_weight import check_tumour_weight, tumour_weight_map
+from voxgen.draws import Draws
 from voxgen.errors import ConfigError
 from voxgen.models.registry import build_model
 from voxgen.precision import Autocast, autocast_policy
@@ -66,6 +68,8 @@ class Parts:
     """The diffusion task (`voxgen.tasks.Task`): a network trained by a strategy on a mode's
     modalities in a space."""
 
+    # The loss calls the whole model (`model(x, t, ...)`): DDP and FSDP can wrap it.
+    parallel: ClassVar[bool] = True
     model: nn.Module
     strategy: Strategy
     mode: Mode
@@ -129,12 +133,12 @@ class Parts:
             batch.update(split(cond_channels, mode.conditions))
         return replace(self, encode=already_encoded), batch | vectors
 
-    def loss(self, batch: dict, generator: torch.Generator | None, step: int = 0) -> torch.Tensor:
+    def loss(self, batch: dict, draws: Draws | torch.Generator | None, step: int = 0) -> torch.Tensor:
         """Scalar loss of one batch (see `prediction_and_target`); the same at every step."""
-        return self.strategy.loss(*prediction_and_target(self, batch, generator), **self.voxel_weight(batch))
+        return self.strategy.loss(*prediction_and_target(self, batch, draws), **self.voxel_weight(batch))
 
-    def evaluate(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        prediction, target, t = prediction_and_target(self, batch, generator)
+    def evaluate(self, batch: dict, draws: Draws | torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        prediction, target, t = prediction_and_target(self, batch, draws)
         return self.strategy.loss(prediction, target, t, **self.voxel_weight(batch)), prediction, target
 
     def voxel_weight(self, batch: dict) -> dict:
@@ -185,11 +189,12 @@ def already_encoded(batch: dict) -> dict:
 
 
 def prediction_and_target(
-    parts: Parts, batch: dict, generator: torch.Generator | None
+    parts: Parts, batch: dict, draws: Draws | torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The network's prediction for one batch {modality: (B, 1, D, H, W)} and the strategy's
     target for it, both (B, C, D', H', W') in the model's space, and the training times (B,)
-    they were drawn at (for a loss weighted per sample); noise and times from `generator`.
+    they were drawn at (for a loss weighted per sample); noise, times and the rest from each
+    sample's own generator in `draws` (a generator seeds them: `Draws.of`).
 
     In training mode, conditions are replaced by the null condition with probability
     `parts.strategy.cond_dropout` per sample (classifier-free guidance), and `parts.augmentation`
@@ -199,21 +204,22 @@ def prediction_and_target(
     validation losses compare the conditional, unaugmented model across steps.
     """
     z0, cond = parts.mode.split(parts.encode(batch))  # (B, C, D', H', W'), (B, K, D', H', W') or None
-    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
-    t = parts.strategy.sample_time(z0.shape[0], generator, z0.device)  # (B,)
+    draws = Draws.of(draws, z0.shape[0], z0.device)
+    noise = draws.normal(z0.shape[1:], z0.dtype)
+    t = parts.strategy.sample_time(draws)  # (B,)
     if cond is not None and parts.strategy.cond_dropout > 0 and parts.model.training:
         # Drawn after noise and times: runs without dropout keep their random streams.
-        cond = parts.mode.drop_conditions(cond, parts.strategy.cond_dropout, generator)
+        cond = parts.mode.drop_conditions(cond, parts.strategy.cond_dropout, draws)
     # Drawn last, and only when on: runs without augmentation keep their random streams.
     aug = parts.augmentation if parts.augmentation is not None and parts.augmentation.active(parts.model.training) else None
     if aug is not None and aug.method == "sda":
         noisier = partial(parts.strategy.noisier, shift=aug.noise_shift)
-        z0, noise, t, cond = sda_batch(aug, z0, noise, t, cond, generator, noisier)  # (B + K, ...)
+        z0, noise, t, cond = sda_batch(aug, z0, noise, t, cond, draws, noisier)  # (B + K, ...)
     x_t = parts.strategy.interpolate(z0, noise, t)
     target = omega = None
     if aug is not None and aug.method == "scoreaug":
         target = parts.strategy.target(z0, noise, t)
-        x_t, target, cond, omega = scoreaug_batch(aug, x_t, target, cond, generator)
+        x_t, target, cond, omega = scoreaug_batch(aug, x_t, target, cond, draws)
     with parts.autocast(z0.device):
         prediction = network_output(parts, x_t, t, cond, omega)
     # Otherwise the target is made after the forward, as it always was (the planner's peak).

@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from voxgen.diffusion.shapes import append_dims
+from voxgen.draws import Draws
 from voxgen.errors import ConfigError
 
 
@@ -33,8 +34,8 @@ class Strategy(Protocol):
     # The sampler `sample.solver: null` stands for (voxgen.diffusion.samplers).
     default_sampler: str
 
-    def sample_time(self, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
-        """(B,) training times."""
+    def sample_time(self, draws: Draws) -> torch.Tensor:
+        """(B,) training times, one from each sample's generator."""
 
     def noisier(self, t: torch.Tensor, shift: float) -> torch.Tensor:
         """Training times `shift` (a fraction of the time axis) closer to the noise (SDA)."""
@@ -128,11 +129,11 @@ class RectifiedFlow(WeightedLoss):
         self.cond_dropout = cond_dropout
         self.min_snr_gamma = _check_min_snr_gamma(min_snr_gamma)
 
-    def sample_time(self, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    def sample_time(self, draws: Draws) -> torch.Tensor:
         """(B,) times in (0, 1): uniform, or logit-normal (Esser et al. 2024), which favours mid times."""
         if self.time_sampling == "uniform":
-            return torch.rand(batch, generator=generator, device=device)
-        normal = torch.randn(batch, generator=generator, device=device)
+            return draws.uniform()
+        normal = draws.normal()
         return torch.sigmoid(self.logit_mean + self.logit_std * normal)
 
     def noisier(self, t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -225,9 +226,9 @@ class DDPM(WeightedLoss):
         self.prediction = check_prediction(prediction)
         self.min_snr_gamma = _check_min_snr_gamma(min_snr_gamma)
 
-    def sample_time(self, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    def sample_time(self, draws: Draws) -> torch.Tensor:
         """(B,) integer timesteps, uniform on {0, ..., T - 1}."""
-        return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device)
+        return draws.integers(self.num_timesteps)
 
     def noisier(self, t: torch.Tensor, shift: float) -> torch.Tensor:
         """Timesteps round(shift T) closer to the noise, at most T - 1 (SDA)."""

@@ -10,11 +10,15 @@ from voxgen.errors import VoxgenError
 
 def run_plan(args) -> int:
     from voxgen.config import compose
-    from voxgen.memory.planner import GiB, parse_memory, plan
+    from voxgen.memory.planner import parse_memory, plan
 
+    world_size, overrides = parse_world(args.world_size, args.sharding, args.overrides)
     if args.grid:
         if args.factory:
             raise VoxgenError("--grid and --factory cannot be combined")
+        if world_size != 1:
+            raise VoxgenError("--world-size goes with one configuration: plan it alone, or use voxgen fit --vary world_size=...")
+        args.overrides = overrides
         return _plan_grid(args)
     if args.factory:
         from voxgen.memory.factory import parse_input_shape, plan_factory
@@ -25,42 +29,107 @@ def run_plan(args) -> int:
             args.factory,
             parse_input_shape(args.input_shape),
             args.output_channels,
-            args.overrides,
+            overrides,
             args.config,
             parse_memory(args.gpu_memory),
+            world_size,
         )
     elif args.input_shape or args.output_channels is not None:
         raise VoxgenError("--input-shape and --output-channels go with --factory")
     else:
-        result = plan(compose(args.config, args.overrides), parse_memory(args.gpu_memory))
+        result = plan(compose(args.config, overrides), parse_memory(args.gpu_memory), world_size=world_size)
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
-    print(
+    print("\n".join(format_plan(result)))
+    return 0
+
+
+def parse_world(world_size: str | None, sharding: str | None, overrides: list[str]) -> tuple[int, list[str]]:
+    """`--world-size N` and `--sharding ddp|fsdp` -> (N, the overrides with training.sharding set)."""
+    from voxgen.config.compose import SHARDINGS
+
+    size = 1
+    if world_size is not None:
+        try:
+            size = int(world_size)
+        except ValueError:
+            raise VoxgenError(f"--world-size {world_size!r}: give the number of processes, e.g. --world-size 8") from None
+        if size < 1:
+            raise VoxgenError(f"--world-size {size}: must be at least 1")
+    if sharding is None:
+        return size, list(overrides)
+    if sharding not in SHARDINGS:
+        raise VoxgenError(f"--sharding {sharding!r}: must be one of {', '.join(SHARDINGS)}")
+    return size, [*overrides, f"training.sharding={sharding}"]
+
+
+def format_plan(result) -> list[str]:
+    """The text `voxgen plan` prints: the step's memory (per rank for a torchrun job), then the host's."""
+    from voxgen.memory.planner import GiB
+
+    lines = [
         f"{result.model}: {result.params:,} parameters ({result.params / 1e6:.1f} M), "
         f"{result.in_channels} -> {result.out_channels} channels at {result.shape}, "
         f"batch {result.batch_size}, {result.precision}"
-    )
+    ]
+    if result.world_size > 1:
+        one = result.one_gpu
+        lines.append(
+            f"each of {result.world_size} ranks ({result.sharding}; batch {result.batch_size} per rank); "
+            f"in one process the step peaks at {one['peak_bytes'] / GiB:.2f} GiB ({one['verdict']})"
+        )
+        lines += _collective_lines(result)
     for part, nbytes in result.breakdown.items():
-        print(f"  {part:12s} {nbytes / GiB:8.2f} GiB")
-    print(
+        lines.append(f"  {part:12s} {nbytes / GiB:8.2f} GiB")
+    lines.append(
         f"  {'peak':12s} {result.peak_bytes / GiB:8.2f} GiB  ({result.peak_phase}: {result.peak_module or '-'}); "
         f"first step {result.peak_bytes_first_step / GiB:.2f} GiB"
     )
     if result.required_bytes < result.peak_bytes:
         note = "cuDNN's smallest workspaces; larger ones where memory allows"
-        print(f"  {'required':12s} {result.required_bytes / GiB:8.2f} GiB  ({note})")
+        lines.append(f"  {'required':12s} {result.required_bytes / GiB:8.2f} GiB  ({note})")
     note = "caching allocator with fragmentation, required workspaces"
-    print(f"  {'reserved':12s} {result.reserved_bytes / GiB:8.2f} GiB  ({note})")
+    lines.append(f"  {'reserved':12s} {result.reserved_bytes / GiB:8.2f} GiB  ({note})")
     low, expected, high = (b / GiB for b in result.band_bytes)
-    print(f"  {'band':12s} {low:.2f} / {expected:.2f} / {high:.2f} GiB reserved (low / expected / high: {result.error_class})")
-    print(
-        f"{result.verdict} in {result.gpu_memory_bytes / GiB:.1f} GiB "
-        f"({result.usable_bytes / GiB:.1f} GiB usable after the CUDA context)"
+    lines.append(
+        f"  {'band':12s} {low:.2f} / {expected:.2f} / {high:.2f} GiB reserved (low / expected / high: {result.error_class})"
     )
+    outside = "the CUDA context" + (" and NCCL" if result.world_size > 1 else "")
+    usable = f"{result.usable_bytes / GiB:.1f} GiB usable after {outside}"
+    lines.append(f"{result.verdict} in {result.gpu_memory_bytes / GiB:.1f} GiB ({usable})")
     if result.verdict == "tight":
-        print("tight: the band crosses the limit; measure it on the GPU (voxgen profile) or choose a smaller config")
-    return 0
+        lines.append("tight: the band crosses the limit; measure it on the GPU (voxgen profile) or choose a smaller config")
+    return lines + _host_lines(result.host)
+
+
+def _collective_lines(result) -> list[str]:
+    from voxgen.memory.planner import GiB
+
+    c = result.collectives
+    if result.sharding == "ddp":
+        return [f"  DDP gradient buckets {c['gradient_buckets_bytes'] / GiB:.2f} GiB held all step ({c['buckets']} buckets)"]
+    largest = max(c["unit_params"], default=0)
+    return [
+        f"  FSDP: {c['units']} units (largest {largest / 1e6:.1f} M parameters, root {c['root_params'] / 1e6:.1f} M); "
+        f"in flight up to {c['forward_in_flight_bytes'] / GiB:.2f} GiB in forward, "
+        f"{c['backward_in_flight_bytes'] / GiB:.2f} GiB in backward"
+    ]
+
+
+def _host_lines(host: dict) -> list[str]:
+    from voxgen.memory.planner import GiB
+
+    if not host:
+        return []
+    phases = ", ".join(f"{name.replace('_', ' ')} {nbytes / GiB:.2f}" for name, nbytes in host["phases"].items())
+    parts = ", ".join(f"{name.replace('_', ' ')} {nbytes / GiB:.2f}" for name, nbytes in host["parts"].items() if nbytes)
+    cases = "" if host["data_cases"] is None else f" ({host['data_cases']} cases cached)"
+    lines = [
+        f"host memory (RSS) per process, {host['device']} run: up to {host['rank_bytes'] / GiB:.2f} GiB ({phases} GiB)",
+        f"  {parts} GiB{cases}",
+    ]
+    return lines + [f"  note: {note}" for note in host["notes"]]
 
 
 def _grid_out(args) -> Path:

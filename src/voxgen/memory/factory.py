@@ -128,8 +128,10 @@ def plan_factory(
     overrides: Sequence[str] = (),
     files: Sequence[str] = (),
     gpu_memory_bytes: int | None = None,
+    world_size: int = 1,
 ):
-    """Plan of one training step of the factory's network; `overrides` set batch size, precision..."""
+    """Plan of one training step of the factory's network; `overrides` set batch size, precision...;
+    per rank of `world_size` processes when more than one."""
     from voxgen.config import compose
     from voxgen.memory.planner import DEFAULT_GPU_MEMORY, plan
 
@@ -137,5 +139,6 @@ def plan_factory(
     channel_overrides = factory_overrides(input_shape, out_channels)  # checks the channels first
     model = build_factory_module(spec, input_shape, out_channels)
     cfg = compose(files, [*overrides, *channel_overrides], network=False)
-    result = plan(cfg, DEFAULT_GPU_MEMORY if gpu_memory_bytes is None else gpu_memory_bytes, model=model)
+    gpu = DEFAULT_GPU_MEMORY if gpu_memory_bytes is None else gpu_memory_bytes
+    result = plan(cfg, gpu, model=model, world_size=world_size)
     return dataclasses.replace(result, model=spec)

@@ -1,11 +1,13 @@
 """`voxgen fit`: the largest configuration of a cartesian product that fits a GPU, with a margin.
 
-Candidates are ordered by parameters, ties broken by tokens (transformers) or voxels. They are
-planned from the largest down; the first whose band top (`Plan.band_bytes[2]`: reserved memory
-with the planner's measured error added, see `voxgen.memory.planner`) is within the budget, GPU
-memory x (1 - margin), is the answer, and the candidate just above it in that order is the one
-that does not fit. Candidates the model cannot build are
-listed as invalid with their one-line reason.
+Candidates are ordered by parameters, ties broken by tokens (transformers) or voxels, then by
+what a run costs: fewer processes first (`world_size`, the pseudo-key of the torchrun job: each
+candidate is planned per rank), no gradient checkpointing before it, DDP before FSDP. They are
+planned in that order; the first whose band top (`Plan.band_bytes[2]`: reserved memory with the
+planner's measured error added, see `voxgen.memory.planner`) is within the budget, GPU memory x
+(1 - margin), is the answer, and the candidate just before it in that order is the one that does
+not fit. Candidates the model cannot build are listed as invalid with their one-line reason.
+Candidates that differ only in world size and sharding share one trace of the step.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from voxgen.errors import ConfigError
 from voxgen.memory.tables import GiB, Network
 
 FITS, TOO_BIG, NOT_PLANNED, INVALID = "fits", "too big", "not planned", "invalid"
+# Not a config key: the number of processes of the torchrun job a candidate is planned for.
+WORLD_SIZE = "world_size"
 
 
 def split_values(text: str) -> list[str]:
@@ -49,16 +53,29 @@ def parse_vary(texts: Sequence[str]) -> list[tuple[str, list[str]]]:
             raise ConfigError(f"--vary {text!r} has an empty key or value")
         if any(k == key.strip() for k, _ in axes):
             raise ConfigError(f"--vary {key.strip()} is given twice")
+        if key.strip() == WORLD_SIZE:
+            _world_sizes(values)
         axes.append((key.strip(), values))
     if not axes:
         raise ConfigError("voxgen fit needs at least one --vary KEY=V1,V2,...")
     return axes
 
 
+def _world_sizes(values: list[str]) -> list[int]:
+    try:
+        sizes = [int(v) for v in values]
+    except ValueError:
+        sizes = []
+    if len(sizes) != len(values) or min(sizes) < 1:
+        raise ConfigError(f"--vary {WORLD_SIZE}={','.join(values)}: give numbers of processes, each at least 1")
+    return sizes
+
+
 @dataclass
 class Candidate:
     label: str  # 'model.variant=L model.patch_size=4'
-    overrides: list[str]
+    overrides: list[str]  # config overrides (world_size is not one)
+    world_size: int = 1
     status: str = NOT_PLANNED
     network: Network | None = None
     reason: str = ""  # why it is invalid
@@ -67,12 +84,13 @@ class Candidate:
     peak_phase: str = ""
     peak_module: str = ""
     band_bytes: list[int] | None = None  # [low, expected, high] reserved bytes
+    outside_bytes: int = 0  # GPU memory taken outside the caching allocator (NCCL's buffers)
     cfg: object = field(default=None, repr=False)
 
     @property
     def needs_bytes(self) -> int | None:
-        """What is compared with the budget: the band's top."""
-        return self.band_bytes[2] if self.band_bytes else None
+        """What is compared with the budget: the band's top, and what NCCL takes on a rank."""
+        return self.band_bytes[2] + self.outside_bytes if self.band_bytes else None
 
     def to_json(self) -> dict:
         n = self.network
@@ -90,6 +108,7 @@ class Candidate:
             "peak_phase": self.peak_phase,
             "peak_module": self.peak_module,
             "band_bytes": self.band_bytes,
+            "world_size": self.world_size,
         }
 
 
@@ -130,13 +149,20 @@ def candidates(axes: Sequence[tuple[str, list[str]]]) -> list[Candidate]:
     keys = [k for k, _ in axes]
     out = []
     for combo in itertools.product(*(values for _, values in axes)):
-        overrides = [f"{k}={v}" for k, v in zip(keys, combo)]
-        out.append(Candidate(" ".join(overrides), overrides))
+        pairs = list(zip(keys, combo))
+        label = " ".join(f"{k}={v}" for k, v in pairs)
+        world = [int(v) for k, v in pairs if k == WORLD_SIZE]
+        overrides = [f"{k}={v}" for k, v in pairs if k != WORLD_SIZE]
+        out.append(Candidate(label, overrides, world[0] if world else 1))
     return out
 
 
 def _order_key(c: Candidate):
-    return (c.network.params, c.network.size)
+    """Largest first; among the same network, the cheapest run first: fewer processes, no
+    gradient checkpointing before it (it recomputes the forward), DDP before FSDP."""
+    training = c.cfg.training
+    cost = (c.world_size, bool(training.grad_checkpointing), training.sharding == "fsdp" and c.world_size > 1)
+    return (-c.network.params, -c.network.size, cost)
 
 
 def fit(
@@ -151,16 +177,15 @@ def fit(
 ) -> FitResult:
     """Search the product of `axes` (over `files` and `overrides`) for the largest config that fits.
 
-    `planner(cfg, gpu_memory_bytes) -> Plan` defaults to the memory planner; `on_plan` is called
-    before each candidate is planned (progress).
+    `planner(cfg, gpu_memory_bytes, world_size=N) -> Plan` defaults to the memory planner; `on_plan`
+    is called before each candidate is planned (progress).
     """
     from voxgen.config import compose
     from voxgen.memory.grid import describe
-    from voxgen.memory.planner import plan
 
     if not 0 <= margin < 1:
         raise ConfigError(f"--margin {margin} must be in [0, 1)")
-    planner = planner or plan
+    planner = planner or tracing_planner()
     pool = candidates(axes)
     for c in pool:
         try:
@@ -168,7 +193,7 @@ def fit(
             c.network = describe(c.cfg)
         except ConfigError as exc:
             c.status, c.reason = INVALID, str(exc)
-    valid = sorted((c for c in pool if c.status != INVALID), key=_order_key, reverse=True)
+    valid = sorted((c for c in pool if c.status != INVALID), key=_order_key)
     invalid = [c for c in pool if c.status == INVALID]
     result = FitResult(gpu_memory_bytes, margin, valid + invalid, None, None)
     budget = result.budget_bytes
@@ -179,12 +204,13 @@ def fit(
         if on_plan is not None:
             on_plan(c)
         try:
-            p = planner(c.cfg, gpu_memory_bytes)
+            p = planner(c.cfg, gpu_memory_bytes, world_size=c.world_size)
         except ConfigError as exc:
             c.status, c.reason = INVALID, str(exc)
             continue
         c.peak_bytes, c.peak_bytes_first_step = p.peak_bytes, p.peak_bytes_first_step
         c.peak_phase, c.peak_module, c.band_bytes = p.peak_phase, p.peak_module, p.band_bytes
+        c.outside_bytes = p.collectives.get("nccl_bytes", 0) if c.world_size > 1 else 0
         # The band's top (reserved memory, error included): a pick never runs out on the GPU.
         c.status = FITS if c.needs_bytes <= budget else TOO_BIG
         if c.status == FITS and result.best is None:
@@ -196,13 +222,46 @@ def fit(
     return result
 
 
+def tracing_planner() -> Callable:
+    """The memory planner, tracing a configuration once for all the world sizes and shardings it
+    is planned for (they change how the step's memory is spread over ranks, not the step)."""
+    import dataclasses
+
+    from voxgen.memory.planner import plan_trace, trace_step
+
+    last: dict = {}
+
+    def planner(cfg, gpu_memory_bytes: int, world_size: int = 1):
+        key = _trace_key(cfg)
+        if key not in last:
+            last.clear()  # candidates of one network are planned one after the other
+            last[key] = trace_step(cfg)
+        return plan_trace(dataclasses.replace(last[key], cfg=cfg), gpu_memory_bytes, world_size)
+
+    return planner
+
+
+def _trace_key(cfg) -> str:
+    import json
+
+    from voxgen.config import to_dict
+
+    values = to_dict(cfg)
+    for key in ("sharding", "fsdp_unit_params"):
+        values["training"].pop(key, None)
+    return json.dumps(values, sort_keys=True, default=str)
+
+
 def format_table(result: FitResult) -> list[str]:
     """Text table of the candidates, largest first."""
     rows = [("candidate", "params M", "tokens/voxels", "steady GiB", "needs up to GiB", "verdict")]
     for c in result.candidates:
         n = c.network
         size = "" if n is None else (f"{n.tokens:,} tok" if n.tokens is not None else f"{n.voxels:,} vox")
-        verdict = {INVALID: f"invalid: {c.reason}", NOT_PLANNED: "smaller (not planned; --all plans it)"}.get(c.status, c.status)
+        # Below the answer: a smaller network, or the same one run at a higher cost (more GPUs, checkpointing).
+        same = c.status == NOT_PLANNED and result.best and _order_key(c)[:2] == _order_key(result.best)[:2]
+        below = "costlier run" if same else "smaller"
+        verdict = {INVALID: f"invalid: {c.reason}", NOT_PLANNED: f"{below} (not planned; --all plans it)"}.get(c.status, c.status)
         if c is result.best:
             verdict = "FITS <- largest"
         rows.append(

@@ -16,6 +16,10 @@ of both steps, fragmentation included), widened into a band by the planner's mea
 for what dominates the step (`ERRORS`), against the GPU's memory less what the CUDA context
 and the driver keep (`usable_bytes`): `fits` when the band's top is within it, `does not fit`
 when its bottom is above it, `tight` in between. See docs/memory.md, "Verdict and band".
+
+The traced steps (`Trace`) are planned for one process, for each rank of a torchrun job
+(`voxgen.memory.ranks`: DDP or FSDP, the same log replayed with each allocation as a rank holds
+it) and for the host memory of the training process (`voxgen.memory.host`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from voxgen.config.compose import SHARDINGS
 from voxgen.diffusion.parts import build_parts
 from voxgen.errors import ConfigError
 from voxgen.memory.allocator import replay
@@ -110,9 +115,10 @@ ERRORS = {
 }
 
 
-def usable_bytes(gpu_memory_bytes: int) -> int:
-    """What the caching allocator can reserve on a GPU of this nominal size."""
-    return int(gpu_memory_bytes * (1 - DRIVER_SHARE)) - CONTEXT_BYTES
+def usable_bytes(gpu_memory_bytes: int, outside: int = 0) -> int:
+    """What the caching allocator can reserve on a GPU of this nominal size, less `outside`
+    bytes other libraries take from the GPU directly (NCCL's buffers)."""
+    return int(gpu_memory_bytes * (1 - DRIVER_SHARE)) - CONTEXT_BYTES - outside
 
 
 def band(expected: int, error: ErrorClass) -> list[int]:
@@ -121,8 +127,8 @@ def band(expected: int, error: ErrorClass) -> list[int]:
     return [low, expected, int(expected * (1 + error.high)) + error.constant]
 
 
-def verdict(band_bytes: list[int], gpu_memory_bytes: int) -> str:
-    limit = usable_bytes(gpu_memory_bytes)
+def verdict(band_bytes: list[int], gpu_memory_bytes: int, outside: int = 0) -> str:
+    limit = usable_bytes(gpu_memory_bytes, outside)
     if band_bytes[2] <= limit:
         return FITS
     return DOES_NOT_FIT if band_bytes[0] > limit else TIGHT
@@ -181,6 +187,16 @@ class Plan:
     usable_bytes: int = 0
     attention_tokens: int = 0  # the most tokens of a materialised attention matrix; 0: none
     versions: dict[str, str] = field(default_factory=dict)
+    # Processes of the torchrun job and how they share the model (`training.sharding`). With
+    # world_size > 1 every figure above is what EACH rank's GPU holds (`voxgen.memory.ranks`);
+    # `one_gpu` keeps the same step's figures in one process, and `collectives` what DDP or FSDP
+    # adds (bytes by term, FSDP's unit sizes). World size 1 is the plain one-process step.
+    world_size: int = 1
+    sharding: str = "ddp"
+    one_gpu: dict = field(default_factory=dict)
+    collectives: dict = field(default_factory=dict)
+    # Host memory (RSS) of each training process and of a node (`voxgen.memory.host`).
+    host: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -255,6 +271,31 @@ def _kernel_workspaces(tracker: AllocationTracker, func, args, out) -> None:
         tracker.transient(flash_backward_workspace_bytes(args[1].shape), f"{where()} (flash dq accumulator)")
 
 
+def _cpu_workspaces(tracker: AllocationTracker, func, args, out) -> None:
+    """What a CPU convolution allocates besides its outputs. PyTorch runs a float32 3D convolution
+    through oneDNN (no buffer a tensor owns) unless `_slow_cpu_conv` says otherwise; its own
+    kernel (slow_conv3d) unfolds the input into a columns buffer (`conv_workspace_bytes`), in the
+    forward and again in the backward."""
+    conv = None
+    if func is torch.ops.aten.convolution.default and not args[6]:  # not transposed
+        conv = args[0], args[1], out, args[8]
+    elif func is torch.ops.aten.convolution_backward.default and not args[7]:
+        conv = args[1], args[2], args[0], args[9]
+    if conv is not None and _slow_cpu_conv(*conv):
+        x, w, y, _ = conv
+        tracker.transient(conv_workspace_bytes(x.shape, w.shape, y.shape, x.element_size()), f"{tracker._where()} (columns)")
+
+
+def _slow_cpu_conv(x, w, y, groups: int) -> bool:
+    """Whether PyTorch's CPU conv3d takes its own kernel rather than oneDNN's: its `use_mkldnn`
+    (aten/src/ATen/native/Convolution.cpp) picks oneDNN for a batch above 1, groups, kernels above
+    3 in the last two dimensions, or N x C x D x H above 20480, on float32 inputs."""
+    if x.dim() != 5 or x.dtype != torch.float32:
+        return False
+    large_kernel = w.shape[-1] > 3 and w.shape[-2] > 3
+    return x.shape[0] == 1 and groups == 1 and not large_kernel and math.prod(x.shape[:4]) <= 20480
+
+
 def _breakdown(tracker: AllocationTracker, ids: dict[str, set], peak: Peak) -> dict[str, int]:
     parts = dict.fromkeys(PARTS, 0)
     for alloc_id in tracker.live_at(peak.event):
@@ -269,76 +310,164 @@ def _breakdown(tracker: AllocationTracker, ids: dict[str, set], peak: Peak) -> d
     return parts
 
 
-def _run_step(tracker, parts, optimizer, batch, cfg, ids) -> tuple:
+@dataclass
+class StepPeak:
+    """One traced step: its peak with cuDNN's preferred workspaces, that peak's breakdown, and
+    the peak with the smallest (required) ones; bytes, without the cuBLAS workspaces."""
+
+    peak: Peak
+    parts: dict[str, int]
+    required: int
+
+
+def _run_step(tracker, parts, optimizer, batch, cfg, ids) -> StepPeak:
     tracker.set_phase("forward")
     tracker.reset_peak()
     # The last step: every term that starts late (an adversarial loss) is on.
     train_step(parts, optimizer, batch, None, cfg.training.grad_clip, step=cfg.training.steps)
     params = [p for p in parts.model.parameters()]
-    ids["gradients"] = {tracker.storage_id(p.grad) for p in params if p.grad is not None}
+    # Tensors the tracker did not see (AdamW's step counts live on the host) have no id.
+    ids["gradients"] = {tracker.storage_id(p.grad) for p in params if p.grad is not None} - {None}
+    # Both steps' gradients, for the per-rank plans (the steady breakdown above uses this step's).
+    ids["all gradients"] = ids.get("all gradients", set()) | ids["gradients"]
     ids["optimizer"] = {
         tracker.storage_id(t) for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)
-    }
+    } - {None}
     # The peak with cuDNN's preferred workspaces (what a GPU with room shows), its breakdown, and
     # the peak with the smallest ones (what the step needs).
     peak = tracker.preferred_peak
-    return peak, _breakdown(tracker, ids, peak), tracker.peak.bytes
+    return StepPeak(peak, _breakdown(tracker, ids, peak), tracker.peak.bytes)
 
 
-def plan(cfg, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY, model: torch.nn.Module | None = None) -> Plan:
-    """Trace two training steps of `cfg` on meta tensors; see the module docstring. `model`
-    (on the meta device) replaces the registry's network."""
+@dataclass
+class Trace:
+    """Two training steps of a config traced on meta tensors (module docstring): what every plan
+    of it (one GPU, each rank of a torchrun job, the host) is read from."""
+
+    cfg: object
+    model: torch.nn.Module  # the trained network, on the meta device
+    name: str
+    shape: list[int]
+    in_channels: int
+    out_channels: int
+    modalities: tuple[str, ...]
+    tracker: AllocationTracker
+    # Allocation ids: "parameters" (all, frozen networks included), "trainable", "gradients" (of
+    # the steady step), "all gradients" (both steps), "optimizer" (AdamW's state).
+    ids: dict[str, set]
+    first: StepPeak
+    steady: StepPeak
+    first_step_events: int  # log entries up to the end of the first step
+    device: str  # "cuda": GPU semantics; "cpu": what a CPU process allocates
+    factory: torch.nn.Module | None = None  # the network given to `trace_step` in place of the registry's
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def cublas_bytes(self) -> int:
+        return CUBLAS_WORKSPACE if self.device == "cuda" else 0
+
+
+def trace_step(cfg, model: torch.nn.Module | None = None, device: str = "cuda") -> Trace:
+    """Trace two training steps of `cfg` on meta tensors. `model` (on the meta device) replaces the
+    registry's network. device="cpu" traces what a CPU process allocates instead: AdamW's default
+    (per-tensor) update, the columns buffers of PyTorch's own CPU conv3d (`_cpu_workspaces`), and
+    no cuDNN, cuBLAS or fused-attention workspaces."""
     with torch.device("meta"):
         parts = build_task(cfg, "meta") if model is None else build_parts(cfg, "meta", model)
     # torch.autocast has no meta device: the step runs under CUDA's casting rules instead.
     parts = dataclasses.replace(parts, autocast=emulated_autocast_policy(cfg.training.precision))
     net = parts.network
-    shape = list(net.shape)
-    in_ch, out_ch = net.in_channels, net.out_channels
+    shape, in_ch, out_ch = list(net.shape), net.in_channels, net.out_channels
     parts, batch = parts.meta_batch(cfg.training.batch_size)
     optimizer = make_optimizer(parts.model, cfg)
     for group in optimizer.param_groups:
         # On CUDA, AdamW's default resolves to the foreach implementation (it is not chosen for
         # meta tensors), whose temporaries (sqrt of exp_avg_sq, one per parameter) set the peak
-        # of large models.
-        group["foreach"] = True
+        # of large models. On CPU the default is the per-tensor loop, which meta tensors get too.
+        group["foreach"] = device == "cuda"
     parts.model.train()
 
-    tracker = AllocationTracker(on_op=_kernel_workspaces)
+    tracker = AllocationTracker(on_op=_kernel_workspaces if device == "cuda" else _cpu_workspaces)
     # Frozen networks of the space (an uncached latent encoder) hold device memory as parameters do.
     frozen = [p for network in parts.frozen for p in network.parameters()]
+    trainable = [p for p in parts.model.parameters() if p.requires_grad]
     ids = {"parameters": {tracker.register(p, "parameters") for p in [*parts.model.parameters(), *frozen]}}
+    ids["trainable"] = {tracker.storage_id(p) for p in trainable}
     for t in batch.values():
         tracker.register(t, "input")
     hooks = track_modules(parts.model, tracker)
     try:
         with CudaSemantics(), tracker:
-            first, first_parts, first_required = _run_step(tracker, parts, optimizer, batch, cfg, ids)
+            first = _run_step(tracker, parts, optimizer, batch, cfg, ids)
             first_step_events = len(tracker.log)
-            steady, steady_parts, steady_required = _run_step(tracker, parts, optimizer, batch, cfg, ids)
+            steady = _run_step(tracker, parts, optimizer, batch, cfg, ids)
     finally:
         for h in hooks:
             h.remove()
+    name = cfg.model.name if model is None else type(model).__name__
+    modalities = tuple(parts.modalities)
+    steps = dict(first=first, steady=steady, first_step_events=first_step_events)
+    return Trace(cfg, parts.model, name, shape, in_ch, out_ch, modalities, tracker, ids, **steps, device=device, factory=model)
+
+
+def plan(cfg, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY, model: torch.nn.Module | None = None, world_size: int = 1) -> Plan:
+    """Trace two training steps of `cfg` on meta tensors and plan them; see the module docstring.
+    `model` (on the meta device) replaces the registry's network. With `world_size` > 1 the
+    memory figures are those of each rank of a torchrun job (`training.sharding`: ddp or fsdp)."""
+    check_world(world_size, cfg.training.sharding)
+    return plan_trace(trace_step(cfg, model), gpu_memory_bytes, world_size)
+
+
+def check_world(world_size: int, sharding: str) -> None:
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"--world-size {world_size}: must be a whole number of processes, at least 1")
+    if sharding not in SHARDINGS:
+        raise ConfigError(f"training.sharding={sharding!r}: must be one of {', '.join(SHARDINGS)}")
+
+
+def plan_trace(trace: Trace, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY, world_size: int = 1, host: bool = True) -> Plan:
+    """The plan of a traced step on a GPU of `gpu_memory_bytes`: one process, or each rank of
+    `world_size` processes (`voxgen.memory.ranks`); with the host memory of each process unless
+    `host` is false."""
+    from voxgen.memory.host import host_plan
+    from voxgen.memory.ranks import rank_plan
+
+    cfg = trace.cfg
+    one = _one_gpu_plan(trace, gpu_memory_bytes)
+    if world_size > 1:
+        one = rank_plan(trace, one, world_size, cfg.training.sharding)
+    if host:
+        one.host = host_plan(trace, world_size, cfg.training.sharding).to_json()
+    return one
+
+
+def _one_gpu_plan(trace: Trace, gpu_memory_bytes: int) -> Plan:
+    cfg, tracker, first, steady = trace.cfg, trace.tracker, trace.first, trace.steady
+    first_parts, steady_parts = dict(first.parts), dict(steady.parts)
     # Peaks with the cuBLAS workspaces, which live from the first matmul on.
-    peak_first, peak = first.bytes + CUBLAS_WORKSPACE, steady.bytes + CUBLAS_WORKSPACE
-    required = max(first_required, steady_required) + CUBLAS_WORKSPACE
-    first_parts["other"] += CUBLAS_WORKSPACE
-    steady_parts["other"] += CUBLAS_WORKSPACE
+    cublas = trace.cublas_bytes
+    peak_first, peak = first.peak.bytes + cublas, steady.peak.bytes + cublas
+    required = max(first.required, steady.required) + cublas
+    first_parts["other"] += cublas
+    steady_parts["other"] += cublas
     # The two cuBLAS workspaces are the allocator's first requests (the first matmuls).
-    events = [(-1, CUBLAS_WORKSPACE // 2), (-2, CUBLAS_WORKSPACE // 2), *tracker.log]
-    first_replay = replay(events[: 2 + first_step_events], gpu_memory_bytes)
+    events = [*cublas_events(), *tracker.log] if cublas else tracker.log
+    first_replay = replay(events[: len(events) - len(tracker.log) + trace.first_step_events], gpu_memory_bytes)
     full_replay = replay(events, gpu_memory_bytes)
     tokens = max((a.attention_tokens for a in tracker.allocations.values()), default=0)
-    error = ERRORS[_error_class(tokens, steady_parts, peak)]
+    error = ERRORS[error_class(tokens, steady_parts, peak)]
     # The replay saw the required workspaces: a GPU short of memory gives cuDNN no more.
     band_bytes = band(max(full_replay.peak_reserved, required), error)
     judged = verdict(band_bytes, gpu_memory_bytes)
     return Plan(
-        model=cfg.model.name if model is None else type(model).__name__,
-        params=sum(p.numel() for p in parts.model.parameters()),
-        in_channels=in_ch,
-        out_channels=out_ch,
-        shape=shape,
+        model=trace.name,
+        params=trace.params,
+        in_channels=trace.in_channels,
+        out_channels=trace.out_channels,
+        shape=trace.shape,
         batch_size=cfg.training.batch_size,
         precision=cfg.training.precision,
         peak_bytes=peak,
@@ -347,8 +476,8 @@ def plan(cfg, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY, model: torch.nn.Module
         gpu_memory_bytes=gpu_memory_bytes,
         fits=judged == FITS,
         breakdown=steady_parts,
-        peak_phase=steady.phase,
-        peak_module=steady.where,
+        peak_phase=steady.peak.phase,
+        peak_module=steady.peak.where,
         breakdown_first_step=first_parts,
         reserved_bytes=full_replay.peak_reserved,
         reserved_bytes_first_step=first_replay.peak_reserved,
@@ -359,10 +488,16 @@ def plan(cfg, gpu_memory_bytes: int = DEFAULT_GPU_MEMORY, model: torch.nn.Module
         usable_bytes=usable_bytes(gpu_memory_bytes),
         attention_tokens=tokens,
         versions=versions(),
+        sharding=cfg.training.sharding,
     )
 
 
-def _error_class(tokens: int, parts: dict[str, int], peak: int) -> str:
+def cublas_events() -> list[tuple[int, int]]:
+    """The cuBLAS workspaces as the allocator's first two requests (keys -1 and -2)."""
+    return [(-1, CUBLAS_WORKSPACE // 2), (-2, CUBLAS_WORKSPACE // 2)]
+
+
+def error_class(tokens: int, parts: dict[str, int], peak: int) -> str:
     """What dominates the step, for its error band: materialised attention over many tokens
     anywhere in the step, else the optimiser state when it is most of the peak, else activations."""
     if tokens >= MANY_TOKENS:

@@ -55,6 +55,7 @@ class _Allocation:
     bytes: int
     phase: str
     attention_tokens: int = 0  # N when the storage holds a materialised N x N attention matrix
+    where: str = ""  # the module (forward) or autograd node (backward) that allocated it
 
 
 class AllocationTracker(TorchDispatchMode):
@@ -78,6 +79,11 @@ class AllocationTracker(TorchDispatchMode):
         self.module_stack: list[str] = []
         self.on_op = on_op
         self.phase_peaks: dict[str, int] = {}  # highest live bytes seen in each phase
+        # (log index, phase) where each phase starts, so that the log can be read again by
+        # phase (the per-rank plans of `voxgen.memory.ranks`).
+        self.phase_marks: list[tuple[int, str]] = []
+        # Allocation id of each logged transient -> its preferred size (>= its logged size).
+        self.transients: dict[int, int] = {}
         self._ids: dict[int, int] = {}  # StorageImpl address -> allocation id while alive
 
     # -- bookkeeping ----------------------------------------------------------------------
@@ -92,7 +98,7 @@ class AllocationTracker(TorchDispatchMode):
         nbytes = block_bytes(storage.nbytes())
         alloc_id = len(self.allocations)
         self._ids[key] = alloc_id
-        self.allocations[alloc_id] = _Allocation(nbytes, phase or self.phase, attention_tokens(t))
+        self.allocations[alloc_id] = _Allocation(nbytes, phase or self.phase, attention_tokens(t), self._where())
         weakref.finalize(storage, self._release, key, alloc_id, nbytes)
         self._change(alloc_id, nbytes)
         return alloc_id
@@ -108,7 +114,8 @@ class AllocationTracker(TorchDispatchMode):
         if nbytes:
             # Logged as an allocation and its release, so the allocator replay sees the request.
             alloc_id = len(self.allocations)
-            self.allocations[alloc_id] = _Allocation(nbytes, self.phase, attention_tokens)
+            self.allocations[alloc_id] = _Allocation(nbytes, self.phase, attention_tokens, where)
+            self.transients[alloc_id] = preferred
             self.log += [(alloc_id, nbytes), (alloc_id, -nbytes)]
         if nbytes and self.live + nbytes > self.phase_peaks.get(self.phase, 0):
             self.phase_peaks[self.phase] = self.live + nbytes
@@ -144,6 +151,8 @@ class AllocationTracker(TorchDispatchMode):
         return alive
 
     def set_phase(self, phase: str) -> None:
+        if phase != self.phase or not self.phase_marks:
+            self.phase_marks.append((len(self.log), phase))
         self.phase = phase
         set_backward(phase == "backward")
 

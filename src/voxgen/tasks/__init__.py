@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from voxgen.draws import Draws
 from voxgen.precision import Autocast
 
 
@@ -32,12 +33,16 @@ class Task(Protocol):
     network: object
     # Frozen networks that run in the step on the training device (their weights take memory too).
     frozen: tuple[nn.Module, ...]
+    # Whether the loss runs the model only as `model(...)`, so the processes of a torchrun job can
+    # train it wrapped by DDP or sharded by FSDP (voxgen.training.distributed).
+    parallel: bool
 
-    def loss(self, batch: dict, generator: torch.Generator | None, step: int) -> torch.Tensor:
+    def loss(self, batch: dict, draws: Draws | torch.Generator | None, step: int) -> torch.Tensor:
         """The scalar training objective of one batch {modality: (B, 1, D, H, W)} at optimiser
-        step `step` (the step about to be taken, from 0)."""
+        step `step` (the step about to be taken, from 0). Its randomness comes from `draws` (one
+        generator per sample, `voxgen.draws`); a generator seeds them, None uses torch's own."""
 
-    def evaluate(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def evaluate(self, batch: dict, draws: Draws | torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(validation loss, prediction, target) of one batch, without gradients by the caller:
         the loss that picks the best checkpoint, and the two tensors whose spread the collapse
         guard compares."""

@@ -18,12 +18,14 @@ adversarial loss Esser et al. 2021. The discriminator trains in the same step fr
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from voxgen.diffusion.parts import NetworkShape
+from voxgen.draws import Draws
 from voxgen.errors import ConfigError
 from voxgen.models.autoencoders import AUTOENCODERS, check_autoencoder_shape
 from voxgen.precision import Autocast, autocast_policy
@@ -85,6 +87,9 @@ def stack_modalities(batch: dict, modalities: tuple[str, ...]) -> torch.Tensor:
 
 @dataclass
 class AutoencoderTask:
+    # The loss steps the autoencoder and the discriminator separately: no DDP or FSDP wrapper
+    # (which only sees calls of the whole model) can keep them in step across processes.
+    parallel: ClassVar[bool] = False
     model: AutoencoderModel
     weights: LossWeights
     modalities: tuple[str, ...]
@@ -110,11 +115,16 @@ class AutoencoderTask:
         """Whether the adversarial terms are on at optimiser step `step`."""
         return self.model.discriminator is not None and step >= self.weights.adversarial_start
 
-    def terms(self, batch: dict, generator: torch.Generator | None, step: int) -> dict[str, torch.Tensor]:
+    def terms(self, batch: dict, draws: Draws | torch.Generator | None, step: int) -> dict[str, torch.Tensor]:
         """The unweighted float32 scalars of one training batch: l1, ssim (1 - SSIM), regulariser, and when
         on, perceptual, generator and discriminator. Networks run under the precision policy; the losses
-        (SSIM's convolutions included) in float32 outside it."""
-        x = random_patch(stack_modalities(batch, self.modalities), self.patch, generator)  # (K B, 1, d, h, w)
+        (SSIM's convolutions included) in float32 outside it.
+
+        The patch position and the autoencoder's own noise are drawn once per batch, from the
+        batch generator of `draws` (one per process in a torchrun job)."""
+        x = stack_modalities(batch, self.modalities)  # (K B, 1, D, H, W)
+        generator = Draws.of(draws, len(x) // len(self.modalities), x.device).batch
+        x = random_patch(x, self.patch, generator)  # (K B, 1, d, h, w)
         discriminator = self.model.discriminator
         with self.autocast(x.device):
             reconstruction, regulariser = self.model.autoencoder(x, generator)
@@ -132,7 +142,7 @@ class AutoencoderTask:
             **{name: value.float() for name, value in extra.items()},
         }
 
-    def loss(self, batch: dict, generator: torch.Generator | None, step: int) -> torch.Tensor:
+    def loss(self, batch: dict, draws: Draws | torch.Generator | None, step: int) -> torch.Tensor:
         """The weighted sum of `terms`: one scalar whose single backward trains both networks.
 
         The generator term evaluates the discriminator with detached parameters (a functional call), so
@@ -142,7 +152,7 @@ class AutoencoderTask:
         network's own objective: the autoencoder's of its reconstruction + weighted generator loss, the
         discriminator's of the discriminator loss, as with two optimisers and two backward passes.
         """
-        w, t = self.weights, self.terms(batch, generator, step)
+        w, t = self.weights, self.terms(batch, draws, step)
         total = w.l1 * t["l1"] + w.ssim * t["ssim"] + w.regulariser * t["regulariser"]
         if "perceptual" in t:
             total = total + w.perceptual * t["perceptual"]
@@ -155,7 +165,7 @@ class AutoencoderTask:
         with self.autocast(x.device):
             return self.model(x).float()
 
-    def evaluate(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def evaluate(self, batch: dict, draws: Draws | torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(L1 of the deterministic reconstruction, reconstruction, input), each volume (K B, 1, D, H, W)."""
         x = stack_modalities(batch, self.modalities)
         reconstruction = self.reconstruct(x)

@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ from voxgen.diffusion.diffrs import (
     write_generated,
 )
 from voxgen.diffusion.parts import NetworkShape, network_of
+from voxgen.draws import Draws
 from voxgen.errors import ConfigError
 from voxgen.files import write_atomic
 from voxgen.precision import Autocast, autocast_policy
@@ -184,6 +186,7 @@ class DiffRSHeadTask:
     """The head as a `voxgen.tasks.Task`: real (1) vs generated (0) volumes of a diffusion run,
     noised to uniform times in [0, 1], logistic loss on its logits."""
 
+    parallel: ClassVar[bool] = True  # the loss calls the whole head
     model: nn.Module
     autocast: Autocast
     modalities: tuple[str, ...]  # what the trainer reads: the run's mode's modalities
@@ -197,22 +200,23 @@ class DiffRSHeadTask:
     trained_for: dict = field(default_factory=dict)  # the identity of the weights (after `prepare`)
     frozen: tuple[nn.Module, ...] = ()
 
-    def _logits(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logits(self, batch: dict, draws: Draws | torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         x0, label = batch["x0"].float(), batch["label"].float()  # (B, C, D', H', W'), (B,)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        t = torch.rand(x0.shape[0], generator=generator, device=x0.device)  # (B,)
+        draws = Draws.of(draws, x0.shape[0], x0.device)
+        noise = draws.normal(x0.shape[1:], x0.dtype)
+        t = draws.uniform()  # (B,)
         with self.autocast(x0.device):
             logits = head_logits(self.model, self.mode, straight_path(x0, noise, t), t, batch.get("cond"))
         return logits.float(), label
 
-    def loss(self, batch: dict, generator: torch.Generator | None, step: int) -> torch.Tensor:
-        logits, label = self._logits(batch, generator)
+    def loss(self, batch: dict, draws: Draws | torch.Generator | None, step: int) -> torch.Tensor:
+        logits, label = self._logits(batch, draws)
         return nn.functional.binary_cross_entropy_with_logits(logits, label)
 
-    def evaluate(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def evaluate(self, batch: dict, draws: Draws | torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logistic loss, logits (B, 1), labels (B, 1)). A scalar per volume has no spatial spread,
         so the collapse guard (which compares spreads) sees 0 against 0 and stays quiet."""
-        logits, label = self._logits(batch, generator)
+        logits, label = self._logits(batch, draws)
         return nn.functional.binary_cross_entropy_with_logits(logits, label), logits[:, None], label[:, None]
 
     def preview(self, batch: dict, seed: int) -> list[np.ndarray]:

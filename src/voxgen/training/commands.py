@@ -45,6 +45,7 @@ def _train_run(args, pending: list[int]) -> int:
     from rich.console import Console
 
     from voxgen.config import compose, to_yaml
+    from voxgen.training.distributed import world_from_env
     from voxgen.training.trainer import train
 
     files = list(args.config)
@@ -59,7 +60,8 @@ def _train_run(args, pending: list[int]) -> int:
     if result.interrupted:
         return result.exit_code
     last = result.history[-1] if result.history else {}
-    print(f"trained {result.step} steps in {result.run_dir}; val loss {last.get('val_loss', float('nan')):.4f}")
+    if world_from_env().main:  # one summary for a torchrun job, not one per process
+        print(f"trained {result.step} steps in {result.run_dir}; val loss {last.get('val_loss', float('nan')):.4f}")
     return 0
 
 

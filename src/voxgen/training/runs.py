@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from voxgen import checkpoint as store
 from voxgen.tasks import Task, build_task
 from voxgen.training.resume import run_config
@@ -25,4 +27,6 @@ def load_run(run_dir: str | Path, weights: str = "ema", device: str = "auto") ->
     missing = f"{run_dir}: run has no checkpoint yet"
     _, state = store.load_weights(run_dir, parts.model, prefix, missing, lambda s: parts.load_state_dict(s.get("task", {})))
     parts.model.eval()
+    if cfg.training.compile:  # sampling runs the network the way it trained (docs/speed.md)
+        parts = parts.with_model(torch.compile(parts.model))
     return cfg, parts, state["step"]

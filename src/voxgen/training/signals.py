@@ -46,6 +46,11 @@ class StopRequest:
     def exit_code(self) -> int:
         return EXIT_INTERRUPTED if self.signum == signal.SIGINT else EXIT_PREEMPTED
 
+    def adopt(self, signum: int) -> None:
+        """Stop as if `signum` had arrived here: it reached another process of the same job."""
+        if self.signum is None:
+            self.signum, self.phase = signum, f"{self._phase_of()}, sent to another process of the job"
+
     def _first_arrived(self, signum: int) -> int:
         """The stop signal that arrived first among those not yet handled (see the class doc)."""
         arrived = bytearray()

@@ -12,6 +12,7 @@ from torch import nn
 
 from voxgen import __version__
 from voxgen.checkpoint import split_prefix
+from voxgen.training.distributed import like
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -38,21 +39,35 @@ def optimizer_to_checkpoint(optimizer: torch.optim.Optimizer) -> tuple[dict[str,
 
 
 def optimizer_from_checkpoint(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    """Load what `optimizer_to_checkpoint` saved; a moment of a sharded parameter (FSDP) is
+    loaded as this process's slice of it, laid out as the parameter."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         index, key = name.split("/", 1)
-        state.setdefault(int(index[1:]), {})[key] = value
+        i = int(index[1:])
+        if i < len(params) and value.shape == params[i].shape:
+            value = like(value, params[i])
+        state.setdefault(i, {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def rng_to_checkpoint(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every random stream a run may draw from: (tensors, JSON).
+def load_module(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """`module.load_state_dict` of whole tensors, each laid out as the module holds it (this
+    process's slice of a sharded one): a checkpoint loads whatever the sharding of the run."""
+    current = module.state_dict()
+    module.load_state_dict({k: like(v, current[k]) if k in current else v for k, v in tensors.items()})
 
-    Tensors: the global torch CPU state, the current CUDA device's (once CUDA is in use) and the
-    training generator's. JSON: Python's `random` and numpy's legacy global state as lists, so
-    code that draws from them (augmentations, user hooks) continues the same sequence on resume.
+
+def rng_to_checkpoint() -> tuple[dict[str, torch.Tensor], dict]:
+    """The global random streams: (tensors, JSON).
+
+    The training steps draw from generators seeded by the step (`voxgen.draws`), which need no
+    saving; these are for code that draws from the global ones (a network's dropout, user hooks).
+    Tensors: the global torch CPU state and the current CUDA device's (once CUDA is in use).
+    JSON: Python's `random` and numpy's legacy global state as lists.
     """
-    tensors = {"torch_cpu": torch.get_rng_state(), "generator": generator.get_state()}
+    tensors = {"torch_cpu": torch.get_rng_state()}
     # Only once CUDA is in use: asking earlier would create a CUDA context in a CPU run.
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["torch_cuda"] = torch.cuda.get_rng_state()
@@ -65,10 +80,10 @@ def rng_to_checkpoint(generator: torch.Generator) -> tuple[dict[str, torch.Tenso
     return tensors, state
 
 
-def rng_from_checkpoint(generator: torch.Generator, tensors: dict[str, torch.Tensor], state: dict | None) -> None:
-    """Restore what `rng_to_checkpoint` saved; `state` None: a checkpoint from before the JSON part."""
+def rng_from_checkpoint(tensors: dict[str, torch.Tensor], state: dict | None) -> None:
+    """Restore what `rng_to_checkpoint` saved; `state` None: a checkpoint from before the JSON part.
+    (Older checkpoints also hold a training generator's state, no longer used.)"""
     torch.set_rng_state(tensors["torch_cpu"])
-    generator.set_state(tensors["generator"])
     if "torch_cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["torch_cuda"])
     if state is None:
@@ -100,7 +115,6 @@ def checkpoint_payload(
     model: nn.Module,
     ema,
     optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
     position: Position,
     *,
     lr_scale: float,
@@ -111,7 +125,7 @@ def checkpoint_payload(
     """(tensors, state) of a checkpoint: weights, EMA, optimiser and RNG as tensors under the
     prefixes model/, ema/, optimizer/, rng/; everything else as JSON-able state."""
     optim_tensors, groups = optimizer_to_checkpoint(optimizer)
-    rng_tensors, rng_state = rng_to_checkpoint(generator)
+    rng_tensors, rng_state = rng_to_checkpoint()
     prefixed = {"model/": model.state_dict(), "ema/": ema.module.state_dict(), "optimizer/": optim_tensors, "rng/": rng_tensors}
     tensors = {prefix + name: t for prefix, part in prefixed.items() for name, t in part.items()}
     state = {
@@ -138,8 +152,8 @@ def restore_weights(
     tensors: dict[str, torch.Tensor], state: dict, model: nn.Module, ema, optimizer: torch.optim.Optimizer
 ) -> Position:
     """Load weights, EMA and optimiser of a checkpoint (what a rollback restores); its data position."""
-    model.load_state_dict(split_prefix(tensors, "model/"))
-    ema.module.load_state_dict(split_prefix(tensors, "ema/"))
+    load_module(model, split_prefix(tensors, "model/"))
+    load_module(ema.module, split_prefix(tensors, "ema/"))
     ema.updates = state["ema_updates"]
     optimizer_from_checkpoint(optimizer, split_prefix(tensors, "optimizer/"), state["optimizer_param_groups"])
     return Position(state["step"], state["epoch"], state["batch_index"], state["history"])

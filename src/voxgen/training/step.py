@@ -27,36 +27,63 @@ def train_step(
     task: Task,
     optimizer: torch.optim.Optimizer,
     batch: dict,
-    generator,
+    draws,
     grad_clip: float,
     accept: Callable[[float, float], bool] | None = None,
     step: int = 0,
+    mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> StepResult:
     """One optimisation step of `task` (the `step`-th, from 0): forward, loss, backward, gradient
-    clipping, update.
+    clipping, update. `draws`: the batch's random draws (`voxgen.draws.Draws`; a generator seeds
+    them, None draws from torch's global generator).
 
     `accept(loss, grad_norm) -> bool` (e.g. `Guards.accept`) is asked once per step, after the
     total gradient norm is known; when it refuses, the gradients are dropped and the optimiser
     is not stepped (weights, moments and its step count stay as they were). A non-finite loss is
     put to `accept` before backward, with grad_norm nan, so a refused one costs no backward.
+
+    `mean` averages a value over the processes of a distributed run (`Ranks.mean`): the loss the
+    guard judges and the result reports is the global batch's, so every process decides alike.
+    The gradient norm is the same on every process already (the gradients are averaged).
     """
+    mean = mean or (lambda value: value)
     optimizer.zero_grad(set_to_none=True)
-    loss = task.loss(batch, generator, step)
+    loss = task.loss(batch, draws, step)
     if accept is not None:
         # One host read before backward; only taken with a guard, so the planner's trace
         # (accept=None) is the same as before.
-        loss_value = float(loss.detach())
+        loss_value = float(mean(loss.detach()))
         if not math.isfinite(loss_value):
             if not accept(loss_value, float("nan")):
                 return StepResult(loss_value, float("nan"), applied=False)
             accept = None  # the guard has spoken for this step; do not ask (and count) twice
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(task.model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = _full(torch.nn.utils.clip_grad_norm_(task.model.parameters(), grad_clip if grad_clip > 0 else float("inf")))
     if accept is not None and not accept(loss_value, float(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(loss_value, float(grad_norm), applied=False)
     optimizer.step()
-    return StepResult(float(loss.detach()), float(grad_norm))
+    return StepResult(float(mean(loss.detach())), float(grad_norm))
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """A sharded model's (FSDP) gradient norm is a DTensor: its value on every rank."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+def step_network(model: nn.Module, cfg, wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> nn.Module:
+    """The network as the training steps run it: `training.channels_last` (its weights in the
+    channels-last-3d layout, in place) and `training.tf32` (TF32 for float32 matmuls and
+    convolutions), then `wrap` (the trainer's DDP wrapper), then `training.compile`
+    (torch.compile of the whole). The checkpoint, the EMA and the optimiser keep `model` itself."""
+    t = cfg.training
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    if t.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    network = wrap(model)
+    return torch.compile(network) if t.compile else network
 
 
 def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -67,4 +94,6 @@ def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
         lr=cfg.training.lr,
         betas=tuple(cfg.training.betas),
         weight_decay=cfg.training.weight_decay,
+        # The fused kernel (one launch for every tensor) runs on GPUs; None leaves torch's choice.
+        fused=True if cfg.training.fused_optimizer else None,
     )

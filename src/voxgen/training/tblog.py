@@ -58,3 +58,19 @@ class TensorBoardLog:
         self._writer = None
         if threading.excepthook == self._thread_failed:
             threading.excepthook = self._previous_hook
+
+
+class NoLog:
+    """The log of a process that does not write one (all but the first of a torchrun job)."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def add_image(self, *args, **kwargs) -> None:
+        pass
+
+    def add_event(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

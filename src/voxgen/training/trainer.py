@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import signal
@@ -21,26 +22,36 @@ from voxgen.config import to_dict, to_yaml
 from voxgen.data.batches import collate, epoch_batches, to_device
 from voxgen.data.dataset import ImageIndex, VolumeDataset
 from voxgen.data.layout import Modalities
-from voxgen.errors import ConfigError, TrainingCollapsed, TrainingDiverged, WriteError
+from voxgen.draws import Draws
+from voxgen.errors import CheckpointError, ConfigError, TrainingCollapsed, TrainingDiverged, VoxgenError, WriteError
 from voxgen.files import write_atomic
 from voxgen.tasks import Task, build_task
+from voxgen.training.distributed import Ranks, World, local, local_slices, process_group, shard, world_from_env
 from voxgen.training.ema import EMA
 from voxgen.training.guards import Guards, spread
 from voxgen.training.resume import check_resume
 from voxgen.training.run_lock import run_lock
 from voxgen.training.signals import EXIT_PREEMPTED, STOP_SIGNALS, StopRequest
 from voxgen.training.state import Position, checkpoint_payload, lr_at, restore_weights, rng_from_checkpoint, seed_everything
-from voxgen.training.step import make_optimizer, train_step
-from voxgen.training.tblog import TensorBoardLog
+from voxgen.training.step import make_optimizer, step_network, train_step
+from voxgen.training.tblog import NoLog, TensorBoardLog
 
 VAL_SEED_OFFSET = 10_000
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, world: World = World()) -> torch.device:
+    """The training device; in a torchrun job each process takes the GPU of its local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device=cuda but no CUDA device is available")
+    if name == "cuda" and world.distributed:
+        if world.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"process {world.rank} has local rank {world.local_rank}, but this node has {torch.cuda.device_count()} "
+                "GPUs: start at most one process per GPU (torchrun --nproc-per-node)"
+            )
+        return torch.device("cuda", world.local_rank)
     return torch.device(name)
 
 
@@ -63,31 +74,51 @@ class Validation:
 
 
 @torch.no_grad()
-def validation_loss(task: Task, dataset, batch_size: int, batches: int, seed: int, device) -> Validation:
+def validation_loss(
+    task: Task, dataset, batch_size: int, batches: int, seed: int, device, ranks: Ranks | None = None
+) -> Validation:
     """Mean loss over fixed batches with fixed noise and times, so values compare across steps,
-    and the prediction/target spread of the first batch."""
+    and the prediction/target spread of the first batch.
+
+    In a torchrun job the processes share each batch as they share training batches (process r
+    takes the r-th `batch_size` items of every global batch) and the loss is their mean: the
+    value a single process with the whole batch gets, whatever the number of processes. The
+    spread is the first process's (its slice of the first batch)."""
+    ranks = ranks or Ranks(World(), torch.device(device))
+    world = ranks.world
     was_training = task.model.training
     task.model.eval()
-    generator = torch.Generator(device).manual_seed(seed)
-    n = len(dataset)
-    batches = min(batches, math.ceil(n / batch_size))  # more would only repeat cases
+    n, size = len(dataset), batch_size * world.size
+    batches = min(batches, math.ceil(n / size))  # more would only repeat cases
     losses, spreads = [], None
     for b in range(batches):
-        items = [dataset[(b * batch_size + j) % n] for j in range(batch_size)]
-        loss, prediction, target = task.evaluate(to_device(collate(items), device), generator)
-        losses.append(float(loss))
+        first = b * size + world.rank * batch_size
+        items = [dataset[(first + j) % n] for j in range(batch_size)]
+        draws = Draws.for_step(seed, b, batch_size, device, world.rank, world.size)
+        loss, prediction, target = task.evaluate(to_device(collate(items), device), draws)
+        losses.append(loss.detach().float())
         if spreads is None:
             spreads = spread(prediction, target)
     task.model.train(was_training)
-    return Validation(sum(losses) / len(losses), *spreads)
+    mean_loss = float(ranks.mean(torch.stack(losses).mean()))
+    return Validation(mean_loss, *ranks.from_main(list(spreads)))
 
 
 class Trainer:
-    def __init__(self, cfg, console: Console | None = None):
+    """Trains one run. In a torchrun job every process builds one; `world` says which it is. The
+    processes take their own slices of every global batch and keep identical weights (DDP), or
+    shards of them (FSDP); the first writes the logs and, for DDP, the checkpoints, and every
+    decision (skip, roll back, stop) is made from values that are the same on every process.
+    """
+
+    def __init__(self, cfg, console: Console | None = None, world: World = World()):
         self.cfg = cfg
-        self.console = console or Console(stderr=True)
+        self.world = world
+        # Only the first process talks: the others would print the same lines.
+        self.console = (console or Console(stderr=True)) if world.main else Console(file=io.StringIO())
         self.run_dir = Path(cfg.run.dir)
-        self.device = resolve_device(cfg.training.device)
+        self.device = resolve_device(cfg.training.device, world)
+        self.ranks = Ranks(world, self.device)
         self.guards = Guards(cfg.guards)
         seed_everything(cfg.run.seed)
         self.task = build_task(cfg, self.device, training=True)
@@ -97,10 +128,13 @@ class Trainer:
         layout = Modalities.of(cfg.data)
         self.train_set = VolumeDataset(cfg.data.root, "train", modalities, cfg.data.shape, cfg.data.cache, images, layout)
         self.val_set = VolumeDataset(cfg.data.root, "val", modalities, cfg.data.shape, cfg.data.cache, images, layout)
-        self.optimizer = make_optimizer(self.task.model, cfg)
+        # FSDP: every process holds slices of the weights and writes its slices of a checkpoint.
+        self._sharded = world.distributed and cfg.training.sharding == "fsdp"
+        # The EMA copies the model before it is sharded, and is sharded alike (FSDP).
         self.ema = EMA(self.task.model, cfg.training.ema_decay)
+        self.step_task = self._step_task()
+        self.optimizer = make_optimizer(self.task.model, cfg)
         self.ema_task = self.task.with_model(self.ema.module)
-        self.generator = torch.Generator(self.device).manual_seed(cfg.run.seed)
         self.position = Position()
         # Multiplies the schedule lr_at(step); each rollback lowers it, and it is saved with the
         # checkpoint so a resumed run keeps the lowered rate.
@@ -110,6 +144,47 @@ class Trainer:
         self._last_loss = float("nan")
         # The checkpoint on disk that holds exactly the state in memory (restored or just saved).
         self._saved: tuple[int, Path] | None = None
+        # Whether every process has agreed to stop (`_agree_on_stop`): a signal that reached one
+        # process counts from the next step boundary on, for all of them at once.
+        self._stopping = False
+
+    def _step_task(self) -> Task:
+        """The task the training steps run: its model spread over the processes of a torchrun job
+        (DDP) and compiled when asked. Checkpoints, the EMA and the optimiser hold the model itself."""
+        network = step_network(self.task.model, self.cfg, self._spread)
+        return self.task if network is self.task.model else self.task.with_model(network)
+
+    def _spread(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model spread over the processes of a torchrun job: wrapped by DDP, or sharded in
+        place by FSDP (the EMA copy alike); the model itself in a world of one."""
+        t = self.cfg.training
+        if self.world.distributed:
+            if not self.task.parallel:
+                raise ConfigError(
+                    f"task={self.cfg.task} trains in one process only (its loss steps parts of its model separately); "
+                    "run it without torchrun"
+                )
+            if t.sharding == "fsdp":
+                for module in (model, self.ema.module):
+                    shard(module, t.fsdp_unit_params, self.device)
+            else:
+                from torch.nn.parallel import DistributedDataParallel
+
+                # Gradients live in DDP's buckets (no second copy of them: docs/distributed.md).
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+        return model
+
+    def _together(self, work, what: str):
+        """Run `work` on every process; if it fails on any, it fails on all (the others would
+        otherwise wait for the failed one forever at the next step)."""
+        try:
+            result, error = work(), None
+        except VoxgenError as exc:
+            result, error = None, exc
+        if not self.ranks.all_ok(error is None):
+            raise error or CheckpointError(f"{what} failed on another process of this run; see its message")
+        return result
 
     @contextlib.contextmanager
     def _in_phase(self, name: str):
@@ -127,22 +202,33 @@ class Trainer:
         Weights that are not finite are never saved: the run stops (TrainingDiverged) with the
         checkpoints on disk, all older and finite, as they are.
         """
-        self._check_finite_weights()
-        tensors, state = checkpoint_payload(
-            self.task.model,
-            self.ema,
-            self.optimizer,
-            self.generator,
-            self.position,
-            lr_scale=self.lr_scale,
-            guards=self.guards.state_dict(),
-            config=to_dict(self.cfg),
-            task=self.task.state_dict(),
-        )
         c, step = self.cfg.checkpoint, self.position.step
-        with self._in_phase(f"checkpoint at step {step}"):
-            folder = store.save_checkpoint(self.run_dir, step, tensors, state, c.max_shard_bytes)
-            store.retain(self.run_dir, c.keep_last, c.best_metric)
+
+        def write() -> None:
+            if not (self.world.main or self._sharded):  # DDP: every process holds the same state; one writes it
+                return
+            tensors, state = checkpoint_payload(
+                self.task.model,
+                self.ema,
+                self.optimizer,
+                self.position,
+                lr_scale=self.lr_scale,
+                guards=self.guards.state_dict(),
+                config=to_dict(self.cfg),
+                task=self.task.state_dict(),
+            )
+            with self._in_phase(f"checkpoint at step {step}"):
+                if self._sharded:  # each process writes its slices (docs/distributed.md)
+                    tensors, parts = local_slices(tensors, self.world)
+                    store.save_checkpoint(self.run_dir, step, tensors, state, c.max_shard_bytes, self.ranks.writers(), parts)
+                else:
+                    store.save_checkpoint(self.run_dir, step, tensors, state, c.max_shard_bytes)
+                if self.world.main:
+                    store.retain(self.run_dir, c.keep_last, c.best_metric)
+
+        self._together(self._check_finite_weights, f"the checkpoint at step {step}")
+        self._together(write, f"the checkpoint at step {step}")
+        folder = store.checkpoint_folder(self.run_dir, step)
         self._saved = (step, folder)
         return folder
 
@@ -151,7 +237,7 @@ class Trainer:
 
     def _check_finite_weights(self) -> None:
         for name, module in (("model", self.task.model), ("EMA", self.ema.module)):
-            if not bool(torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all()):  # one sync
+            if not bool(torch.stack([torch.isfinite(local(p)).all() for p in module.parameters()]).all()):  # one sync
                 newest = self._saved[1].name if self._saved else "none"
                 raise TrainingDiverged(
                     f"training diverged at step {self.position.step}: the {name} weights are not finite "
@@ -162,7 +248,7 @@ class Trainer:
         """Load a checkpoint's whole training state into this trainer (raises if it does not fit)."""
         self.position = restore_weights(tensors, state, self.task.model, self.ema, self.optimizer)
         # Checkpoints written before these entries existed resume with their defaults.
-        rng_from_checkpoint(self.generator, store.split_prefix(tensors, "rng/"), state.get("rng"))
+        rng_from_checkpoint(store.split_prefix(tensors, "rng/"), state.get("rng"))
         self.lr_scale = float(state.get("lr_scale", 1.0))
         if "guards" in state:
             self.guards.load_state_dict(state["guards"])
@@ -174,8 +260,10 @@ class Trainer:
         CheckpointError when the run has checkpoints and none of them loads: training from
         step 0 would overwrite checkpoints that may still be recovered.
         """
-        store.remove_leftovers(self.run_dir)
-        found = store.load_latest(self.run_dir, warn=self._warn, use=self._apply)
+        if self.world.main:
+            store.remove_leftovers(self.run_dir)
+        self.ranks.barrier()
+        found = self._together(lambda: store.load_latest(self.run_dir, warn=self._warn, use=self._apply), "resuming")
         if found is None:
             return None
         folder, _, state = found
@@ -210,7 +298,9 @@ class Trainer:
         def weights_only(folder: Path, tensors: dict, state: dict) -> None:
             self.position = restore_weights(tensors, state, self.task.model, self.ema, self.optimizer)
 
-        found = store.load_latest(self.run_dir, warn=self._warn, use=weights_only, accept=good)
+        found = self._together(
+            lambda: store.load_latest(self.run_dir, warn=self._warn, use=weights_only, accept=good), "the rollback"
+        )
         if found is None:
             self.console.print(
                 f"{skipped} skipped steps in a row at step {at} and no checkpoint to roll back to; "
@@ -218,7 +308,9 @@ class Trainer:
             )
             return False
         folder, _, state = found
-        store.discard_after(self.run_dir, folder)
+        self.ranks.barrier()  # every process has read it before the newer ones go
+        if self.world.main:
+            store.discard_after(self.run_dir, folder)
         # The checkpoint has the old LR scale and guard counts: a stop now must save anew.
         self._saved = None
         self._purge_logs_after(state["step"])
@@ -231,7 +323,7 @@ class Trainer:
     def _open_writer(self) -> None:
         # Events after the resumed step came from a process that was killed after it.
         purge = self.position.step + 1 if self.position.step else None
-        self.writer = TensorBoardLog(self.run_dir / "tb", purge, self._warn)
+        self.writer = TensorBoardLog(self.run_dir / "tb", purge, self._warn) if self.world.main else NoLog()
 
     def _purge_logs_after(self, step: int) -> None:
         """Make TensorBoard hide what the abandoned steps after `step` logged.
@@ -261,8 +353,8 @@ class Trainer:
         t, p = self.cfg.training, self.position
         seed = self.cfg.run.seed + VAL_SEED_OFFSET
         with self._in_phase(f"validation at step {p.step}"):
-            raw = validation_loss(self.task, self.val_set, t.batch_size, t.val_batches, seed, self.device)
-            ema = validation_loss(self.ema_task, self.val_set, t.batch_size, t.val_batches, seed, self.device)
+            raw = validation_loss(self.task, self.val_set, t.batch_size, t.val_batches, seed, self.device, self.ranks)
+            ema = validation_loss(self.ema_task, self.val_set, t.batch_size, t.val_batches, seed, self.device, self.ranks)
         record = {
             "step": p.step,
             "val_loss": raw.loss,
@@ -275,7 +367,8 @@ class Trainer:
         self.writer.add_scalar("val/loss_ema", record["val_loss_ema"], record["step"])
         self.writer.add_scalar("val/prediction_std", raw.prediction_std, record["step"])
         self.writer.add_scalar("val/target_std", raw.target_std, record["step"])
-        write_atomic(self.run_dir / "history.json", json.dumps(p.history, indent=1))
+        if self.world.main:
+            write_atomic(self.run_dir / "history.json", json.dumps(p.history, indent=1))
         if not (math.isfinite(raw.loss) and math.isfinite(ema.loss)):
             raise TrainingCollapsed(
                 f"training collapsed at step {p.step}: validation loss is {raw.loss} (EMA: {ema.loss}); "
@@ -309,18 +402,28 @@ class Trainer:
             with self._in_phase("preparing the data"):
                 self.train_set, self.val_set = self.task.prepare(self.train_set, self.val_set)
             # Only now that every case read back: bad data leaves no run folder behind.
-            _make_folder(self.run_dir)
-            with run_lock(self.run_dir):
+            self._together(lambda: _make_folder(self.run_dir) if self.world.main else None, "making the run folder")
+            # The first process holds the run's lock for the whole job (a second job on the
+            # same folder is refused); the others wait until it has it.
+            with contextlib.ExitStack() as held:
+
+                def take_lock() -> None:
+                    if self.world.main:
+                        held.enter_context(run_lock(self.run_dir))
+
+                self._together(take_lock, "locking the run folder")
                 return self._fit_locked(stop, stop_at)
 
     def _fit_locked(self, stop: StopRequest, stop_at: int | None) -> TrainResult:
         # Nothing is written before the config is known to resume the run's checkpoints.
         check_resume(self.cfg, self.run_dir)
         resumed_from = self._restore()
-        write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
+        if self.world.main:
+            write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
         self._open_writer()
         try:
-            if not self.position.history and not stop.requested:
+            self._agree_on_stop(stop)
+            if not self.position.history and not self._stopping:
                 record = self._validate()
                 self.console.print(f"step 0: val loss {record['val_loss']:.4f}")
             self._loop(stop, stop_at)
@@ -332,30 +435,45 @@ class Trainer:
         p, steps = self.position, self.cfg.training.steps
         if p.step >= steps:
             # The closing mosaic is skipped when asked to stop: the run is complete and saved.
-            if not stop.requested and (resumed_from is None or resumed_from < steps):
+            if not self._stopping and (resumed_from is None or resumed_from < steps):
                 with self._in_phase(f"sampling at step {p.step}"):
                     self._log_mosaic()
             return TrainResult(self.run_dir, p.step, p.history, False, resumed_from)
         step, folder = self._saved if self._saved and self._saved[0] == p.step else (p.step, self._save())
-        by = stop.name if stop.requested else "stop_at"
-        code = stop.exit_code if stop.requested else EXIT_PREEMPTED
-        when = f" during {stop.phase}" if stop.requested else ""
+        by = stop.name if self._stopping else "stop_at"
+        code = stop.exit_code if self._stopping else EXIT_PREEMPTED
+        when = f" during {stop.phase}" if self._stopping else ""
         self.console.print(
             f"stopped at step {step} ({by}{when}): checkpoint {folder}; run the same command to resume (exit {code})"
         )
         return TrainResult(self.run_dir, step, p.history, True, resumed_from, code, by)
 
-    def _should_stop(self, stop: StopRequest, stop_at: int | None) -> bool:
+    def _agree_on_stop(self, stop: StopRequest) -> None:
+        """Whether to stop, the same on every process: a stop signal that reached any of them
+        stops all at this step boundary. Called at the same points on every process (before the
+        first validation, before the first step and after every step), never in between."""
+        signum = int(self.ranks.max(float(stop.signum or 0)))
+        if signum:
+            stop.adopt(signum)
+        self._stopping = bool(signum)
+
+    def _should_stop(self, stop_at: int | None) -> bool:
         p = self.position
-        return p.step >= self.cfg.training.steps or stop.requested or (stop_at is not None and p.step >= stop_at)
+        return p.step >= self.cfg.training.steps or self._stopping or (stop_at is not None and p.step >= stop_at)
 
     def _loader(self) -> DataLoader:
-        """The rest of the current epoch's batches, from the saved position in its permutation."""
-        cfg, p = self.cfg, self.position
-        batches = epoch_batches(len(self.train_set), cfg.training.batch_size, cfg.run.seed, p.epoch)
+        """The rest of the current epoch's batches, from the saved position in its permutation.
+
+        An epoch's permutation is cut into global batches of batch_size x processes; process r
+        reads the r-th slice of each, so the processes together see what one process with the
+        whole global batch would."""
+        cfg, p, w = self.cfg, self.position, self.world
+        size = cfg.training.batch_size
+        batches = epoch_batches(len(self.train_set), size * w.size, cfg.run.seed, p.epoch)
+        mine = [batch[w.rank * size : (w.rank + 1) * size] for batch in batches]
         return DataLoader(
             self.train_set,
-            batch_sampler=batches[p.batch_index :],
+            batch_sampler=mine[p.batch_index :],
             num_workers=cfg.data.num_workers,
             collate_fn=collate,
             worker_init_fn=_ignore_stop_signals,
@@ -382,16 +500,18 @@ class Trainer:
         # whose batch is being fetched run; "training" names that gap.
         with Progress(*columns, console=self.console, transient=False) as bar, self._in_phase("training"):
             task = bar.add_task("train", total=t.steps, completed=self.position.step, loss="-", rate="")
-            while not self._should_stop(stop, stop_at):
+            self._agree_on_stop(stop)  # a signal during the first validation stops before the first step
+            while not self._should_stop(stop_at):
                 with _forking_workers():
                     batches = iter(self._loader())
                 for batch in batches:
                     moved = self._one_step(to_device(batch, self.device))
+                    self._agree_on_stop(stop)
                     ran += 1
                     rate = ran / (time.perf_counter() - started)
                     # self.position, not a local: a rollback replaces it.
                     bar.update(task, completed=self.position.step, loss=f"{self._last_loss:.4f}", rate=f"{rate:.2f} it/s")
-                    if moved or self._should_stop(stop, stop_at):
+                    if moved or self._should_stop(stop_at):
                         break
                 else:
                     self.position.epoch, self.position.batch_index = self.position.epoch + 1, 0
@@ -402,8 +522,12 @@ class Trainer:
         lr = self.lr_scale * lr_at(p.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        w = self.world
+        draws = Draws.for_step(self.cfg.run.seed, p.step, t.batch_size, self.device, w.rank, w.size, attempt=g.rollbacks)
         with self._in_phase(f"step {p.step + 1}"):
-            result = train_step(self.task, self.optimizer, batch, self.generator, t.grad_clip, accept=g.accept, step=p.step)
+            result = train_step(
+                self.step_task, self.optimizer, batch, draws, t.grad_clip, accept=g.accept, step=p.step, mean=self.ranks.mean
+            )
         p.step += 1
         p.batch_index += 1
         if not result.applied and g.should_roll_back() and self._roll_back():
@@ -470,5 +594,8 @@ def _forking_workers():
 def train(
     cfg, console: Console | None = None, stop_at: int | None = None, pending_signals: list[int] | None = None
 ) -> TrainResult:
-    """Build the trainer and fit; `pending_signals`: stop signals received before it started."""
-    return Trainer(cfg, console).fit(stop_at, pending_signals)
+    """Build the trainer and fit; `pending_signals`: stop signals received before it started.
+    Under torchrun (WORLD_SIZE > 1) this process joins the job's process group first."""
+    world = world_from_env()
+    with process_group(world, resolve_device(cfg.training.device, world)):
+        return Trainer(cfg, console, world).fit(stop_at, pending_signals)
