@@ -85,7 +85,9 @@ def host_plan(trace: Trace, world_size: int = 1, sharding: str = "ddp", device: 
     batch = cfg.training.batch_size * volume
     cases, notes = _cached_cases(cfg)
     share = world_size if sharding == "fsdp" and world_size > 1 else 1
-    checkpoint = _checkpoint_bytes(trace) // share
+    # FSDP: each process writes its own 1/N; every process reads the whole checkpoint when the
+    # run resumes, before it takes its part (voxgen.training.state.load_module).
+    checkpoint = _checkpoint_bytes(trace)
     parts = {
         "baseline": BASELINE_BYTES,
         "cuda_runtime": CUDA_RUNTIME_BYTES if device == "cuda" else 0,
@@ -95,7 +97,7 @@ def host_plan(trace: Trace, world_size: int = 1, sharding: str = "ddp", device: 
         "step": 0,
         "ema": 0,
         # The writer copies a GPU's tensors to the host one shard at a time; a CPU run's tensors are there already.
-        "checkpoint_write": min(checkpoint, cfg.checkpoint.max_shard_bytes) if device == "cuda" else 0,
+        "checkpoint_write": min(checkpoint // share, cfg.checkpoint.max_shard_bytes) if device == "cuda" else 0,
         "checkpoint_resume": checkpoint,
     }
     held = 0  # what a CPU run holds between steps: weights, gradients, AdamW state, EMA
