@@ -36,3 +36,13 @@ def cohort_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("cohort")
     make_cohort(root, cases=12, shape=TINY_SHAPE, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def ct_pairs_root(tmp_path_factory):
+    """Three source/target pairs of 4-slice slabs of the embedded head CT (train, val, test), 30 views."""
+    from voxgen.data.ct import make_ct_pairs
+
+    root = tmp_path_factory.mktemp("ct_pairs")
+    make_ct_pairs(root, cases=3, slab=4, angles=30, seed=0)
+    return root

@@ -30,12 +30,14 @@ def _add_world(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sharding", default=None, metavar="ddp|fsdp", help="how the ranks share the model (training.sharding)")
 
 
-def _add_data_gen(sub, name: str, help: str) -> None:
+def _add_data_gen(sub, name: str, help: str, cases: int | None = 24, shape: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help)
     p.add_argument("--out", required=True, help="data folder to create")
-    p.add_argument("--cases", type=int, default=24)
-    p.add_argument("--shape", type=int, nargs=3, default=[32, 48, 40], metavar=("D", "H", "W"))
+    p.add_argument("--cases", type=int, default=cases)
+    if shape:
+        p.add_argument("--shape", type=int, nargs=3, default=[32, 48, 40], metavar=("D", "H", "W"))
     p.add_argument("--seed", type=int, default=0)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,9 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--split", default="test", help="split whose masks condition the samples")
-    p.add_argument("--out", default=None, help="output folder (default RUN/samples)")
+    p.add_argument("--out", default=None, help="output folder (default RUN/samples; RUN/enhanced with --input)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.add_argument("--head", default=None, metavar="DIR", help="the DiffRS head of --solver diffrs (default RUN/diffrs-head)")
+    p.add_argument(
+        "--input",
+        default=None,
+        metavar="PATH",
+        help="task=translate runs: the volume(s) to enhance, a NIfTI file, a case folder (its source) or a split or data "
+        "folder (every case's source); writes OUT/<case>_enhanced.nii.gz and .png (default OUT: RUN/enhanced)",
+    )
+    p.add_argument(
+        "--overlap",
+        default=None,
+        metavar="F[,F[,F]]",
+        help="task=translate runs: overlap of the enhanced windows as a fraction of the clip, for all axes, "
+        "D and in-plane, or D, H, W (default 0.5,0.25)",
+    )
 
     sub.add_parser("models", help="list the model registry")
 
@@ -165,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = p.add_subparsers(dest="data_command", required=True)
     _add_data_gen(data_sub, "cohort", "template cohort on MNI152 anatomy with inserted metastases")
     _add_data_gen(data_sub, "phantoms", "procedural phantoms (fast, for tests)")
+    # Defaults of ct-pairs live in voxgen.data.ct; None here means "its default".
+    g = _add_data_gen(data_sub, "ct-pairs", "low-dose / real CT pairs: slabs of the embedded head CT", cases=None, shape=False)
+    g.add_argument("--slab", type=int, default=None, help="consecutive axial slices per case (default 12; 9 x 12 = all 108)")
+    g.add_argument("--photons", type=float, default=None, help="incident photons per detector bin and view (default 2e5)")
+    g.add_argument("--angles", type=int, default=None, help="views of the simulated scan over 180 degrees (default 180)")
     c = data_sub.add_parser("check", help="report every problem of a data folder")
     c.add_argument("root")
     c.add_argument("--mode", default=None, help="check only the modalities this mode reads (default: all of data.modalities)")

@@ -62,6 +62,11 @@ class Draws:
         device = torch.device(device)
         return cls([_generator(device, s) for s in seeds[:-1]], _generator(device, seeds[-1]), device)
 
+    def part(self, start: int, stop: int) -> Draws:
+        """The draws of rows start..stop-1 (one micro-batch of an accumulated step); the batch
+        generator is shared."""
+        return Draws(self.samples[start:stop], self.batch, self.device)
+
     def _rows(self, rows: Sequence[int] | None) -> Sequence[int]:
         return range(len(self.samples)) if rows is None else rows
 

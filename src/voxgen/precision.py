@@ -15,17 +15,25 @@ from contextlib import AbstractContextManager
 import torch
 
 Autocast = Callable[[torch.device], AbstractContextManager]
-PRECISIONS = ("fp32", "bf16-mixed")
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
+# Low-precision types of the mixed policies.
+MIXED_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
 
 
 def _no_autocast(device: torch.device) -> AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _bf16_autocast(device: torch.device) -> AbstractContextManager:
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 def autocast_policy(precision: str) -> Autocast:
-    """`fp32`: no autocast; `bf16-mixed`: torch.autocast to bfloat16 on the tensors' device."""
-    return {"fp32": _no_autocast, "bf16-mixed": _bf16_autocast}[precision]
+    """`fp32`: no autocast; `bf16-mixed` / `fp16-mixed`: torch.autocast to bfloat16 / float16 on the
+    tensors' device (fp16 also needs a gradient scaler: `gradient_scaler`)."""
+    if precision == "fp32":
+        return _no_autocast
+    dtype = MIXED_DTYPES[precision]
+    return lambda device: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def gradient_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16-mixed: a dynamic loss scaler (float16's range would flush small gradients to zero);
+    None for the other policies, whose gradients need none."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None

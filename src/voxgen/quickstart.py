@@ -18,7 +18,6 @@ from voxgen.config import compose
 from voxgen.config.compose import PRESET_DIR
 from voxgen.data.cohort import make_cohort
 from voxgen.data.dataset import VolumeDataset
-from voxgen.data.layout import Modalities
 from voxgen.diffusion.parts import build_parts
 from voxgen.diffusion.sampling import reference_affine, sample_volumes, sampling_settings, write_samples
 from voxgen.evaluation.distances import head_mask, intensity_w1, lesion_fraction_w1
@@ -42,7 +41,7 @@ class Quality:
 
 def held_out(cfg, modality: str) -> np.ndarray:
     """(N, D, H, W) real test volumes in model space."""
-    test = VolumeDataset(cfg.data.root, "test", (modality,), cfg.data.shape, layout=Modalities.of(cfg.data))
+    test = VolumeDataset.of(cfg.data, "test", (modality,))
     return np.stack([test[i][modality][0].numpy() for i in range(len(test))])
 
 

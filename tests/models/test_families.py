@@ -7,7 +7,7 @@ import pytest
 
 from voxgen.models.registry import MODELS
 
-from . import test_dit, test_hdit, test_unet, test_uvit, test_wdm
+from . import test_dit, test_hdit, test_unet, test_uvit, test_video_unet, test_wdm
 from .family_checks import (
     check_attention_kinds_agree,
     check_channels,
@@ -23,6 +23,7 @@ TINY = {
     "hdit": test_hdit.TINY,
     "uvit": test_uvit.TINY,
     "wdm": test_wdm.TINY,
+    "video_unet": test_video_unet.TINY,
 }
 
 

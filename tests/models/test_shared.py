@@ -30,7 +30,15 @@ def test_registry_imports_no_family():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     assert not any(name and name.startswith("voxgen.models") for name in imported), imported
-    assert list(registry.MODELS) == ["unet", "dit", "sit", "hdit", "uvit", "wdm"]  # the order `voxgen models` prints
+    assert list(registry.MODELS) == [
+        "unet",
+        "dit",
+        "sit",
+        "hdit",
+        "uvit",
+        "wdm",
+        "video_unet",
+    ]  # the order `voxgen models` prints
 
 
 @pytest.mark.parametrize("family", ["dit", "hdit", "uvit"])

@@ -4,10 +4,12 @@ steps when shrunk to test size (a tiny autoencoder run stands in for the presets
 from pathlib import Path
 
 import pytest
+import torch
 
 from tiny_autoencoder import TINY_AUTOENCODER_RUN
 from voxgen.config import compose
 from voxgen.memory.planner import plan
+from voxgen.tasks import build_task
 from voxgen.training.trainer import train
 
 CONFIGS = Path(__file__).parents[2] / "configs"
@@ -41,15 +43,41 @@ def test_space_presets_exist():
     assert sum(n.startswith("unet_latent") for n in names) == 19
 
 
+def _kind(path: Path) -> str:
+    """A preset's family and space, with the latent factor: the presets of one kind differ in widths and depths only."""
+    cfg = compose([path])
+    factor = ("4x" if "4x" in path.name else "8x") if cfg.space.name == "latent" else ""
+    return f"{cfg.model.name}-{cfg.space.name}{factor}"
+
+
+def _one_per_kind() -> list[Path]:
+    first: dict[str, Path] = {}
+    for path in SPACE_PRESETS:
+        first.setdefault(_kind(path), path)
+    return list(first.values())
+
+
+def _expected(cfg, path: Path) -> tuple[tuple[int, int], list[int]]:
+    per_modality = {"s2d": 8, "wavelet": 8, "latent": 4}[cfg.space.name]
+    factor = {"s2d": 2, "wavelet": 2, "latent": 4 if "4x" in path.name else 8}[cfg.space.name]
+    return (2 * per_modality, per_modality), [s // factor for s in cfg.data.shape]
+
+
 @pytest.mark.parametrize("path", SPACE_PRESETS, ids=[p.name for p in SPACE_PRESETS])
-def test_space_preset_plans_in_its_space(path):
+def test_space_preset_network_sees_its_space(path):
     cfg = compose([path])
     assert cfg.model.in_channels is None and cfg.model.out_channels is None, "the space gives the channels"
+    with torch.device("meta"):
+        network = build_task(cfg, "meta").network
+    assert ((network.in_channels, network.out_channels), list(network.shape)) == _expected(cfg, path)
+
+
+# Planning traces the whole step (seconds per preset): one preset of each kind.
+@pytest.mark.parametrize("path", _one_per_kind(), ids=[p.name for p in _one_per_kind()])
+def test_space_preset_plans_in_its_space(path):
+    cfg = compose([path])
     planned = plan(cfg)
-    per_modality = {"s2d": 8, "wavelet": 8, "latent": 4}[cfg.space.name]
-    assert (planned.in_channels, planned.out_channels) == (2 * per_modality, per_modality)
-    factor = {"s2d": 2, "wavelet": 2, "latent": 4 if "4x" in path.name else 8}[cfg.space.name]
-    assert planned.shape == [s // factor for s in cfg.data.shape]
+    assert ((planned.in_channels, planned.out_channels), planned.shape) == _expected(cfg, path)
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ CHAIN = [
     "training.mosaic_every=10",
     "training.log_every=1",
 ]
-KILLS = 22
+KILLS = 12
 
 SERVER = r"""
 import json, os, sys, traceback
@@ -218,9 +218,9 @@ def test_sigkill_at_random_moments_loses_at_most_the_steps_since_the_last_checkp
             assert after >= (committed or 0), (after, committed)
             expected = after if found else None
     print(f"\n{kills} kills, {inside_writes} inside a checkpoint write; resumed from steps {resumed}")
-    assert kills >= 20
-    assert inside_writes >= 5, inside_writes
-    assert len(set(resumed)) >= 10  # the kills were spread over the run
+    assert kills == KILLS
+    assert inside_writes >= 3, inside_writes
+    assert len(set(resumed)) >= 6  # the kills were spread over the run
     _final_tensors_equal(reference, run_dir)
 
 
@@ -232,7 +232,7 @@ def test_sigterm_and_sigusr1_at_random_moments_checkpoint_and_exit_75(processes,
     run_dir = tmp_path / "run"
     argv = ["train", *CHAIN, f"data.root={phantom_root}", f"run.dir={run_dir}"]
     stops, phases = 0, []
-    for segment in range(12):
+    for segment in range(8):
         log = tmp_path / f"segment{segment:02d}.log"
         pid = processes.start(argv, log)
         signum = (signal.SIGTERM, signal.SIGUSR1)[segment % 2]

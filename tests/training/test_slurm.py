@@ -287,14 +287,23 @@ MULTINODE_FAKES = {
     "scontrol": """#!/bin/bash
 echo localhost
 """,
-    # One training process of the torchrun job: waits for SIGUSR1 and exits 75, or exits at once
-    # with FAKE_EXIT_<RANK> or FAKE_EXIT.
+    # One training process of the torchrun job: on SIGUSR1 it waits until every rank has had it
+    # (the trainer's ranks agree on the step they stop at) and exits 75; or it exits at once with
+    # FAKE_EXIT_<RANK> or FAKE_EXIT.
     "voxgen": """#!/bin/bash
 printf '%s\\n' "$@" > "$FAKE_DIR/argv-$RANK"
 own="FAKE_EXIT_$RANK"
 code="${!own:-${FAKE_EXIT:-}}"
 if [ -n "$code" ]; then exit "$code"; fi
-trap 'echo "USR1 $RANK" >> "$FAKE_DIR/signals"; exit 75' USR1
+stop() {
+    echo "USR1 $RANK" >> "$FAKE_DIR/signals"
+    for _ in $(seq 200); do
+        [ "$(wc -l < "$FAKE_DIR/signals")" -ge "$WORLD_SIZE" ] && break
+        sleep 0.05
+    done
+    exit 75
+}
+trap stop USR1
 touch "$FAKE_DIR/started-$RANK"
 while :; do sleep 0.05; done
 """,

@@ -315,7 +315,7 @@ def validate(cfg: DictConfig, network: bool = True) -> None:
     _check_finite(OmegaConf.to_container(cfg))
     _choice(cfg.mode.name, sorted(MODES), "mode")
     _choice(cfg.strategy, sorted(STRATEGIES), "strategy")
-    _choice(cfg.task, ["diffusion", "autoencoder", "diffrs-head"], "task")
+    _choice(cfg.task, ["diffusion", "autoencoder", "diffrs-head", "translate"], "task")
     _choice(cfg.space.name, sorted(SPACES), "space")
     _choice(cfg.model.name, sorted(_model_names(cfg.task, MODELS)), "model.name")
     _choice(cfg.model.attention, ["sdpa", "naive"], "model.attention")
@@ -342,8 +342,12 @@ def validate(cfg: DictConfig, network: bool = True) -> None:
     _check_ranges(cfg)
     _check_modalities(cfg)
     _check_augment(cfg)
-    mode = build_mode(cfg)
-    check_tumour_weight(cfg.training.tumour_weight, mode, mask_modality(cfg, mode), cfg.space.name, cfg.task)
+    _check_phases(cfg)
+    if cfg.task == "translate":
+        _check_translate(cfg)
+    else:
+        mode = build_mode(cfg)
+        check_tumour_weight(cfg.training.tumour_weight, mode, mask_modality(cfg, mode), cfg.space.name, cfg.task)
     channels = list(cfg.model.channels)
     _require(
         len(channels) >= 1 and all(c >= 1 for c in channels), f"model.channels={channels} must be positive sizes, one per level"
@@ -444,6 +448,38 @@ def _check_modalities(cfg: DictConfig) -> None:
             _require(str(name) in known, f"{key} entry {str(name)!r} is not in data.modalities {known}")
 
 
+def _check_phases(cfg: DictConfig) -> None:
+    """training.phases: each as long as a positive number of steps or epochs (not both), only the
+    last without a length; training.lr_multipliers positive. The parts they name are checked
+    against the task's model when training starts (voxgen.training.phases)."""
+    phases = cfg.training.phases
+    for i, phase in enumerate(phases):
+        key = f"training.phases[{i}]"
+        _require(phase.steps is None or phase.epochs is None, f"{key} gives both steps and epochs: give one")
+        length = phase.steps if phase.steps is not None else phase.epochs
+        _require(length is None or length >= 1, f"{key} lasts {length}: a phase lasts at least 1 step or epoch")
+        _require(
+            length is not None or i == len(phases) - 1,
+            f"{key} has no length (steps or epochs): only the last phase may last to the end",
+        )
+    for part, value in cfg.training.lr_multipliers.items():
+        _require(value > 0, f"training.lr_multipliers.{part}={value} must be above 0 (freeze a part with training.phases)")
+
+
+def _check_translate(cfg: DictConfig) -> None:
+    """task=translate: its two modalities among data.modalities, no diffusion-only recipes."""
+    known = [str(m) for m in cfg.data.modalities]
+    for key in ("source", "target"):
+        name = str(cfg.translate[key])
+        _require(name in known, f"translate.{key}={name!r} is not in data.modalities {known}")
+    _require(
+        cfg.training.tumour_weight == 0, "training.tumour_weight weights a tumour mask; task=translate has none (set it to 0)"
+    )
+    _require(
+        cfg.augment.name == "none", f"augment.name={cfg.augment.name}: task=translate takes no augmentation (set it to none)"
+    )
+
+
 def _check_counts(cfg: DictConfig) -> None:
     """Whole numbers with a lower bound (0 where the schema says 0 disables or means 'none')."""
     t, g = cfg.training, cfg.guards
@@ -456,6 +492,7 @@ def _check_counts(cfg: DictConfig) -> None:
             "training.checkpoint_every": t.checkpoint_every,
             "training.log_every": t.log_every,
             "training.ema_update_every": t.ema_update_every,
+            "training.accumulate": t.accumulate,
             "sample.steps": cfg.sample.steps,
             "model.num_head_channels": cfg.model.num_head_channels,
             "model.norm_num_groups": cfg.model.norm_num_groups,
@@ -581,7 +618,9 @@ def _check_sampling(cfg: DictConfig) -> None:
 
     strategy = build_strategy(cfg)
     solver = cfg.sample.solver if cfg.sample.solver is not None else strategy.default_sampler
+    # A translate run is conditioned on its source.
+    conditional = cfg.task == "translate" or build_mode(cfg).conditional
     try:
-        sampling_settings(cfg.sample, strategy, build_mode(cfg).conditional)
+        sampling_settings(cfg.sample, strategy, conditional)
     except ConfigError as exc:
         raise ConfigError(f"sample.solver={solver!r}: {exc}") from None

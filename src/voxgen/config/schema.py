@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 
 def path(default: str):
@@ -58,6 +58,12 @@ class DataConfig:
     # Which of them are masks: binarised at 0.5 on load, {-1, 1} in model space, thresholded at 0
     # on the way out.
     masks: List[str] = field(default_factory=lambda: ["seg"])
+    # How image intensities map to model space [-1, 1]. percentile: per volume, its minimum to its
+    # 99.5th percentile (MRI, whose units are arbitrary). fixed: one linear map for every volume,
+    # data.intensity_range -> [-1, 1], clipped (CT in Hounsfield units: a paired task needs its
+    # source and target on one scale).
+    intensity: str = "percentile"
+    intensity_range: List[float] = field(default_factory=lambda: [-1024.0, 3071.0])
 
 
 @dataclass
@@ -169,6 +175,38 @@ class DiffRSConfig:
 
 
 @dataclass
+class TranslateConfig:
+    # task=translate (CT enhancement, seed 003; docs/translate.md): the target modality given the
+    # source, by latent diffusion in the space of a VAE that trains with it.
+    source: str = "source"
+    target: str = "target"
+    # [slices, H, W] of the clips cut from every training pair (consecutive slices; the seed uses
+    # [8, 128, 128] and [16, 256, 256]). H and W are multiples of the VAE's factor (8).
+    clip: List[int] = field(default_factory=lambda: [8, 64, 64])
+    # CT windows [low, high] in HU, one network channel each (the seed's 3-channel input): brain,
+    # soft tissue, and the whole range of data.intensity_range (so every value can be written
+    # back). Needs data.intensity=fixed.
+    windows: List[List[float]] = field(default_factory=lambda: [[0.0, 80.0], [-160.0, 240.0], [-1024.0, 3071.0]])
+    # The VAE (the seed's block table): widths of conv_in and of the three downsampling levels,
+    # ResBlocks per level, latent channels.
+    vae_channels: List[int] = field(default_factory=lambda: [128, 256, 512, 512])
+    vae_num_res_blocks: int = 2
+    latent_channels: int = 4
+    # Weight of the VAE's reconstruction loss (L1 of source and target clips) while the VAE trains:
+    # the noise-prediction loss alone would let the encoder shrink its latents to zero.
+    reconstruction_weight: float = 1.0
+
+
+@dataclass
+class PhaseConfig:
+    # One phase of training.phases: its length in optimizer steps or in epochs (null for both:
+    # until the end of training) and the parts of the task's model it keeps frozen, by name.
+    steps: Optional[int] = None
+    epochs: Optional[int] = None
+    frozen: List[str] = field(default_factory=list)
+
+
+@dataclass
 class RFlowConfig:
     # uniform | logit-normal (Esser et al. 2024, "Scaling Rectified Flow Transformers").
     time_sampling: str = "logit-normal"
@@ -179,9 +217,18 @@ class RFlowConfig:
 @dataclass
 class TrainingConfig:
     batch_size: int = 2
-    precision: str = "fp32"  # fp32 | bf16-mixed
+    # fp32 | bf16-mixed | fp16-mixed (with a gradient scaler, for GPUs without bfloat16: V100)
+    precision: str = "fp32"
     grad_checkpointing: bool = False
     lr: float = 1e-4
+    # Learning-rate multipliers of named parts of the task's model (optimizer parameter groups),
+    # e.g. {vae: 0.1}; the rest train at training.lr.
+    lr_multipliers: Dict[str, float] = field(default_factory=dict)
+    # Phases in order (docs/training.md), e.g. the seed 003 recipe
+    # [{epochs: 1, frozen: [vae]}, {frozen: []}]; [] = one phase in which everything trains.
+    phases: List[PhaseConfig] = field(default_factory=list)
+    # Micro-batches of training.batch_size whose gradients add up to one optimizer step.
+    accumulate: int = 1
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     steps: int = 1000
@@ -300,7 +347,7 @@ class RunConfig:
 
 @dataclass
 class Config:
-    # diffusion | autoencoder
+    # diffusion | autoencoder | diffrs-head | translate
     task: str = "diffusion"
     mode: ModeConfig = field(default_factory=ModeConfig)
     strategy: str = "rflow"
@@ -310,6 +357,7 @@ class Config:
     controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     diffrs: DiffRSConfig = field(default_factory=DiffRSConfig)
+    translate: TranslateConfig = field(default_factory=TranslateConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rflow: RFlowConfig = field(default_factory=RFlowConfig)
     ddpm: DDPMConfig = field(default_factory=DDPMConfig)

@@ -1,4 +1,4 @@
-"""Cases on disk, NIfTI I/O, datasets and the embedded data sets (phantoms, template cohort).
+"""Cases on disk, NIfTI I/O, datasets and the embedded data sets (phantoms, template cohort, CT pairs).
 
 Conventions: volumes are (D, H, W) in RAS with D the axial (z) axis; images are
 [-1, 1] and masks {-1, 1} in model space; affines map (x, y, z) voxel indices to mm.
@@ -23,10 +23,15 @@ _EXPORTS = {
     "VolumeDataset": "dataset",
     "check_folder": "dataset",
     "scale_image": "dataset",
+    "Intensity": "dataset",
     "make_phantoms": "phantoms",
     "phantom_case": "phantoms",
     "make_cohort": "cohort",
     "cohort_case": "cohort",
+    "make_ct_pairs": "ct",
+    "low_dose": "ct",
+    "window_channels": "ct",
+    "hu_from_windows": "ct",
 }
 __all__ = sorted(_EXPORTS)
 

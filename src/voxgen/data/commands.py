@@ -1,7 +1,8 @@
-"""The bodies of `voxgen data cohort / phantoms / check` (arguments as `voxgen.cli` parses them)."""
+"""The bodies of `voxgen data cohort / phantoms / ct-pairs / check` (arguments as `voxgen.cli` parses them)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from voxgen.errors import VoxgenError
@@ -22,10 +23,37 @@ def run_data(args, modalities: Sequence[str] | None = None, layout=None) -> int:
             raise VoxgenError(f"{args.root}: {len(problems)} problem(s) found")
         print(f"{args.root}: no problems found")
         return 0
+    if args.data_command == "ct-pairs":
+        return _ct_pairs(args)
     if args.data_command == "cohort":
         from voxgen.data.cohort import make_cohort as make
     else:
         from voxgen.data.phantoms import make_phantoms as make
     root = make(args.out, cases=args.cases, shape=tuple(args.shape), seed=args.seed)
     print(f"{args.cases} {args.data_command} cases at {args.shape} in {root}")
+    return 0
+
+
+def _ct_pairs(args) -> int:
+    """`voxgen data ct-pairs`: a progress bar per case (about 3 s each) and a one-line summary."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from voxgen.data import ct
+
+    given = dict(cases=args.cases, slab=args.slab, photons=args.photons, angles=args.angles)
+    kwargs = {key: value for key, value in given.items() if value is not None}
+    cases, slab = kwargs.get("cases", ct.DEFAULT_CASES), kwargs.get("slab", ct.DEFAULT_SLAB)
+    photons = kwargs.get("photons", ct.DEFAULT_PHOTONS)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    # Off the terminal (logs, pipes) the bar would leave only a stray blank line before an error.
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("low-dose scans of the head CT's slabs", total=cases)
+        root = ct.make_ct_pairs(args.out, seed=args.seed, progress=lambda done, _: bar.update(task, completed=done), **kwargs)
+    print(
+        f"{cases} CT pairs (slabs of {slab} slices, {photons:g} photons) in {root} in {time.perf_counter() - start:.0f} s; "
+        f"check: voxgen data check {root} data.modalities=[source,target] data.masks=[]"
+    )
     return 0

@@ -27,7 +27,7 @@ from voxgen.data.layout import (
     shared_cases,
 )
 from voxgen.data.nifti import load_volume, resized_affine, voxel_size_problem
-from voxgen.errors import DataError
+from voxgen.errors import ConfigError, DataError
 
 AFFINE_TOLERANCE_MM = 1e-3
 MASK_TOLERANCE = 1e-3
@@ -47,6 +47,54 @@ def scale_image(volume: np.ndarray) -> np.ndarray:
     hi = float(np.percentile(volume, UPPER_PERCENTILE))
     scaled = (volume - lo) / max(hi - lo, 1e-12)
     return (2.0 * np.clip(scaled, 0.0, 1.0) - 1.0).astype(np.float32)
+
+
+INTENSITIES = ("percentile", "fixed")
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """How an image volume maps to [-1, 1] (`data.intensity`, `data.intensity_range`).
+
+    percentile: each volume by its own minimum and 99.5th percentile (`scale_image`; MRI, whose
+    units are arbitrary). fixed: one linear map for every volume, [low, high] -> [-1, 1], clipped
+    (CT in HU: the source and target of a pair must share one scale); `to_units` inverts it.
+    """
+
+    name: str = "percentile"
+    low: float = -1024.0
+    high: float = 3071.0
+
+    def __post_init__(self):
+        if self.name not in INTENSITIES:
+            raise ConfigError(f"data.intensity: {self.name!r} is not one of {', '.join(INTENSITIES)}")
+        if not (np.isfinite(self.low) and np.isfinite(self.high) and self.high > self.low):
+            raise ConfigError(f"data.intensity_range: [{self.low:g}, {self.high:g}] must be finite with high > low")
+
+    @classmethod
+    def of(cls, data_cfg) -> Intensity:
+        """From a config's `data` section."""
+        bounds = [float(v) for v in data_cfg.intensity_range]
+        if len(bounds) != 2:
+            raise ConfigError(f"data.intensity_range: expected [low, high], got {bounds}")
+        return cls(str(data_cfg.intensity), bounds[0], bounds[1])
+
+    def scale(self, volume: np.ndarray) -> np.ndarray:
+        """(D, H, W) image -> float32 in [-1, 1]."""
+        if self.name == "percentile":
+            return scale_image(volume)
+        scaled = (np.asarray(volume, dtype=np.float64) - self.low) * (2.0 / (self.high - self.low)) - 1.0
+        return np.clip(scaled, -1.0, 1.0).astype(np.float32)
+
+    def to_units(self, x):
+        """Model space -> the data's units (HU for CT): the inverse of `scale` inside [low, high].
+
+        Works on numpy arrays and torch tensors alike. ValueError for `percentile`, whose scale
+        differs per volume: the units are unknown.
+        """
+        if self.name != "fixed":
+            raise ValueError(f"data.intensity={self.name}: each volume has its own scale, so model space has no units")
+        return (x + 1.0) * (0.5 * (self.high - self.low)) + self.low
 
 
 def mask_problem(volume: np.ndarray) -> str | None:
@@ -193,7 +241,8 @@ class VolumeDataset(torch.utils.data.Dataset):
     """One split of a data folder as model-space tensors.
 
     `dataset[i]` is {modality: float32 tensor (1, D, H, W), "case": case id}, with
-    (D, H, W) = `shape`. Images are scaled to [-1, 1] (see `scale_image`), masks
+    (D, H, W) = `shape`. Images are scaled to [-1, 1] by `intensity` (default: per volume, see
+    `scale_image`), masks
     (`layout.masks`) are {-1, 1}. Volumes whose grid differs from
     `shape` are resampled (trilinear for images, nearest for masks). With
     cache=True processed tensors are kept in memory; treat them as read-only.
@@ -212,6 +261,7 @@ class VolumeDataset(torch.utils.data.Dataset):
         cache: bool = True,
         images: ImageIndex | None = None,
         layout: Modalities = Modalities(),
+        intensity: Intensity = Intensity(),
     ):
         self.root = Path(root)
         self.split = split
@@ -223,6 +273,7 @@ class VolumeDataset(torch.utils.data.Dataset):
             raise DataError(f"{self.root}: data shape must be [D, H, W] of positive sizes, got {list(shape)}")
         self.cache = cache
         self.layout = layout
+        self.intensity = intensity
         self.cases: list[Case] = list_cases(self.root, split, self.modalities, layout.known)
         leaks = shared_cases(self.root, involving=split)
         if leaks:
@@ -231,6 +282,21 @@ class VolumeDataset(torch.utils.data.Dataset):
         self._compared: set[int] = set()  # without the cache, later reads need not compare again
         self._cache: dict[int, dict] = {}
         self._affine: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, data_cfg, split: str, modalities: Sequence[str], images: ImageIndex | None = None) -> VolumeDataset:
+        """One split of the data set a config's `data` section describes: its folder, grid, cache,
+        modality names and intensity scaling."""
+        return cls(
+            data_cfg.root,
+            split,
+            modalities,
+            data_cfg.shape,
+            data_cfg.cache,
+            images,
+            Modalities.of(data_cfg),
+            Intensity.of(data_cfg),
+        )
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -248,7 +314,7 @@ class VolumeDataset(torch.utils.data.Dataset):
             if is_mask:
                 values = (volume > 0.5).astype(np.float32)
             else:
-                values = scale_image(volume)
+                values = self.intensity.scale(volume)
             tensor = resample(torch.from_numpy(values)[None], self.shape, is_mask)
             if is_mask:
                 tensor = torch.where(tensor > 0.5, 1.0, -1.0)

@@ -320,7 +320,8 @@ def voxel_size_problem(affine: np.ndarray) -> str | None:
 def save_volume(path: str | Path, volume: np.ndarray, affine: np.ndarray, dtype=np.float32) -> Path:
     """Write a (D, H, W) volume as NIfTI, the inverse of `load_volume`.
 
-    `dtype` is np.float32 for images or np.uint8 for masks (values rounded).
+    `dtype` is np.float32 for images, np.uint8 for masks or np.int16 for CT in Hounsfield units
+    (both rounded and clipped to the type's range).
     The file is written to a temporary name in the same folder and renamed, so it
     appears whole or not at all. The affine is stored in the header's sform and
     qform (float32 in the NIfTI format, so affines with float32-exact entries
@@ -333,10 +334,12 @@ def save_volume(path: str | Path, volume: np.ndarray, affine: np.ndarray, dtype=
     dtype = np.dtype(dtype)
     if dtype == np.uint8:
         data = np.clip(np.rint(volume), 0, 255).astype(np.uint8)
+    elif dtype == np.int16:
+        data = np.clip(np.rint(volume), -32768, 32767).astype(np.int16)
     elif dtype == np.float32:
         data = volume.astype(np.float32)
     else:
-        raise ValueError(f"save_volume: dtype must be float32 or uint8, got {dtype}")
+        raise ValueError(f"save_volume: dtype must be float32, uint8 or int16, got {dtype}")
     data = np.ascontiguousarray(data.transpose(2, 1, 0))  # (D, H, W) -> (x, y, z)
     affine = np.asarray(affine, dtype=np.float64)
     img = nib.Nifti1Image(data, affine)

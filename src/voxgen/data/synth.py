@@ -190,12 +190,16 @@ def write_dataset(
     cases: int,
     splits,
     make_case: Callable[[int], dict[str, np.ndarray]],
-    affine: np.ndarray,
+    affine: np.ndarray | Callable[[int], np.ndarray],
     params: dict,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    names: Sequence[str] | None = None,
 ) -> Path:
     """Write `cases` cases made by `make_case(index)` into ROOT/<split>/<prefix>_<index>/.
 
+    Cases are numbered across splits, train first. `affine` is every case's grid, or a function
+    of the index that gives each case its own; `names` replaces the case ids (one per index).
     The set is built in a hidden sibling folder and renamed into place, so ROOT
     appears whole or not at all. An existing ROOT is replaced only when it is empty
     or was itself written by voxgen (it holds the hidden marker file); anything
@@ -217,10 +221,11 @@ def write_dataset(
         for split in SPLITS:
             (tmp / split).mkdir(parents=True)
             for _ in range(counts[split]):
-                folder = tmp / split / f"{prefix}_{index:03d}"
+                folder = tmp / split / (f"{prefix}_{index:03d}" if names is None else names[index])
+                grid = affine(index) if callable(affine) else affine
                 for modality, volume in make_case(index).items():
                     dtype = np.uint8 if modality in MASK_MODALITIES else np.float32
-                    save_volume(folder / f"{modality}.nii.gz", volume, affine, dtype=dtype)
+                    save_volume(folder / f"{modality}.nii.gz", volume, grid, dtype=dtype)
                 index += 1
                 if progress is not None:
                     progress(index, cases)

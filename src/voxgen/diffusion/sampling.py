@@ -11,7 +11,6 @@ import torch
 
 from voxgen.data.batches import collate
 from voxgen.data.dataset import VolumeDataset
-from voxgen.data.layout import Modalities
 from voxgen.data.nifti import save_volume
 from voxgen.data.tumour_bins import BIN_EDGES_MM, SIZE_BINS, WithSizeBins, size_bin_vector
 from voxgen.diffusion.generate import generate
@@ -101,14 +100,13 @@ def conditions_for(cfg, parts, split: str, num: int) -> Conditions:
     mode = parts.mode
     if not mode.conditional:
         return Conditions(None, [], {})
-    layout = Modalities.of(cfg.data)
     if mode.size_bins:
         mask = mode.generated[0]
-        dataset = WithSizeBins(VolumeDataset(cfg.data.root, split, (mask,), cfg.data.shape, layout=layout), mask)
+        dataset = WithSizeBins(VolumeDataset.of(cfg.data, split, (mask,)), mask)
         items = [dataset[i % len(dataset)] for i in range(num)]
         counts = torch.stack([item[SIZE_BINS] for item in items])  # (num, 7)
         return Conditions(scale_counts(counts), [item["case"] for item in items], {}, counts.numpy())
-    dataset = VolumeDataset(cfg.data.root, split, mode.conditions, cfg.data.shape, layout=layout)
+    dataset = VolumeDataset.of(cfg.data, split, mode.conditions)
     items = [dataset[i % len(dataset)] for i in range(num)]
     batch = collate(items)
     volumes = torch.cat([batch[m] for m in mode.conditions], dim=1)  # (num, K, D, H, W)
@@ -195,5 +193,4 @@ def write_size_bins(path: Path, requested, measured, case_ids) -> Path:
 
 def reference_affine(cfg, mode) -> np.ndarray:
     """The data set's reference affine (its first training case, at the model's grid)."""
-    layout = Modalities.of(cfg.data)
-    return VolumeDataset(cfg.data.root, "train", mode.modalities, cfg.data.shape, layout=layout).affine
+    return VolumeDataset.of(cfg.data, "train", mode.modalities).affine

@@ -50,6 +50,9 @@ class Strategy(Protocol):
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) times as the network sees them."""
 
+    def x0_from(self, x_t: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean data a prediction implies for x_t at training times t (B,)."""
+
     def loss(
         self,
         prediction: torch.Tensor,
@@ -149,6 +152,10 @@ class RectifiedFlow(WeightedLoss):
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         return t * self.model_time_scale
+
+    def x0_from(self, x_t: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0 = x_t - t v (x_t = x0 + t (noise - x0))."""
+        return x_t - append_dims(t, x_t.ndim).to(x_t.dtype) * prediction
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) float64 signal-to-noise ratio ((1 - t) / t)^2 of x_t at times t."""
@@ -251,6 +258,17 @@ class DDPM(WeightedLoss):
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         return t.float()
+
+    def x0_from(self, x_t: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0 from the prediction, with alpha = sqrt(ab_t), sigma = sqrt(1 - ab_t): eps: (x_t - sigma eps) /
+        alpha; v: alpha x_t - sigma v; x0: itself."""
+        if self.prediction == "x0":
+            return prediction
+        ab = append_dims(self.alphas_cumprod.to(x_t.device)[t], x_t.ndim)
+        alpha, sigma = ab.sqrt().to(x_t.dtype), (1.0 - ab).sqrt().to(x_t.dtype)
+        if self.prediction == "eps":
+            return (x_t - sigma * prediction) / alpha
+        return alpha * x_t - sigma * prediction
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) float64 signal-to-noise ratio ab_t / (1 - ab_t) at timestep indices t."""

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from voxgen.data.dataset import VolumeDataset
-from voxgen.data.layout import Modalities
 from voxgen.errors import DataError, VoxgenError
 from voxgen.evaluation import metrics as registry
 from voxgen.evaluation.features import EXTRACTORS, Extractor, build_extractor
@@ -70,13 +69,12 @@ def voxel_spacing(dataset: VolumeDataset) -> tuple[float, float, float]:
 
 def reference_split(cfg, modalities, split: str | None) -> VolumeDataset:
     """The split's dataset; None = test, or val when the data has no test cases."""
-    root, shape, layout = cfg.data.root, cfg.data.shape, Modalities.of(cfg.data)
     if split is not None:
-        return VolumeDataset(root, split, modalities, shape, layout=layout)
+        return VolumeDataset.of(cfg.data, split, modalities)
     try:
-        return VolumeDataset(root, "test", modalities, shape, layout=layout)
+        return VolumeDataset.of(cfg.data, "test", modalities)
     except DataError:
-        return VolumeDataset(root, "val", modalities, shape, layout=layout)
+        return VolumeDataset.of(cfg.data, "val", modalities)
 
 
 class RunEvaluator:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from voxgen.precision import autocast_policy
+from voxgen.precision import MIXED_DTYPES, autocast_policy
 
 T = torch.Tensor
 
@@ -180,8 +180,8 @@ def cuda_autocast(dtype: torch.dtype):
 
 def emulated_autocast_policy(precision: str):
     """The planner's precision policy (`voxgen.precision`): CUDA's casting rules for meta tensors."""
-    if precision == "bf16-mixed":
-        return lambda device: cuda_autocast(torch.bfloat16)
+    if precision in MIXED_DTYPES:
+        return lambda device: cuda_autocast(MIXED_DTYPES[precision])
     return autocast_policy(precision)
 
 

@@ -324,7 +324,7 @@ def _run_step(tracker, parts, optimizer, batch, cfg, ids) -> StepPeak:
     tracker.set_phase("forward")
     tracker.reset_peak()
     # The last step: every term that starts late (an adversarial loss) is on.
-    train_step(parts, optimizer, batch, None, cfg.training.grad_clip, step=cfg.training.steps)
+    train_step(parts, optimizer, batch, None, cfg.training.grad_clip, step=cfg.training.steps, accumulate=cfg.training.accumulate)
     params = [p for p in parts.model.parameters()]
     # Tensors the tracker did not see (AdamW's step counts live on the host) have no id.
     ids["gradients"] = {tracker.storage_id(p.grad) for p in params if p.grad is not None} - {None}
@@ -381,7 +381,8 @@ def trace_step(cfg, model: torch.nn.Module | None = None, device: str = "cuda") 
     parts = dataclasses.replace(parts, autocast=emulated_autocast_policy(cfg.training.precision))
     net = parts.network
     shape, in_ch, out_ch = list(net.shape), net.in_channels, net.out_channels
-    parts, batch = parts.meta_batch(cfg.training.batch_size)
+    # An accumulated step reads `accumulate` micro-batches (voxgen.training.step.micro_batches).
+    parts, batch = parts.meta_batch(cfg.training.batch_size * cfg.training.accumulate)
     optimizer = make_optimizer(parts.model, cfg)
     for group in optimizer.param_groups:
         # On CUDA, AdamW's default resolves to the foreach implementation (it is not chosen for

@@ -129,11 +129,11 @@ class TrainingStep:
         state["optimizer"] = make_optimizer(parts.model, cfg)
         state["generator"] = torch.Generator(device=device).manual_seed(cfg.run.seed)
         # The planner's batch shapes (one source of truth for channels per modality), filled for real.
-        state["parts"], shapes = parts.meta_batch(cfg.training.batch_size)
+        state["parts"], shapes = parts.meta_batch(cfg.training.batch_size * cfg.training.accumulate)
         state["batch"] = batch = {k: torch.randn(v.shape, device=device, generator=state["generator"]) for k, v in shapes.items()}
         # Prepared like training, on the random batch as its data set (a space fits its statistics
         # on it: the step costs the same with any numbers).
-        items = [{**{m: t[i] for m, t in batch.items()}, "case": f"random_{i}"} for i in range(cfg.training.batch_size)]
+        items = [{**{m: t[i] for m, t in batch.items()}, "case": f"random_{i}"} for i in range(len(next(iter(batch.values()))))]
         state["parts"].prepare(items, items)
 
     @property
@@ -150,6 +150,7 @@ class TrainingStep:
             self.state["generator"],
             self.cfg.training.grad_clip,
             step=self.cfg.training.steps,
+            accumulate=self.cfg.training.accumulate,
         )
 
     def close(self) -> None:

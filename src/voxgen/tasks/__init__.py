@@ -6,10 +6,13 @@ task's name (`task=` in the config picks one from TASKS).
 - `autoencoder` (voxgen.tasks.autoencoder): the compression models behind `space=latent`.
 - `diffrs-head` (voxgen.tasks.diffrs_head): the discriminator head of DiffRS sampling, on a trained
   diffusion run (`voxgen train --run RUN`).
+- `translate` (voxgen.tasks.translate): paired volume-to-volume latent diffusion (CT enhancement,
+  seed 003): the target of a pair given its source.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Protocol
 
@@ -69,6 +72,24 @@ class Task(Protocol):
         """Restore `state_dict` (opening a run for sampling or evaluation)."""
 
 
+class Stateless:
+    """The Task protocol's methods for a dataclass task around `model` that estimates nothing
+    before training (the autoencoder and translate tasks inherit them)."""
+
+    def with_model(self, model: nn.Module):
+        return dataclasses.replace(self, model=model)
+
+    def prepare(self, train_set: Dataset, val_set: Dataset) -> tuple[Dataset, Dataset]:
+        """Nothing to estimate: the steps read the data sets as they are."""
+        return train_set, val_set
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 # task name -> "module:builder"; a builder is `build(cfg, device, *, training: bool) -> Task`, where
 # training=True also refuses configs that can be planned but not trained. Imported on use: the
 # autoencoder task pulls in its networks and losses only when asked for.
@@ -76,6 +97,7 @@ TASKS = {
     "diffusion": "voxgen.diffusion.parts:build_diffusion_task",
     "autoencoder": "voxgen.tasks.autoencoder:build_autoencoder_task",
     "diffrs-head": "voxgen.tasks.diffrs_head:build_diffrs_head_task",
+    "translate": "voxgen.tasks.translate:build_translate_task",
 }
 
 

@@ -17,7 +17,7 @@ adversarial loss Esser et al. 2021. The discriminator trains in the same step fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -29,6 +29,7 @@ from voxgen.draws import Draws
 from voxgen.errors import ConfigError
 from voxgen.models.autoencoders import AUTOENCODERS, check_autoencoder_shape
 from voxgen.precision import Autocast, autocast_policy
+from voxgen.tasks import Stateless
 from voxgen.tasks.autoencoder_losses import (
     MedicalNetPerceptual,
     build_discriminator,
@@ -86,7 +87,7 @@ def stack_modalities(batch: dict, modalities: tuple[str, ...]) -> torch.Tensor:
 
 
 @dataclass
-class AutoencoderTask:
+class AutoencoderTask(Stateless):
     # The loss steps the autoencoder and the discriminator separately: no DDP or FSDP wrapper
     # (which only sees calls of the whole model) can keep them in step across processes.
     parallel: ClassVar[bool] = False
@@ -178,19 +179,6 @@ class AutoencoderTask:
         with torch.no_grad():
             reconstruction = self.reconstruct(x)
         return [reconstruction[0, 0].cpu().numpy(), x[0, 0].cpu().numpy()]
-
-    def with_model(self, model: nn.Module) -> AutoencoderTask:
-        return replace(self, model=model)
-
-    def prepare(self, train_set, val_set):
-        """Nothing to estimate before training: the steps read the data sets as they are."""
-        return train_set, val_set
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def loss_weights(cfg) -> LossWeights:

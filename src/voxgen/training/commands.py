@@ -34,11 +34,23 @@ def _with_signals_noted(args) -> int:
     # let the trainer act on it (checkpoint, exit 75) instead of dying without one.
     pending: list[int] = []
     previous = {s: signal.signal(s, lambda received, frame: pending.append(received)) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    code = None
     try:
-        return _train_run(args, pending)
+        code = _train_run(args, pending)
+        return code
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, _leaving(code, handler))
+
+
+def _leaving(code: int | None, handler):
+    """The stop signals' handler for the rest of this process. A torchrun worker that stopped with
+    its checkpoint committed keeps ignoring them: torchrun sends SIGTERM to the workers still
+    exiting once the first has exited, and dying of it would turn this process's 75 into 143."""
+    from voxgen.training.distributed import world_from_env
+    from voxgen.training.signals import EXIT_PREEMPTED
+
+    return signal.SIG_IGN if code == EXIT_PREEMPTED and world_from_env().distributed else handler
 
 
 def _train_run(args, pending: list[int]) -> int:

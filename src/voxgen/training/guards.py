@@ -144,6 +144,12 @@ class Guards:
         limit = self.settings.max_consecutive_skips
         return limit > 0 and self.consecutive_skips >= limit
 
+    def new_phase(self) -> None:
+        """A training phase began (voxgen.training.phases): other parts train, so the gradient
+        norm has another level; the spike history restarts rather than refuse the new level."""
+        self.rejected.clear()
+        self.window.clear()
+
     def rolled_back(self) -> None:
         """Record a rollback: the skip run ends and the window restarts (see the module doc)."""
         self.rollbacks += 1

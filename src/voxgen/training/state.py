@@ -49,6 +49,8 @@ def optimizer_from_checkpoint(optimizer: torch.optim.Optimizer, tensors: dict[st
         if i < len(params) and value.shape == params[i].shape:
             value = like(value, params[i])
         state.setdefault(i, {})[key] = value
+    # Keys a group gained after the checkpoint was written (its lr_multiplier) keep their current value.
+    groups = [{**{k: v for k, v in now.items() if k != "params"}, **saved} for now, saved in zip(optimizer.param_groups, groups)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -121,6 +123,7 @@ def checkpoint_payload(
     guards: dict,
     config: dict,
     task: dict | None = None,
+    scaler: dict | None = None,
 ) -> tuple[dict, dict]:
     """(tensors, state) of a checkpoint: weights, EMA, optimiser and RNG as tensors under the
     prefixes model/, ema/, optimizer/, rng/; everything else as JSON-able state."""
@@ -143,6 +146,8 @@ def checkpoint_payload(
         "config": config,
         # What the task estimated from the training split before step 1 (a space's statistics).
         "task": task or {},
+        # fp16-mixed: the gradient scaler's scale and growth tracker (torch.amp.GradScaler.state_dict).
+        "scaler": scaler,
         "versions": {"voxgen": __version__, "torch": torch.__version__},
     }
     return tensors, state

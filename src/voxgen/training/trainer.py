@@ -21,11 +21,12 @@ from voxgen import checkpoint as store
 from voxgen.config import to_dict, to_yaml
 from voxgen.data.batches import collate, epoch_batches, to_device
 from voxgen.data.dataset import ImageIndex, VolumeDataset
-from voxgen.data.layout import Modalities
 from voxgen.draws import Draws
 from voxgen.errors import CheckpointError, ConfigError, TrainingCollapsed, TrainingDiverged, VoxgenError, WriteError
 from voxgen.files import write_atomic
+from voxgen.precision import gradient_scaler
 from voxgen.tasks import Task, build_task
+from voxgen.training import phases
 from voxgen.training.distributed import Ranks, World, local, local_slices, process_group, shard, world_from_env
 from voxgen.training.ema import EMA
 from voxgen.training.guards import Guards, spread
@@ -125,15 +126,20 @@ class Trainer:
         modalities = self.task.modalities
         # One index of the images read: a train image copied into val is a leak the data check stops.
         images = ImageIndex()
-        layout = Modalities.of(cfg.data)
-        self.train_set = VolumeDataset(cfg.data.root, "train", modalities, cfg.data.shape, cfg.data.cache, images, layout)
-        self.val_set = VolumeDataset(cfg.data.root, "val", modalities, cfg.data.shape, cfg.data.cache, images, layout)
+        self.train_set = VolumeDataset.of(cfg.data, "train", modalities, images)
+        self.val_set = VolumeDataset.of(cfg.data, "val", modalities, images)
         # FSDP: every process holds slices of the weights and writes its slices of a checkpoint.
         self._sharded = world.distributed and cfg.training.sharding == "fsdp"
         # The EMA copies the model before it is sharded, and is sharded alike (FSDP).
         self.ema = EMA(self.task.model, cfg.training.ema_decay)
+        # training.phases: which parts of the model are frozen at each step (voxgen.training.phases).
+        self.training_phases = phases.schedule(cfg, self.task.model, len(self._epoch_batches(0)))
         self.step_task = self._step_task()
+        # Named after sharding, which replaces the parameters (FSDP).
+        self._part_names = {p: name for name, p in self.task.model.named_parameters()}
         self.optimizer = make_optimizer(self.task.model, cfg)
+        # fp16-mixed: the loss scaler; its scale is saved with every checkpoint.
+        self.scaler = gradient_scaler(cfg.training.precision, self.device)
         self.ema_task = self.task.with_model(self.ema.module)
         self.position = Position()
         # Multiplies the schedule lr_at(step); each rollback lowers it, and it is saved with the
@@ -159,6 +165,11 @@ class Trainer:
         place by FSDP (the EMA copy alike); the model itself in a world of one."""
         t = self.cfg.training
         if self.world.distributed:
+            if any(phase.frozen for phase in self.training_phases):
+                raise ConfigError(
+                    "training.phases that freeze parts train in one process only (DDP and FSDP fix at the start which "
+                    "parameters take gradients); run it without torchrun"
+                )
             if not self.task.parallel:
                 raise ConfigError(
                     f"task={self.cfg.task} trains in one process only (its loss steps parts of its model separately); "
@@ -216,6 +227,7 @@ class Trainer:
                 guards=self.guards.state_dict(),
                 config=to_dict(self.cfg),
                 task=self.task.state_dict(),
+                scaler=None if self.scaler is None else self.scaler.state_dict(),
             )
             with self._in_phase(f"checkpoint at step {step}"):
                 if self._sharded:  # each process writes its slices (docs/distributed.md)
@@ -252,6 +264,8 @@ class Trainer:
         self.lr_scale = float(state.get("lr_scale", 1.0))
         if "guards" in state:
             self.guards.load_state_dict(state["guards"])
+        if self.scaler is not None and state.get("scaler"):  # none before fp16-mixed was used
+            self.scaler.load_state_dict(state["scaler"])
         self._saved = (state["step"], folder)
 
     def _restore(self) -> int | None:
@@ -461,16 +475,20 @@ class Trainer:
         p = self.position
         return p.step >= self.cfg.training.steps or self._stopping or (stop_at is not None and p.step >= stop_at)
 
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The global batches of one epoch (one per optimizer step): batch_size x accumulate x processes."""
+        t = self.cfg.training
+        return epoch_batches(len(self.train_set), t.batch_size * t.accumulate * self.world.size, self.cfg.run.seed, epoch)
+
     def _loader(self) -> DataLoader:
         """The rest of the current epoch's batches, from the saved position in its permutation.
 
-        An epoch's permutation is cut into global batches of batch_size x processes; process r
-        reads the r-th slice of each, so the processes together see what one process with the
-        whole global batch would."""
+        An epoch's permutation is cut into global batches (`_epoch_batches`); process r reads the
+        r-th slice of each, so the processes together see what one process with the whole global
+        batch would. With training.accumulate the slice holds that many micro-batches."""
         cfg, p, w = self.cfg, self.position, self.world
-        size = cfg.training.batch_size
-        batches = epoch_batches(len(self.train_set), size * w.size, cfg.run.seed, p.epoch)
-        mine = [batch[w.rank * size : (w.rank + 1) * size] for batch in batches]
+        size = cfg.training.batch_size * cfg.training.accumulate
+        mine = [batch[w.rank * size : (w.rank + 1) * size] for batch in self._epoch_batches(p.epoch)]
         return DataLoader(
             self.train_set,
             batch_sampler=mine[p.batch_index :],
@@ -521,12 +539,26 @@ class Trainer:
         t, g, p = self.cfg.training, self.guards, self.position
         lr = self.lr_scale * lr_at(p.step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        w = self.world
-        draws = Draws.for_step(self.cfg.run.seed, p.step, t.batch_size, self.device, w.rank, w.size, attempt=g.rollbacks)
+            group["lr"] = lr * group["lr_multiplier"]
+        if self.training_phases:
+            frozen = phases.frozen_at(self.training_phases, p.step)
+            if p.step > 0 and frozen != phases.frozen_at(self.training_phases, p.step - 1):
+                g.new_phase()
+            phases.freeze(self.optimizer, self._part_names, frozen)
+        w, rows = self.world, t.batch_size * t.accumulate
+        draws = Draws.for_step(self.cfg.run.seed, p.step, rows, self.device, w.rank, w.size, attempt=g.rollbacks)
         with self._in_phase(f"step {p.step + 1}"):
             result = train_step(
-                self.step_task, self.optimizer, batch, draws, t.grad_clip, accept=g.accept, step=p.step, mean=self.ranks.mean
+                self.step_task,
+                self.optimizer,
+                batch,
+                draws,
+                t.grad_clip,
+                accept=g.accept,
+                step=p.step,
+                mean=self.ranks.mean,
+                accumulate=t.accumulate,
+                scaler=self.scaler,
             )
         p.step += 1
         p.batch_index += 1
@@ -544,6 +576,8 @@ class Trainer:
             self.writer.add_scalar("train/lr", lr, p.step)
             for name, value in g.scalars().items():
                 self.writer.add_scalar(name, value, p.step)
+            if self.scaler is not None:
+                self.writer.add_scalar("train/loss_scale", self.scaler.get_scale(), p.step)
         if p.step % t.val_every == 0 or p.step == t.steps:
             record = self._validate()
             skipped = g.skipped_nonfinite + g.skipped_spike
