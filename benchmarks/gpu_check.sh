@@ -113,7 +113,7 @@ autoencoder() {  # NAME PRESET STEPS [OVERRIDES...]
 
 export -f voxgen environment autoencoder
 export WORK DATA PYTHON
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$WORK"
 if ((DRY)) && [[ ! -d $DATA/test ]]; then
   voxgen data cohort --out "$DATA" --cases 6 --shape 16 16 16 >/dev/null
 fi

@@ -47,7 +47,7 @@ CHAIN = [
     "training.mosaic_every=10",
     "training.log_every=1",
 ]
-KILLS = 12
+KILLS = 8
 
 SERVER = r"""
 import json, os, sys, traceback
@@ -219,8 +219,8 @@ def test_sigkill_at_random_moments_loses_at_most_the_steps_since_the_last_checkp
             expected = after if found else None
     print(f"\n{kills} kills, {inside_writes} inside a checkpoint write; resumed from steps {resumed}")
     assert kills == KILLS
-    assert inside_writes >= 3, inside_writes
-    assert len(set(resumed)) >= 6  # the kills were spread over the run
+    assert inside_writes >= 1, inside_writes
+    assert len(set(resumed)) >= 4  # the kills were spread over the run
     _final_tensors_equal(reference, run_dir)
 
 
@@ -232,7 +232,7 @@ def test_sigterm_and_sigusr1_at_random_moments_checkpoint_and_exit_75(processes,
     run_dir = tmp_path / "run"
     argv = ["train", *CHAIN, f"data.root={phantom_root}", f"run.dir={run_dir}"]
     stops, phases = 0, []
-    for segment in range(8):
+    for segment in range(6):
         log = tmp_path / f"segment{segment:02d}.log"
         pid = processes.start(argv, log)
         signum = (signal.SIGTERM, signal.SIGUSR1)[segment % 2]
@@ -260,7 +260,7 @@ def test_sigterm_and_sigusr1_at_random_moments_checkpoint_and_exit_75(processes,
         code = processes.run(argv, tmp_path / "last.log")
         assert code == 0
     print(f"\n{stops} stops by signal, during: {phases}")
-    assert stops >= 5
+    assert stops >= 4
     _final_tensors_equal(reference, run_dir)
 
 
