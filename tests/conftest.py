@@ -12,6 +12,9 @@ TINY_SHAPE = (16, 16, 16)
 
 
 def pytest_collection_modifyitems(config, items):
+    # Slow tests first: the workers of `pytest -n` then share them from the start, and the run
+    # does not end with one worker on a long test while the other waits.
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
