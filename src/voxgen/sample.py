@@ -77,7 +77,7 @@ def run_enhance(args) -> int:
     sampler, grid = prepare(spec, task.strategy)
     # Every input is read and checked before the long work starts, so a bad file late in a folder
     # does not end the command after hours of sampling.
-    for item in inputs if len(inputs) > 1 else ():
+    for item in inputs:
         check_volume(load_volume(item.source)[0].shape, task.clip, str(item.source))
     reference = training_affine(cfg, task.source, lambda line: print(line, file=sys.stderr))
     out = Path(args.out) if args.out else Path(args.run) / "enhanced"
@@ -85,7 +85,6 @@ def run_enhance(args) -> int:
     with volume_progress(len(inputs), "enhancing") as update:
         for i, item in enumerate(inputs):
             source, affine = load_volume(item.source)
-            check_volume(source.shape, task.clip, str(item.source))
             warning = None if reference is None else voxel_size_warning(str(item.source), affine, reference)
             if warning:
                 print(warning, file=sys.stderr)

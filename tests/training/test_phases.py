@@ -1,16 +1,13 @@
 """Training phases, learning-rate groups, gradient accumulation and fp16 with a loss scaler, on the
 diffusion UNet's own parts (MONAI's DiffusionModelUNet under `net`: net.conv_in, net.down_blocks, ...)."""
 
-import os
 import re
 
 import pytest
 import torch
-from rich.console import Console
-from test_trainer import TINY
+from test_trainer import _cfg, _quiet
 
 from voxgen import checkpoint as store
-from voxgen.config import compose
 from voxgen.data.batches import collate
 from voxgen.errors import ConfigError
 from voxgen.training import phases
@@ -25,14 +22,6 @@ PHASED = [
     "training.lr_multipliers={net.down_blocks: 0.1}",
     "guards.collapse_std_ratio=0",
 ]
-
-
-def _cfg(root, run_dir, *extra):
-    return compose([], [*TINY, f"data.root={root}", f"run.dir={run_dir}", *extra])
-
-
-def _quiet():
-    return Console(file=open(os.devnull, "w"))
 
 
 def _part(tensors: dict, prefix: str) -> dict:

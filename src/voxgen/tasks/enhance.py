@@ -156,10 +156,7 @@ def enhance_volume(
         clips = torch.stack([model_space[d : d + t, y : y + h, x : x + w] for d, y, x in chunk])[:, None]  # (B, 1, T, h, w)
         generators = seeded_generators(range(seed + first, seed + first + len(chunk)))
         enhanced = task.enhance_clips(task.channels(clips).to(device), sampler, grid, generators)  # (B, 3, T, h, w)
-        # Window channels live in [-1, 1]; a decoder's overshoot beyond them would extrapolate the widest
-        # window far outside the HU it covers.
-        channels = enhanced.float().cpu()
-        decoded = hu_from_windows(channels, task.windows)[:, 0].double()  # (B, T, h, w) HU
+        decoded = hu_from_windows(enhanced.float().cpu(), task.windows)[:, 0].double()  # (B, T, h, w) HU
         for (d, y, x), values in zip(chunk, decoded):
             total[d : d + t, y : y + h, x : x + w] += weight * values
             weights[d : d + t, y : y + h, x : x + w] += weight

@@ -207,7 +207,7 @@ class TranslateTask(Stateless):
         from voxgen.diffusion.noise import seeded_generators
         from voxgen.diffusion.samplers import parse_solver, prepare
 
-        sampler, grid = prepare(parse_solver("ddim:10" if self.strategy.name == "ddpm" else "euler:10"), self.strategy)
+        sampler, grid = prepare(parse_solver(f"{self.strategy.default_sampler}:10"), self.strategy)
         one = {m: batch[m][:1].float() for m in self.modalities}
         source, target = (self.channels(centre_clip(one[m], self.clip)) for m in self.modalities)
         enhanced = self.enhance_clips(source, sampler, grid, seeded_generators([seed]))
