@@ -288,14 +288,16 @@ MULTINODE_FAKES = {
 echo localhost
 """,
     # One training process of the torchrun job: on SIGUSR1 it waits until every rank has had it
-    # (the trainer's ranks agree on the step they stop at) and exits 75; or it exits at once with
-    # FAKE_EXIT_<RANK> or FAKE_EXIT.
+    # (the trainer's ranks agree on the step they stop at) and exits 75, ignoring the SIGTERM that
+    # torchrun sends the slower ranks as the trainer does once its checkpoint is written; or it
+    # exits at once with FAKE_EXIT_<RANK> or FAKE_EXIT.
     "voxgen": """#!/bin/bash
 printf '%s\\n' "$@" > "$FAKE_DIR/argv-$RANK"
 own="FAKE_EXIT_$RANK"
 code="${!own:-${FAKE_EXIT:-}}"
 if [ -n "$code" ]; then exit "$code"; fi
 stop() {
+    trap '' TERM
     echo "USR1 $RANK" >> "$FAKE_DIR/signals"
     for _ in $(seq 200); do
         [ "$(wc -l < "$FAKE_DIR/signals")" -ge "$WORLD_SIZE" ] && break
