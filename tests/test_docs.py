@@ -24,12 +24,6 @@ def test_every_command_the_readme_shows_exists():
     assert shown and shown <= _commands(), shown - _commands()
 
 
-@pytest.mark.parametrize("claim", ["X-ray to CT", "one to many GPUs"])
-def test_the_readme_does_not_claim_tasks_voxgen_does_not_have(claim):
-    # These are issues in progress; the README names them when a command runs them.
-    assert claim not in (ROOT / "README.md").read_text()
-
-
 @pytest.mark.parametrize(
     "document, phrase",
     [

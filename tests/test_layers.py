@@ -14,7 +14,7 @@ LAYERS = [
     ("files", ["voxgen.files"]),
     ("checkpoints", ["voxgen.checkpoint"]),
     ("figures", ["voxgen.reports"]),
-    ("data and models", ["voxgen.data", "voxgen.models"]),
+    ("data and models", ["voxgen.data", "voxgen.models", "voxgen.evaluation.pixel"]),
     ("diffusion", ["voxgen.diffusion"]),
     ("tasks", ["voxgen.tasks"]),
     ("config", ["voxgen.config"]),

@@ -40,6 +40,23 @@ def _add_data_gen(sub, name: str, help: str, cases: int | None = 24, shape: bool
     return p
 
 
+def _add_drr_parsers(data_sub) -> None:
+    """`data drr` and `data xray-pairs` (docs/xray.md); None means the default of voxgen.data.xray / drr."""
+    d = data_sub.add_parser("drr", help="X-ray / CT pairs: each CT of a data folder on a cube, with its AP and lateral DRRs")
+    d.add_argument("--ct", required=True, metavar="ROOT", help="data folder of CT cases: ROOT/{train,val,test}/<case>/ct.nii.gz")
+    d.add_argument("--out", required=True, metavar="ROOT", help="data folder to create")
+    d.add_argument("--ct-size", type=int, default=None, metavar="N", help="CT cube of N^3 voxels (default 64; the seed's 256)")
+    d.add_argument("--drr-size", type=int, default=None, metavar="N", help="N x N detector (default 128; the seed's 512)")
+    d.add_argument("--vertical-flip", action="store_true", help="row 0 at the superior end (the seed's vertical_flip=True)")
+    d.add_argument("--sid", type=float, default=None, metavar="MM", help="source to isocentre (default 1000)")
+    d.add_argument("--sdd", type=float, default=None, metavar="MM", help="source to detector (default 1500)")
+    d.add_argument("--spacing", type=float, default=None, metavar="MM", help="detector pixel spacing (default: fit the cube)")
+    d.add_argument("--ct-modality", default="ct", metavar="NAME", help="the CT's file name in each case folder (default ct)")
+    g = _add_data_gen(data_sub, "xray-pairs", "X-ray / CT pairs: poses of the embedded head CT", cases=None, shape=False)
+    g.add_argument("--ct-size", type=int, default=None, metavar="N", help="CT cube of N^3 voxels (default 32)")
+    g.add_argument("--drr-size", type=int, default=None, metavar="N", help="N x N detector (default 64)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voxgen", description="Generative models of 3D medical volumes.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
@@ -156,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factory", metavar="MODULE:FUNCTION", help="plan an importable nn.Module factory (f(x) or f(x, t))")
     p.add_argument("--input-shape", metavar="C,D,H,W", help="network input of --factory (batch from training.batch_size)")
     p.add_argument("--output-channels", type=int, metavar="N", help="output channels of --factory (default C)")
+    p.add_argument(
+        "--output-shape",
+        metavar="D,H,W",
+        help="--factory regresses one volume of this shape from --input-shape C,H,W images (X-ray to CT)",
+    )
     _add_world(p)
 
     p = sub.add_parser("fit", help="the largest configuration of a product that fits a GPU, without a GPU")
@@ -186,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slab", type=int, default=None, help="consecutive axial slices per case (default 12; 9 x 12 = all 108)")
     g.add_argument("--photons", type=float, default=None, help="incident photons per detector bin and view (default 2e5)")
     g.add_argument("--angles", type=int, default=None, help="views of the simulated scan over 180 degrees (default 180)")
+    _add_drr_parsers(data_sub)
     c = data_sub.add_parser("check", help="report every problem of a data folder")
     c.add_argument("root")
     c.add_argument("--mode", default=None, help="check only the modalities this mode reads (default: all of data.modalities)")
@@ -227,11 +250,18 @@ def _data(args) -> int:
     if args.mode is None:
         # The data set's names alone; a mode's own names are checked with the mode (--mode).
         given = dict(parse_override(text) for text in args.overrides)
-        if set(given) - {"data.modalities", "data.masks"}:
-            raise VoxgenError("voxgen data check takes data.modalities=[...] and data.masks=[...]; mode.* needs --mode NAME")
+        if set(given) - {"data.modalities", "data.masks", "data.grids"}:
+            raise VoxgenError(
+                "voxgen data check takes data.modalities=[...], data.masks=[...] and data.grids={...}; mode.* needs --mode NAME"
+            )
         default = Modalities()
+        grids = given.get("data.grids") or {}
+        if not isinstance(grids, dict):
+            raise VoxgenError(f"data.grids={grids!r}: expected a mapping such as {{xray: [2, 64, 64]}}")
         layout = Modalities(
-            tuple(map(str, given.get("data.modalities", default.known))), tuple(map(str, given.get("data.masks", default.masks)))
+            tuple(map(str, given.get("data.modalities", default.known))),
+            tuple(map(str, given.get("data.masks", default.masks))),
+            tuple((str(m), tuple(int(v) for v in shape)) for m, shape in grids.items()),
         )
         if set(layout.masks) - set(layout.known):
             raise VoxgenError(f"data.masks {list(layout.masks)} names modalities not in data.modalities {list(layout.known)}")

@@ -93,10 +93,17 @@ def test_ranges_and_combinations(overrides, message):
 
 
 def test_every_registered_model_validates_on_a_divisible_shape():
-    from voxgen.models.registry import MODELS
+    from voxgen.models.registry import names_of
 
-    for name in MODELS:
+    for name in names_of("denoiser"):
         assert compose([], [f"model.name={name}", "data.shape=[32,32,32]"]).model.name == name
+    # Regression families validate under their task (xray2ct's defaults: the seed's 256^3 network).
+    grids = "data.grids={xray: [2, 512, 512]}"
+    for name in names_of("regression"):
+        overrides = ["task=regress", f"model.name={name}", "data.shape=[256,256,256]", "data.modalities=[xray,ct]", grids]
+        assert compose([], [*overrides, "data.masks=[]"]).model.name == name
+    with pytest.raises(ConfigError, match="model.name='xray2ct' is not one of"):
+        compose([], ["model.name=xray2ct", "data.shape=[32,32,32]"])  # not a denoiser
 
 
 def test_a_factory_failing_with_a_foreign_error_is_one_config_line(monkeypatch):

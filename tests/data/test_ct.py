@@ -88,22 +88,23 @@ def test_window_channels_map_each_window_to_minus_one_one_and_clip():
     assert over.tolist() == pytest.approx([-1024.0, 3071.0])
 
 
-def test_hu_from_windows_reads_the_narrowest_window_clear_of_saturation():
-    # Channels that disagree (as a model's may): brain says 40 HU, soft tissue 140, wide 500.
-    wide = 2 * (500 + 1024) / 4095 - 1
+def test_hu_from_windows_lets_the_wider_windows_veto_a_narrower_one_only_when_it_is_far_outside():
+    wide = lambda v: 2 * (v + 1024) / 4095 - 1
     channels = torch.tensor(
         [
-            [0.0, 0.5, wide],  # brain clear of saturation -> 40
-            [1.0, 0.5, wide],  # brain saturated -> soft tissue -> 140
-            [-1.0, -1.0, wide],  # both narrow ones saturated -> 500
-            [-0.99, -0.99, -1.0],  # air as a network decodes it: -0.99 is within the margin -> -1024
-            [0.97, 0.5, wide],  # within the margin of the brain window's top -> soft tissue -> 140
+            [0.0, 0.0, wide(40)],  # all agree -> 40, read from the brain window
+            [0.8, 0.5, wide(500)],  # skull whose brain channel did not saturate (72 HU): the wide window's 500
+            [1.0, 0.5, wide(100)],  # wide 100 is inside soft tissue's window -> its 140; 140 is beyond the brain's
+            [0.97, 0.0, wide(40)],  # brain channel within its margin of saturation -> soft tissue's 40
+            [-0.99, -0.99, -1.0],  # air as a network decodes it -> -1024
+            [0.0, 0.0, wide(120)],  # an imprecise wide channel does not veto: brain's 40
+            [0.0, 0.0, wide(-400)],  # but one beyond the narrower windows by more than its margin does: -400
             [1.0, 1.0, 1.0],
         ],
         dtype=torch.float64,
-    ).T.reshape(1, 3, 1, 1, 6)
+    ).T.reshape(1, 3, 1, 1, 8)
     hu = hu_from_windows(channels, DEFAULT_WINDOWS).flatten()
-    assert torch.allclose(hu, torch.tensor([40.0, 140.0, 500.0, -1024.0, 140.0, 3071.0], dtype=torch.float64))
+    assert torch.allclose(hu, torch.tensor([40.0, 500.0, 140.0, 40.0, -1024.0, 40.0, -400.0, 3071.0], dtype=torch.float64))
 
 
 def test_windows_are_differentiable_through_the_chosen_channel():

@@ -29,6 +29,25 @@ class Timed(nn.Module):
 
 def not_a_module():
     return 3
+
+class ImagesToVolume(nn.Module):
+    # (B, 2, 8, 8) images -> (B, 1, 8, 8, 8): each image broadcast along depth, then a 3D conv.
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv = nn.Conv3d(4, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.mix(x)[:, :, None].expand(-1, -1, 8, -1, -1))
+
+def tiny_xray2ct():
+    from voxgen.models.xray2ct import build_xray2ct
+
+    section = {"initial_size": 2, "initial_channels": 4, "xray_features": 8, "encoder_channels": [4, 8],
+               "stages": [{"channels": 8}, {"channels": 8}, {"channels": 8}], "skip_channels": 4, "fusion_channels": 8,
+               "refine": "conv", "refine_channels": [8, 4], "norm_groups": 4, "refine_norm_groups": 4}
+    return build_xray2ct(section, 16, 16, False)
 """
 
 
@@ -107,3 +126,45 @@ def test_planning_a_factory_leaves_the_registry_alone(factories, monkeypatch):
     monkeypatch.setattr(registry, "MODELS", types.MappingProxyType(dict(registry.MODELS)))
     result = plan_factory(f"{factories}:plain", (2, 8, 8, 8), 1, ["training.batch_size=1"])
     assert result.model == "my_nets:plain" and result.params == (2 * 27 * 8 + 8) + 16 + (8 * 27 + 1)
+
+
+def test_a_regression_factory_plans_as_the_task_with_the_same_network(factories, tmp_path):
+    """--output-shape: images in, a volume out, traced as task=regress; the same network planned
+    from the registry's config gives the same plan."""
+    result = plan_factory(f"{factories}:ImagesToVolume", (2, 8, 8), overrides=["training.batch_size=1"], output_shape=(8, 8, 8))
+    assert result.params == (2 * 9 * 4 + 4) + (4 * 27 + 1)
+    from tiny_regress import TINY_REGRESS
+    from voxgen.config import compose
+    from voxgen.memory.planner import plan
+
+    via_factory = plan_factory(
+        f"{factories}:tiny_xray2ct", (2, 16, 16), overrides=["training.batch_size=1"], output_shape=(16, 16, 16)
+    )
+    via_config = plan(
+        compose(
+            [],
+            [
+                *TINY_REGRESS,
+                "xray2ct.stages=[{channels: 8}, {channels: 8}, {channels: 8}]",
+                "training.batch_size=1",
+                f"data.root={tmp_path}",
+            ],
+        )
+    )
+    assert via_factory.params == via_config.params and via_factory.peak_bytes == via_config.peak_bytes
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--input-shape", "2,8,8", "--output-shape", "8,8,4"], ["output (1, 1, 8, 8, 8)", "expected (1, 1, 8, 8, 4)"]),
+        (["--input-shape", "2,8,8,8", "--output-shape", "8,8,8"], ["C,H,W"]),
+        (["--input-shape", "2,8,8", "--output-shape", "8,8,8", "--output-channels", "1"], ["drop --output-channels"]),
+    ],
+)
+def test_regression_factory_errors_are_one_line(factories, capsys, argv, words):
+    code = main(["plan", "--factory", f"{factories}:ImagesToVolume", *argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    for word in words:
+        assert word in lines[0], lines[0]

@@ -14,6 +14,8 @@ CONFIGS = Path(__file__).parents[2] / "configs"
 from .family_checks import REFERENCE  # noqa: E402
 
 PRESETS = sorted(CONFIGS.glob("*.yaml"))
+# Presets of a seed's network shrunk to train on a CPU in minutes.
+CPU_PRESETS = {"xray2ct_cpu.yaml"}
 
 # Counts the seed documents print for presets that are not rows of a reference table:
 # (millions, the unit they are rounded to). Latent UNet presets are checked against the CSV.
@@ -54,7 +56,7 @@ def test_preset_composes_builds_and_says_what_it_mirrors(path):
     assert path.read_text().startswith("# Seed "), f"{path.name}: start with a comment naming the seed experiment"
     cfg = compose([path], [])
     got = _params(cfg) / 1e6
-    assert got > 1
+    assert got > (0.05 if path.name in CPU_PRESETS else 1)
     if path.name in SEED_COUNTS:
         seed_m, unit = SEED_COUNTS[path.name]
         print(f"{path.name}: {got:.2f}M vs seeds' {seed_m}M")

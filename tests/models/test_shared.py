@@ -38,6 +38,7 @@ def test_registry_imports_no_family():
         "uvit",
         "wdm",
         "video_unet",
+        "xray2ct",
     ]  # the order `voxgen models` prints
 
 

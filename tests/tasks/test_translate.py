@@ -139,3 +139,31 @@ def test_an_unpaired_case_and_a_pair_of_two_shapes_stop_training_naming_the_file
     save_volume(case / "target.nii.gz", volume[:3], affine)
     with pytest.raises(DataError, match=r"target\.nii\.gz: shape \[3, 128, 128\] differs"):
         Trainer(_cfg(root, tmp_path / "run2"), _quiet()).fit()
+
+
+def test_residual_diffusion_without_a_vae_diffuses_the_scaled_difference_per_channel(ct_pairs_root, tmp_path):
+    from voxgen.draws import Draws
+    from voxgen.tasks import build_task
+
+    cfg = _cfg(ct_pairs_root, tmp_path / "run", "translate.vae_channels=[]", "translate.residual=true")
+    task = build_task(cfg)
+    model = task.model
+    assert not any(True for _ in model.vae.parameters()) and task.network.in_channels == 6  # 3 windows + 3 of source
+    trainer = Trainer(cfg, _quiet())
+    batch = {m: torch.stack([trainer.train_set[0][m]] * 2) for m in task.modalities}  # one training pair, two clips
+    model.train()
+    source, target = task.clips(batch, Draws.of(torch.Generator().manual_seed(0), 2, "cpu"))
+    model.track_latent_std(torch.cat([source, target]))
+    # The first batch sets each channel's deviation of the scaled difference.
+    diff = (target - source) / model.latent_std
+    assert torch.allclose(model.residual_std, diff.transpose(0, 1).flatten(1).std(dim=1))
+    assert model.residual_std[2] < model.residual_std[0] / 10  # the wide window's difference is far smaller
+    z_source, z_target = source / model.latent_std, target / model.latent_std
+    x0 = model.diffused(z_source, z_target)
+    assert torch.allclose(x0.transpose(0, 1).flatten(1).std(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(model.target_latent(x0, z_source), z_target, atol=1e-6)
+    # It trains through the trainer and its checkpoints carry the deviations.
+    extra = ("translate.vae_channels=[]", "translate.residual=true", "training.steps=2", "training.val_every=2")
+    result = train(_cfg(ct_pairs_root, tmp_path / "run", *extra), _quiet())
+    _, weights, _ = store.load_latest(tmp_path / "run")
+    assert result.step > 0 and "model/residual_std" in weights and weights["model/residual_std"].shape == (3,)

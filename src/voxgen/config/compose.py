@@ -61,6 +61,29 @@ def _merge(base: DictConfig, layer, source: str) -> DictConfig:
         raise ConfigError(f"{source}: {key} must be {_expected(key)}, got {_show(value)}") from None
 
 
+def _list_item(cfg: DictConfig, key: str) -> bool:
+    """Whether the dotted `key` names an item of a list the config already has by its index
+    (`xray2ct.stages.3.rdb_blocks`): merging would turn the list into a mapping, so it is set in place."""
+    node = cfg
+    for part in key.split("."):
+        if isinstance(node, ListConfig) and part.isdigit():
+            return True
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node[part]
+    return False
+
+
+def _set_list_item(cfg: DictConfig, key: str, value, source: str) -> DictConfig:
+    """A copy of `cfg` with the list item at `key` set; ConfigError for an index the list does not have."""
+    out = cfg.copy()
+    try:
+        OmegaConf.update(out, key, value, merge=True)
+    except (OmegaConfBaseException, IndexError) as exc:
+        raise ConfigError(f"{source}: {key} cannot be set ({' '.join(str(exc).split()[:12])})") from None
+    return out
+
+
 def _lookup(data, key: str):
     for part in key.split("."):
         if not isinstance(data, dict) or part not in data:
@@ -231,6 +254,9 @@ def compose(files: Iterable[str | Path] = (), overrides: Iterable[str] = (), *, 
         if key in SHORTHAND_SECTIONS:
             key, value = f"{key}.name", value if value is None else str(value)
         _refuse_interpolations({key: value}, f"override '{text}'")
+        if _list_item(cfg, key):
+            cfg = _set_list_item(cfg, key, value, f"override '{text}'")
+            continue
         layer = OmegaConf.create()
         OmegaConf.update(layer, key, value, force_add=True)
         cfg = _merge(cfg, layer, f"override '{text}'")
@@ -309,15 +335,14 @@ def validate(cfg: DictConfig, network: bool = True) -> None:
     from voxgen.diffusion.spaces import SPACES
     from voxgen.diffusion.strategies import STRATEGIES
     from voxgen.diffusion.tumour_weight import check_tumour_weight
-    from voxgen.models.registry import MODELS
     from voxgen.precision import PRECISIONS
 
     _check_finite(OmegaConf.to_container(cfg))
     _choice(cfg.mode.name, sorted(MODES), "mode")
     _choice(cfg.strategy, sorted(STRATEGIES), "strategy")
-    _choice(cfg.task, ["diffusion", "autoencoder", "diffrs-head", "translate"], "task")
+    _choice(cfg.task, ["diffusion", "autoencoder", "diffrs-head", "translate", "regress"], "task")
     _choice(cfg.space.name, sorted(SPACES), "space")
-    _choice(cfg.model.name, sorted(_model_names(cfg.task, MODELS)), "model.name")
+    _choice(cfg.model.name, sorted(_model_names(cfg.task)), "model.name")
     _choice(cfg.model.attention, ["sdpa", "naive"], "model.attention")
     _choice(cfg.training.precision, PRECISIONS, "training.precision")
     _choice(cfg.training.sharding, SHARDINGS, "training.sharding")
@@ -343,8 +368,8 @@ def validate(cfg: DictConfig, network: bool = True) -> None:
     _check_modalities(cfg)
     _check_augment(cfg)
     _check_phases(cfg)
-    if cfg.task == "translate":
-        _check_translate(cfg)
+    if cfg.task in ("translate", "regress"):
+        _check_paired(cfg)
     else:
         mode = build_mode(cfg)
         check_tumour_weight(cfg.training.tumour_weight, mode, mask_modality(cfg, mode), cfg.space.name, cfg.task)
@@ -366,7 +391,8 @@ def validate(cfg: DictConfig, network: bool = True) -> None:
         _require(value is None or value >= 1, f"model.{key}={value} must be at least 1 (or null: derived from mode and space)")
     if network:
         _check_network(cfg)
-    _check_sampling(cfg)
+    if cfg.task != "regress":  # a regression has no sampler
+        _check_sampling(cfg)
 
 
 def _check_augment(cfg: DictConfig) -> None:
@@ -400,16 +426,20 @@ def _check_augment(cfg: DictConfig) -> None:
     )
 
 
-def _model_names(task: str, diffusion_models) -> list[str]:
+def _model_names(task: str) -> list[str]:
     """The model.name values a task builds."""
     if task == "autoencoder":
         from voxgen.models.autoencoders import AUTOENCODERS
 
         return list(AUTOENCODERS)
+    from voxgen.models.registry import names_of
+
+    if task == "regress":
+        return names_of("regression")
     from voxgen.diffusion.controlnet import NAME
 
     # controlnet is built on a stage-1 run, not from the model section: no registry family.
-    return [*diffusion_models, NAME]
+    return [*names_of("denoiser"), NAME]
 
 
 def _check_finite(data, key: str = "") -> None:
@@ -440,7 +470,7 @@ def _check_modalities(cfg: DictConfig) -> None:
             f"data.modalities entry {name!r} must be a plain file name without its .nii.gz (e.g. bravo)",
         )
     _require(len(set(known)) == len(known), f"data.modalities={known} names a modality twice")
-    checked = [("data.masks", cfg.data.masks)]
+    checked = [("data.masks", cfg.data.masks), ("data.grids", list(cfg.data.grids))]
     if cfg.task == "autoencoder":
         checked.append(("autoencoder.modalities", cfg.autoencoder.modalities))
     for key, names in checked:
@@ -466,17 +496,18 @@ def _check_phases(cfg: DictConfig) -> None:
         _require(value > 0, f"training.lr_multipliers.{part}={value} must be above 0 (freeze a part with training.phases)")
 
 
-def _check_translate(cfg: DictConfig) -> None:
-    """task=translate: its two modalities among data.modalities, no diffusion-only recipes."""
+def _check_paired(cfg: DictConfig) -> None:
+    """task=translate and task=regress: their two modalities among data.modalities, no diffusion-only recipes."""
     known = [str(m) for m in cfg.data.modalities]
-    for key in ("source", "target"):
-        name = str(cfg.translate[key])
-        _require(name in known, f"translate.{key}={name!r} is not in data.modalities {known}")
+    section, keys = ("translate", ("source", "target")) if cfg.task == "translate" else ("regress", ("input", "target"))
+    for key in keys:
+        name = str(cfg[section][key])
+        _require(name in known, f"{section}.{key}={name!r} is not in data.modalities {known}")
     _require(
-        cfg.training.tumour_weight == 0, "training.tumour_weight weights a tumour mask; task=translate has none (set it to 0)"
+        cfg.training.tumour_weight == 0, f"training.tumour_weight weights a tumour mask; task={cfg.task} has none (set it to 0)"
     )
     _require(
-        cfg.augment.name == "none", f"augment.name={cfg.augment.name}: task=translate takes no augmentation (set it to none)"
+        cfg.augment.name == "none", f"augment.name={cfg.augment.name}: task={cfg.task} takes no augmentation (set it to none)"
     )
 
 

@@ -64,6 +64,10 @@ class DataConfig:
     # source and target on one scale).
     intensity: str = "percentile"
     intensity_range: List[float] = field(default_factory=lambda: [-1024.0, 3071.0])
+    # Modalities on a grid of their own, name -> [D, H, W] they are resampled to (the two X-ray
+    # images of an X-ray/CT case, as one (2, rows, columns) file). Their shape and affine need not
+    # match the case's other files, and they are scaled per volume like data.intensity=percentile.
+    grids: Dict[str, List[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -188,13 +192,27 @@ class TranslateConfig:
     # back). Needs data.intensity=fixed.
     windows: List[List[float]] = field(default_factory=lambda: [[0.0, 80.0], [-160.0, 240.0], [-1024.0, 3071.0]])
     # The VAE (the seed's block table): widths of conv_in and of the three downsampling levels,
-    # ResBlocks per level, latent channels.
+    # ResBlocks per level, latent channels. No widths ([]): no VAE, the diffusion runs on the
+    # window channels themselves (CPU-size runs, docs/translate.md).
     vae_channels: List[int] = field(default_factory=lambda: [128, 256, 512, 512])
     vae_num_res_blocks: int = 2
     latent_channels: int = 4
+    # Diffuse the difference of target and source latents, added back to the source when sampling
+    # (residual diffusion; docs/translate.md), instead of the target latent itself.
+    residual: bool = False
     # Weight of the VAE's reconstruction loss (L1 of source and target clips) while the VAE trains:
     # the noise-prediction loss alone would let the encoder shrink its latents to zero.
     reconstruction_weight: float = 1.0
+
+
+@dataclass
+class RegressConfig:
+    # task=regress (X-ray to CT, seed 004; docs/xray.md): the target modality predicted directly
+    # from the input, which lies on a grid of its own (data.grids.<input>: [views, rows, columns]).
+    input: str = "xray"
+    target: str = "ct"
+    # l1 | mse, of prediction and target in model space.
+    loss: str = "l1"
 
 
 @dataclass
@@ -347,7 +365,7 @@ class RunConfig:
 
 @dataclass
 class Config:
-    # diffusion | autoencoder | diffrs-head | translate
+    # diffusion | autoencoder | diffrs-head | translate | regress
     task: str = "diffusion"
     mode: ModeConfig = field(default_factory=ModeConfig)
     strategy: str = "rflow"
@@ -358,6 +376,10 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     diffrs: DiffRSConfig = field(default_factory=DiffRSConfig)
     translate: TranslateConfig = field(default_factory=TranslateConfig)
+    regress: RegressConfig = field(default_factory=RegressConfig)
+    # The X-ray-to-CT cascade of model.name=xray2ct (seed 004): its stage table and heads, checked
+    # by voxgen.models.xray2ct (docs/xray.md); {} = the seed's network before its memory fixes.
+    xray2ct: Dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     rflow: RFlowConfig = field(default_factory=RFlowConfig)
     ddpm: DDPMConfig = field(default_factory=DDPMConfig)

@@ -32,6 +32,8 @@ _EXPORTS = {
     "low_dose": "ct",
     "window_channels": "ct",
     "hu_from_windows": "ct",
+    "make_xray_pairs": "xray",
+    "make_drr_dataset": "xray",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,9 +1,11 @@
-"""The bodies of `voxgen data cohort / phantoms / ct-pairs / check` (arguments as `voxgen.cli` parses them)."""
+"""The bodies of `voxgen data cohort / phantoms / ct-pairs / drr / xray-pairs / check` (arguments as `voxgen.cli` parses them)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from voxgen.errors import VoxgenError
 
@@ -25,6 +27,10 @@ def run_data(args, modalities: Sequence[str] | None = None, layout=None) -> int:
         return 0
     if args.data_command == "ct-pairs":
         return _ct_pairs(args)
+    if args.data_command == "drr":
+        return _drr(args)
+    if args.data_command == "xray-pairs":
+        return _xray_pairs(args)
     if args.data_command == "cohort":
         from voxgen.data.cohort import make_cohort as make
     else:
@@ -55,5 +61,57 @@ def _ct_pairs(args) -> int:
     print(
         f"{cases} CT pairs (slabs of {slab} slices, {photons:g} photons) in {root} in {time.perf_counter() - start:.0f} s; "
         f"check: voxgen data check {root} data.modalities=[source,target] data.masks=[]"
+    )
+    return 0
+
+
+@contextlib.contextmanager
+def _case_bar(description: str, total: int):
+    """A progress bar over cases on stderr (only on a terminal), yielding a `progress(done, total)` callback."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    console = Console(stderr=True)
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda done, _: bar.update(task, completed=done)
+
+
+def _drr(args) -> int:
+    """`voxgen data drr`: every CT of a data folder on a cube with its two DRRs, a bar per case, a one-line summary."""
+    from voxgen.data import drr, xray
+
+    given = dict(sid=args.sid, sdd=args.sdd, spacing=args.spacing)
+    geometry = drr.Geometry(**{key: value for key, value in given.items() if value is not None})
+    size = xray.check_size("drr-size", drr.DEFAULT_DRR_SIZE if args.drr_size is None else args.drr_size, least=1)
+    geometry = replace(geometry, rows=size, cols=size, vertical_flip=args.vertical_flip).checked()
+    ct_size = xray.DEFAULT_CT_SIZE if args.ct_size is None else args.ct_size
+    cases = len(xray.ct_cases(args.ct, args.ct_modality))
+    start = time.perf_counter()
+    with _case_bar(f"DRRs of {args.ct}", cases) as progress:
+        root = xray.make_drr_dataset(args.ct, args.out, ct_size, geometry, args.ct_modality, progress)
+    print(
+        f"{cases} X-ray / CT pair{'s' if cases != 1 else ''} (CT {ct_size}^3, DRRs 2 x {size} x {size}) in {root} "
+        f"in {time.perf_counter() - start:.0f} s; "
+        f"geometry: {root / xray.META}"
+    )
+    return 0
+
+
+def _xray_pairs(args) -> int:
+    """`voxgen data xray-pairs`: poses of the embedded head CT with their DRRs, a bar per case, a one-line summary."""
+    from voxgen.data import xray
+
+    given = dict(cases=args.cases, ct_size=args.ct_size, drr_size=args.drr_size)
+    kwargs = {key: value for key, value in given.items() if value is not None}
+    cases = kwargs.get("cases", xray.PAIRS_CASES)
+    ct_size, size = kwargs.get("ct_size", xray.PAIRS_CT_SIZE), kwargs.get("drr_size", xray.PAIRS_DRR_SIZE)
+    start = time.perf_counter()
+    with _case_bar("poses of the embedded head CT", cases) as progress:
+        root = xray.make_xray_pairs(args.out, seed=args.seed, progress=progress, **kwargs)
+    print(
+        f"{cases} X-ray / CT pairs (poses of one head CT; CT {ct_size}^3, DRRs 2 x {size} x {size}) in {root} "
+        f"in {time.perf_counter() - start:.0f} s"
     )
     return 0

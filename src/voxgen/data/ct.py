@@ -175,12 +175,17 @@ def window_channels(hu: torch.Tensor, windows: Sequence[Sequence[float]] = DEFAU
 def hu_from_windows(channels: torch.Tensor, windows: Sequence[Sequence[float]] = DEFAULT_WINDOWS) -> torch.Tensor:
     """(B, K, D, H, W) windowed channels -> (B, 1, D, H, W) HU, the inverse of `window_channels`.
 
-    Each voxel takes the value of the narrowest window whose channel lies inside (-1, 1) by more
-    than SATURATION_MARGIN (the finest HU resolution that is not clipped), else the widest
-    window's, clamped to that window (a network's channel beyond [-1, 1] is an overshoot, not a
-    value). The margin keeps a network's nearly saturated channel from counting: its brain-window
-    channel of air is -0.99, not -1, and read as a value it would make air brain. Exact up to
-    float error for HU inside the widest window; differentiable through the chosen channel.
+    From the widest window to the narrowest, a narrower window's reading replaces a voxel's value
+    so far where the narrower channel is clear of saturation (by SATURATION_MARGIN) and the value
+    so far lies no further outside the narrower window than the margin of the window it came from
+    (SATURATION_MARGIN of that window's width, halved). Channels beyond [-1, 1] are overshoots, not
+    values. Exact up to float error for HU inside the widest window, with the resolution of the
+    narrowest window that holds them. A network's channels can disagree, and the wider window
+    vetoes only a gross contradiction: a skull voxel whose brain channel came out at 0.8 rather
+    than 1 (72 HU) keeps the wide window's 500 HU, while a brain voxel the wide channel puts at
+    120 HU still takes the brain window's value. Air whose brain channel is -0.99, not -1, stays
+    air. Differentiable through the
+    chosen channel.
     """
     import torch
 
@@ -189,12 +194,18 @@ def hu_from_windows(channels: torch.Tensor, windows: Sequence[Sequence[float]] =
         raise ValueError(f"hu_from_windows: expected (B, {len(pairs)}, D, H, W) channels, got shape {list(channels.shape)}")
     widest_first = sorted(range(len(pairs)), key=lambda k: pairs[k][1] - pairs[k][0], reverse=True)
     inside = 1.0 - SATURATION_MARGIN
-    out = None
+    out = margin = None
     for k in widest_first:
         lo, hi = pairs[k]
         c = channels[:, k : k + 1]  # (B, 1, D, H, W)
         value = lo + (c.clamp(-1.0, 1.0) + 1.0) * (0.5 * (hi - lo))
-        out = value if out is None else torch.where(c.abs() < inside, value, out)
+        own_margin = 0.5 * SATURATION_MARGIN * (hi - lo)  # HU
+        if out is None:
+            out, margin = value, torch.full_like(value, own_margin)
+            continue
+        speaks = (c.abs() < inside) & (out > lo - margin) & (out < hi + margin)
+        out = torch.where(speaks, value, out)
+        margin = torch.where(speaks, torch.full_like(margin, own_margin), margin)
     return out
 
 

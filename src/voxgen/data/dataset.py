@@ -184,13 +184,15 @@ def read_case(
     report: Callable[[str], None],
     images: ImageIndex | None = None,
     masks: Sequence[str] = MASK_MODALITIES,
+    own_grid: Sequence[str] = (),
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Load a case's modalities and check each file and the files against each other.
 
     Returns {modality: (volume (D, H, W), affine)} for the files that passed. Each problem
     is passed to `report` as one line naming the file; `report` may raise. Problems: the
     file cannot be loaded (see `load_volume`), implausible voxel sizes, a shape or affine
-    differing from the case's first file, a mask (one of `masks`) that is not binary, an image whose voxels
+    differing from the case's first file (modalities of `own_grid` are neither compared nor
+    compared with), a mask (one of `masks`) that is not binary, an image whose voxels
     are all equal (scaling it to [-1, 1] gives a blank volume the model would learn from),
     and, with `images`, the same voxels as a file of another split already read into it.
     """
@@ -207,7 +209,9 @@ def read_case(
         if problem:
             report(f"{path}: {problem}")
             continue
-        if first is None:
+        if modality in own_grid:
+            pass
+        elif first is None:
             first = (path, volume, affine)
         elif volume.shape != first[1].shape:
             report(f"{path}: shape {list(volume.shape)} differs from {first[0]} shape {list(first[1].shape)}")
@@ -244,7 +248,9 @@ class VolumeDataset(torch.utils.data.Dataset):
     (D, H, W) = `shape`. Images are scaled to [-1, 1] by `intensity` (default: per volume, see
     `scale_image`), masks
     (`layout.masks`) are {-1, 1}. Volumes whose grid differs from
-    `shape` are resampled (trilinear for images, nearest for masks). With
+    `shape` are resampled (trilinear for images, nearest for masks). Modalities on a grid of their
+    own (`layout.grids`) are resampled to theirs instead and scaled per volume (their units are not
+    the others': X-ray line integrals next to CT in HU). With
     cache=True processed tensors are kept in memory; treat them as read-only.
 
     images: an ImageIndex shared by the data sets of one folder (the trainer's train and val
@@ -307,15 +313,18 @@ class VolumeDataset(torch.utils.data.Dataset):
         case = self.cases[index]
         item: dict = {"case": case.id}
         images = None if index in self._compared else self.images
-        volumes = read_case(case, self.modalities, _raise, images, self.layout.masks)
+        own = dict(self.layout.grids)
+        volumes = read_case(case, self.modalities, _raise, images, self.layout.masks, tuple(own))
         self._compared.add(index)
         for modality, (volume, _) in volumes.items():
             is_mask = modality in self.layout.masks
             if is_mask:
                 values = (volume > 0.5).astype(np.float32)
+            elif modality in own:
+                values = scale_image(volume)
             else:
                 values = self.intensity.scale(volume)
-            tensor = resample(torch.from_numpy(values)[None], self.shape, is_mask)
+            tensor = resample(torch.from_numpy(values)[None], own.get(modality, self.shape), is_mask)
             if is_mask:
                 tensor = torch.where(tensor > 0.5, 1.0, -1.0)
             item[modality] = tensor.to(torch.float32).contiguous()
@@ -367,7 +376,7 @@ def check_folder(
         for case in cases:
             problems.extend(case_problems(case, modalities, layout.known))
             present = [m for m in modalities if case.path(m).is_file()]
-            read_case(case, present, problems.append, images, layout.masks)
+            read_case(case, present, problems.append, images, layout.masks, tuple(dict(layout.grids)))
     problems.extend(shared_cases(root))
     if warn is not None:
         for line in images.within_split:

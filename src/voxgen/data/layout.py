@@ -25,11 +25,22 @@ class Modalities:
 
     known: tuple[str, ...] = MODALITIES
     masks: tuple[str, ...] = MASK_MODALITIES
+    # Modalities on a grid of their own (`data.grids`: the X-ray images of an X-ray/CT case):
+    # (name, (D, H, W)) pairs. Their shape and affine need not match the case's other files.
+    grids: tuple[tuple[str, tuple[int, int, int]], ...] = ()
 
     @classmethod
     def of(cls, data_cfg) -> Modalities:
         """From a config's `data` section."""
-        return cls(tuple(str(m) for m in data_cfg.modalities), tuple(str(m) for m in data_cfg.masks))
+        grids = tuple((str(m), tuple(int(s) for s in shape)) for m, shape in data_cfg.grids.items())
+        for name, shape in grids:
+            if len(shape) != 3 or min(shape) < 1:
+                raise ConfigError(f"data.grids.{name}={list(shape)} must be [D, H, W] of positive sizes")
+        return cls(tuple(str(m) for m in data_cfg.modalities), tuple(str(m) for m in data_cfg.masks), grids)
+
+    def grid(self, modality: str) -> tuple[int, int, int] | None:
+        """The grid of a modality on a grid of its own; None for the others (the data set's grid)."""
+        return dict(self.grids).get(modality)
 
 
 @dataclass(frozen=True)

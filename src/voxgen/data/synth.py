@@ -7,10 +7,11 @@ metastases (enhancing rim, necrotic core, oedema halo) and write the case folder
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,16 +208,7 @@ def write_dataset(
     """
     root = Path(root)
     counts = split_counts(cases, splits)
-    if root.exists():
-        if not root.is_dir():
-            raise DataError(f"{root}: exists and is not a folder")
-        if any(root.iterdir()) and not (root / MARKER).is_file():
-            raise DataError(f"{root}: folder exists, is not empty and was not made by voxgen; choose a new folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    old = root.parent / f".{root.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with replacing_folder(root) as tmp:
         index = 0
         for split in SPLITS:
             (tmp / split).mkdir(parents=True)
@@ -231,6 +223,28 @@ def write_dataset(
                     progress(index, cases)
         meta = dict(params, cases=cases, splits=counts)
         (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+    return root
+
+
+@contextlib.contextmanager
+def replacing_folder(root: Path) -> Iterator[Path]:
+    """Yield a hidden sibling folder to build ROOT's new contents in; on success it is renamed into
+    place, so ROOT appears whole or not at all, and on failure it is removed and ROOT left as it was.
+    An existing ROOT is replaced only when it is empty or was written by voxgen (it holds the
+    hidden marker file, which the builder writes); anything else raises DataError before any work
+    rather than deleting a user's folder."""
+    if root.exists():
+        if not root.is_dir():
+            raise DataError(f"{root}: exists and is not a folder")
+        if any(root.iterdir()) and not (root / MARKER).is_file():
+            raise DataError(f"{root}: folder exists, is not empty and was not made by voxgen; choose a new folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    old = root.parent / f".{root.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
         if root.exists():
             root.rename(old)
         tmp.rename(root)
@@ -240,4 +254,3 @@ def write_dataset(
             old.rename(root)
         raise
     shutil.rmtree(old, ignore_errors=True)
-    return root

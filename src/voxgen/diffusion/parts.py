@@ -148,6 +148,10 @@ class Parts:
             return {}
         return {"voxel_weight": tumour_weight_map(batch[self.mask], self.tumour_weight)}
 
+    def scores(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """No measures beyond the loss."""
+        return {}
+
     def preview(self, batch: dict, seed: int) -> list[np.ndarray]:
         """[a sample for the first item's conditions, the real case]: first generated modality, (D, H, W)."""
         from voxgen.diffusion.generate import generate
@@ -279,12 +283,14 @@ def _in_space(message: str, space: str, network: NetworkShape, model_cfg) -> str
     return text
 
 
-def build_diffusion_task(cfg, device: torch.device | str = "cpu", *, training: bool = False) -> Parts:
+def build_diffusion_task(
+    cfg, device: torch.device | str = "cpu", *, training: bool = False, model: nn.Module | None = None
+) -> Parts:
     """The diffusion task of `cfg` (`voxgen.tasks.TASKS`); training=True first refuses channel
     overrides that real batches do not fit (`require_data_channels`)."""
     if training:
         require_data_channels(cfg)
-    return build_parts(cfg, device)
+    return build_parts(cfg, device, model)
 
 
 def build_parts(cfg, device: torch.device | str = "cpu", model: nn.Module | None = None) -> Parts:

@@ -124,6 +124,8 @@ def run_evaluate(args) -> int:
         return run_evaluate_reconstruction(args)
     if task == "translate":
         return run_evaluate_translate(args)
+    if task == "regress":
+        return run_evaluate_regress(args)
     ev = _evaluator(args, _metric_list(args.metrics))
     texts = expand_solvers(args.solvers) if args.solvers else [ev.cfg.sample.solver]
     settings = [ev.sampling(t) for t in texts]  # every spec checked before any sampling starts
@@ -237,6 +239,49 @@ def run_evaluate_translate(args) -> int:
         f"evaluated {pairs_text} of '{split}' in {time.perf_counter() - began:.0f} s; soft-tissue PSNR "
         f"input {mean['input']:.2f}, enhanced {mean['enhanced']:.2f}, nlm {mean['nlm']:.2f} dB; {md}, {csv_path}"
     )
+    return 0
+
+
+def run_evaluate_regress(args) -> int:
+    """`voxgen evaluate` of a regress run: PSNR and 3D SSIM of the held-out cases reconstructed by the run,
+    by its untrained network and by the mean training volume (voxgen.evaluation.regress)."""
+    from voxgen.data.dataset import VolumeDataset
+    from voxgen.errors import DataError
+    from voxgen.evaluation.regress import describe, mean_rows, mean_volume, score_cases, to_markdown, write_regress_tables
+    from voxgen.tasks import build_task
+    from voxgen.training.runs import load_run
+    from voxgen.training.state import seed_everything
+
+    for flag, value in (("--metrics", args.metrics), ("--solvers", args.solvers)):
+        if value is not None:
+            raise VoxgenError(f"{flag}: a regress run is scored by PSNR and 3D SSIM and has no sampler; drop {flag}")
+    if args.guidance_scale not in (None, 1.0):
+        raise VoxgenError("--guidance-scale: a regress run has no classifier-free guidance")
+    began = time.perf_counter()
+    cfg, trained, step = load_run(args.run, device=args.device)
+    device = next(trained.model.parameters()).device
+    seed_everything(cfg.run.seed)  # the weights the run started from
+    untrained = build_task(cfg, device)
+    untrained.model.eval()
+    modalities = trained.modalities
+    if args.split is not None:
+        split, dataset = args.split, VolumeDataset.of(cfg.data, args.split, modalities)
+    else:
+        try:
+            split, dataset = "test", VolumeDataset.of(cfg.data, "test", modalities)
+        except DataError:
+            split, dataset = "val", VolumeDataset.of(cfg.data, "val", modalities)
+    _say(f"reconstructing the {len(dataset)} cases of '{split}' with {cfg.model.name} (step {step}), untrained, mean volume")
+    rows = score_cases({"trained": trained, "untrained": untrained}, dataset, mean_volume(cfg, trained.target), device)
+    rows += mean_rows(rows)
+    out = Path(args.out) if args.out else Path(args.run) / "evaluation"
+    title = f"X-ray to CT: {Path(args.run).name} (step {step}) vs '{split}' ({len(dataset)} cases)"
+    md, csv_path = write_regress_tables(rows, out, title, describe(cfg, split))
+    print(to_markdown(rows, title, []), end="")
+    mean = {r.method: r for r in rows if r.case == "mean"}
+    summary = ", ".join(f"{m} {r.psnr_db:.2f} dB / {r.ssim:.3f}" for m, r in mean.items())
+    seconds = time.perf_counter() - began
+    print(f"evaluated {len(dataset)} cases of '{split}' in {seconds:.0f} s; PSNR / SSIM: {summary}; {md}, {csv_path}")
     return 0
 
 

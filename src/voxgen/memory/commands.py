@@ -21,21 +21,25 @@ def run_plan(args) -> int:
         args.overrides = overrides
         return _plan_grid(args)
     if args.factory:
-        from voxgen.memory.factory import parse_input_shape, plan_factory
+        from voxgen.memory.factory import parse_input_shape, parse_sizes, plan_factory
 
+        regression = args.output_shape is not None
         if not args.input_shape:
-            raise VoxgenError("--factory needs --input-shape C,D,H,W")
+            raise VoxgenError(f"--factory needs --input-shape {'C,H,W' if regression else 'C,D,H,W'}")
+        if regression and args.output_channels is not None:
+            raise VoxgenError("--output-shape plans a regression to one volume: drop --output-channels")
         result = plan_factory(
             args.factory,
-            parse_input_shape(args.input_shape),
+            parse_sizes(args.input_shape, "C,H,W", "--input-shape") if regression else parse_input_shape(args.input_shape),
             args.output_channels,
             overrides,
             args.config,
             parse_memory(args.gpu_memory),
             world_size,
+            parse_sizes(args.output_shape, "D,H,W", "--output-shape") if regression else None,
         )
-    elif args.input_shape or args.output_channels is not None:
-        raise VoxgenError("--input-shape and --output-channels go with --factory")
+    elif args.input_shape or args.output_channels is not None or args.output_shape is not None:
+        raise VoxgenError("--input-shape, --output-channels and --output-shape go with --factory")
     else:
         result = plan(compose(args.config, overrides), parse_memory(args.gpu_memory), world_size=world_size)
     if args.json:
@@ -187,8 +191,9 @@ def run_fit(args) -> int:
     else:
         print("\n".join(format_table(result)))
     if result.best is None:
-        planned = [c for c in result.candidates if c.peak_bytes is not None]
-        smallest = f"; the smallest needs {planned[-1].peak_bytes / GiB:.2f} GiB" if planned else ""
+        planned = [c for c in result.candidates if c.needs_bytes is not None]
+        # What the budget was compared with: the reserve's band, not the greedy-workspace peak.
+        smallest = f"; the smallest needs up to {planned[-1].needs_bytes / GiB:.2f} GiB" if planned else ""
         raise VoxgenError(
             f"no candidate fits in {result.budget_bytes / GiB:.2f} GiB "
             f"({result.gpu_memory_bytes / GiB:.0f} GiB - {100 * result.margin:.0f}% margin){smallest}"

@@ -1,5 +1,9 @@
 """Plan any importable `nn.Module` factory: `voxgen plan --factory MODULE:FUNCTION --input-shape C,D,H,W`.
 
+With `--output-shape D,H,W` the network is a regression from images to a volume instead (X-ray to
+CT): f(x) for x of shape (B, C, H, W) (`--input-shape C,H,W`: C images, views or channels) with an
+output of shape (B, 1, D, H, W), planned as `task=regress` (an L1 loss against a target volume).
+
 The network is planned through the same path as every registered family: `plan()` builds the
 parts of the config with this network in place of the registry's and traces the real
 `train_step` (rectified-flow loss, backward, AdamW) around it with the CUDA emulation and the
@@ -26,13 +30,51 @@ from voxgen.errors import ConfigError
 
 def parse_input_shape(text: str) -> tuple[int, int, int, int]:
     """'2,160,256,256' -> (C, D, H, W)."""
+    return parse_sizes(text, "C,D,H,W", "--input-shape")
+
+
+def parse_sizes(text: str, names: str, flag: str) -> tuple[int, ...]:
+    """'2,512,512' -> (2, 512, 512): as many positive sizes as `names` ('C,H,W') has letters."""
     try:
         sizes = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
         sizes = ()
-    if len(sizes) != 4 or any(s < 1 for s in sizes):
-        raise ConfigError(f"--input-shape {text!r} must be four positive sizes C,D,H,W")
+    count = len(names.split(","))
+    if len(sizes) != count or any(s < 1 for s in sizes):
+        raise ConfigError(f"{flag} {text!r} must be {count} positive sizes {names}")
     return sizes
+
+
+def build_regression_module(spec: str, input_shape: Sequence[int], output_shape: Sequence[int]) -> nn.Module:
+    """Call the factory on the meta device and check, with one meta forward, that it maps
+    (1, C, H, W) to (1, 1, D, H, W)."""
+    net = _call_factory(spec)
+    x = torch.empty(1, *input_shape, device="meta")
+    try:
+        with torch.no_grad():
+            y = net(x)
+    except Exception as exc:  # noqa: BLE001 - user code: report it in one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--factory {spec}: forward of an input {tuple(x.shape)} failed ({first})") from None
+    expected = (1, 1, *output_shape)
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != expected:
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ConfigError(f"--factory {spec}: output {got} for input {tuple(x.shape)}; expected {expected} (--output-shape)")
+    return net
+
+
+def regression_overrides(input_shape: Sequence[int], output_shape: Sequence[int]) -> list[str]:
+    """The config of a regression from `input_shape` (C, H, W) images to an `output_shape` (D, H, W) volume."""
+    c, h, w = input_shape
+    d, vh, vw = output_shape
+    return [
+        "task=regress",
+        "model.name=xray2ct",  # the task's network family; the factory's network replaces it
+        "data.modalities=[xray,ct]",
+        "data.masks=[]",
+        f"data.grids={{xray: [{c}, {h}, {w}]}}",
+        f"data.shape=[{d},{vh},{vw}]",
+    ]
 
 
 def load_factory(spec: str) -> Callable[[], nn.Module]:
@@ -76,9 +118,8 @@ class TimeAdapter(nn.Module):
         return self.net(x, t) if self.with_time else self.net(x)
 
 
-def build_factory_module(spec: str, input_shape: Sequence[int], out_channels: int) -> TimeAdapter:
-    """Call the factory on the meta device and check, with one meta forward, that it maps
-    (1, C, D, H, W) to (1, N, D, H, W)."""
+def _call_factory(spec: str) -> nn.Module:
+    """The factory's network, built on the meta device."""
     factory = load_factory(spec)
     with torch.device("meta"):
         try:
@@ -87,6 +128,13 @@ def build_factory_module(spec: str, input_shape: Sequence[int], out_channels: in
             raise ConfigError(f"--factory {spec}: calling it failed ({type(exc).__name__}: {exc})") from None
     if not isinstance(net, nn.Module):
         raise ConfigError(f"--factory {spec} returned {type(net).__name__}, not an nn.Module")
+    return net
+
+
+def build_factory_module(spec: str, input_shape: Sequence[int], out_channels: int) -> TimeAdapter:
+    """Call the factory on the meta device and check, with one meta forward, that it maps
+    (1, C, D, H, W) to (1, N, D, H, W)."""
+    net = _call_factory(spec)
     model = TimeAdapter(net, takes_time(net))
     x = torch.empty(1, *input_shape, device="meta")
     try:
@@ -129,16 +177,22 @@ def plan_factory(
     files: Sequence[str] = (),
     gpu_memory_bytes: int | None = None,
     world_size: int = 1,
+    output_shape: Sequence[int] | None = None,
 ):
     """Plan of one training step of the factory's network; `overrides` set batch size, precision...;
-    per rank of `world_size` processes when more than one."""
+    per rank of `world_size` processes when more than one. With `output_shape` (D, H, W) the network
+    regresses a volume from `input_shape` (C, H, W) images."""
     from voxgen.config import compose
     from voxgen.memory.planner import DEFAULT_GPU_MEMORY, plan
 
-    out_channels = input_shape[0] if out_channels is None else out_channels
-    channel_overrides = factory_overrides(input_shape, out_channels)  # checks the channels first
-    model = build_factory_module(spec, input_shape, out_channels)
-    cfg = compose(files, [*overrides, *channel_overrides], network=False)
+    if output_shape is not None:
+        shape_overrides = regression_overrides(input_shape, output_shape)
+        model = build_regression_module(spec, input_shape, output_shape)
+    else:
+        out_channels = input_shape[0] if out_channels is None else out_channels
+        shape_overrides = factory_overrides(input_shape, out_channels)  # checks the channels first
+        model = build_factory_module(spec, input_shape, out_channels)
+    cfg = compose(files, [*overrides, *shape_overrides], network=False)
     gpu = DEFAULT_GPU_MEMORY if gpu_memory_bytes is None else gpu_memory_bytes
     result = plan(cfg, gpu, model=model, world_size=world_size)
     return dataclasses.replace(result, model=spec)

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from voxgen.config.compose import SHARDINGS
-from voxgen.diffusion.parts import build_parts
 from voxgen.errors import ConfigError
 from voxgen.memory.allocator import replay
 from voxgen.memory.cuda_emulation import CudaSemantics, emulated_autocast_policy
@@ -376,7 +375,7 @@ def trace_step(cfg, model: torch.nn.Module | None = None, device: str = "cuda") 
     (per-tensor) update, the columns buffers of PyTorch's own CPU conv3d (`_cpu_workspaces`), and
     no cuDNN, cuBLAS or fused-attention workspaces."""
     with torch.device("meta"):
-        parts = build_task(cfg, "meta") if model is None else build_parts(cfg, "meta", model)
+        parts = build_task(cfg, "meta", model=model)
     # torch.autocast has no meta device: the step runs under CUDA's casting rules instead.
     parts = dataclasses.replace(parts, autocast=emulated_autocast_policy(cfg.training.precision))
     net = parts.network

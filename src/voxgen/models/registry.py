@@ -25,21 +25,29 @@ from voxgen.errors import ConfigError
 Factory = Callable[..., nn.Module]
 
 
+# What a family computes: "denoiser", f(x, t[, vector]) as above, trained by the diffusion task;
+# "regression", f(x) of another shape (X-ray images -> CT volume), trained by task=regress.
+KINDS = ("denoiser", "regression")
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
     factory: Factory
     summary: str
+    kind: str = "denoiser"
 
 
 MODELS: dict[str, ModelEntry] = {}
 
 
-def register(name: str, summary: str) -> Callable[[Factory], Factory]:
+def register(name: str, summary: str, kind: str = "denoiser") -> Callable[[Factory], Factory]:
     """Decorator (or call `register(name, summary)(factory)`) adding `factory` under `name`."""
+    if kind not in KINDS:
+        raise ValueError(f"register({name!r}): kind {kind!r} is not one of {KINDS}")
 
     def wrap(factory: Factory) -> Factory:
-        MODELS[name] = ModelEntry(name, factory, summary)
+        MODELS[name] = ModelEntry(name, factory, summary, kind)
         return factory
 
     return wrap
@@ -60,6 +68,11 @@ def build_model(
         grad_checkpointing=grad_checkpointing,
         vector_size=vector_size,
     )
+
+
+def names_of(kind: str) -> list[str]:
+    """The registered families of one kind, in registration order."""
+    return [name for name, entry in MODELS.items() if entry.kind == kind]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -149,6 +149,28 @@ class VideoVAE(nn.Module):
         return self.decode(self.encode(x))  # (B, C, T, H, W)
 
 
+class PixelSpace(nn.Module):
+    """No autoencoder (`channels` empty): `encode` and `decode` are the identity, so the paired
+    diffusion runs on the input channels themselves. For CPU-size runs: an autoencoder trained
+    from scratch for minutes reconstructs CT far less precisely than the noise it should remove
+    (docs/results.md, CT enhancement), where the seed starts from a pretrained one."""
+
+    factor = (1, 1, 1)
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.latent_channels = channels
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def build_video_vae(
     channels: Sequence[int] = (128, 256, 512, 512),
     in_channels: int = 3,
@@ -156,11 +178,14 @@ def build_video_vae(
     num_res_blocks: int = 2,
     norm_num_groups: int = 32,
     grad_checkpointing: bool = False,
-) -> VideoVAE:
-    """The seed-003 VAE; with `grad_checkpointing` every ResBlock3D and resampling block is a recompute unit."""
+) -> VideoVAE | PixelSpace:
+    """The seed-003 VAE; with `grad_checkpointing` every ResBlock3D and resampling block is a recompute
+    unit. No channels: no autoencoder (PixelSpace, `in_channels` wide; `latent_channels` unused)."""
     channels = [int(c) for c in channels]
-    if len(channels) < 1 or min(channels) < 1:
-        raise ConfigError(f"video VAE channels={channels} must be one or more positive widths")
+    if not channels:
+        return PixelSpace(in_channels)
+    if min(channels) < 1:
+        raise ConfigError(f"video VAE channels={channels} must be positive widths (or none: no autoencoder)")
     for c in channels:
         if c % norm_num_groups:
             raise ConfigError(f"video VAE channels entry {c} is not divisible by norm_num_groups={norm_num_groups}")

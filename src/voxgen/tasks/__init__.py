@@ -8,12 +8,15 @@ task's name (`task=` in the config picks one from TASKS).
   diffusion run (`voxgen train --run RUN`).
 - `translate` (voxgen.tasks.translate): paired volume-to-volume latent diffusion (CT enhancement,
   seed 003): the target of a pair given its source.
+- `regress` (voxgen.tasks.regress): direct regression of one modality from another (X-ray to CT,
+  seed 004), with an L1 or MSE loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from typing import Protocol
 
 import numpy as np
@@ -22,6 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from voxgen.draws import Draws
+from voxgen.errors import ConfigError
 from voxgen.precision import Autocast
 
 
@@ -49,6 +53,10 @@ class Task(Protocol):
         """(validation loss, prediction, target) of one batch, without gradients by the caller:
         the loss that picks the best checkpoint, and the two tensors whose spread the collapse
         guard compares."""
+
+    def scores(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """Measures of one validation batch's `evaluate` output beyond the loss, logged as
+        val_<name> (e.g. PSNR of a regression); {} for tasks whose loss says it all."""
 
     def preview(self, batch: dict, seed: int) -> list[np.ndarray]:
         """Volumes (D, H, W) to show side by side, the model's first: a sample or a reconstruction
@@ -79,6 +87,10 @@ class Stateless:
     def with_model(self, model: nn.Module):
         return dataclasses.replace(self, model=model)
 
+    def scores(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """No measures beyond the loss."""
+        return {}
+
     def prepare(self, train_set: Dataset, val_set: Dataset) -> tuple[Dataset, Dataset]:
         """Nothing to estimate: the steps read the data sets as they are."""
         return train_set, val_set
@@ -90,18 +102,25 @@ class Stateless:
         pass
 
 
-# task name -> "module:builder"; a builder is `build(cfg, device, *, training: bool) -> Task`, where
-# training=True also refuses configs that can be planned but not trained. Imported on use: the
+# task name -> "module:builder"; a builder is `build(cfg, device, *, training: bool, model=None) -> Task`,
+# where training=True also refuses configs that can be planned but not trained, and `model` replaces
+# the registry's network (`voxgen plan --factory`; tasks that cannot take one refuse it). Imported on use: the
 # autoencoder task pulls in its networks and losses only when asked for.
 TASKS = {
     "diffusion": "voxgen.diffusion.parts:build_diffusion_task",
     "autoencoder": "voxgen.tasks.autoencoder:build_autoencoder_task",
     "diffrs-head": "voxgen.tasks.diffrs_head:build_diffrs_head_task",
     "translate": "voxgen.tasks.translate:build_translate_task",
+    "regress": "voxgen.tasks.regress:build_regress_task",
 }
 
 
-def build_task(cfg, device: torch.device | str = "cpu", *, training: bool = False) -> Task:
-    """The task `cfg.task` names, with its network on `device`."""
+def build_task(cfg, device: torch.device | str = "cpu", *, training: bool = False, model: nn.Module | None = None) -> Task:
+    """The task `cfg.task` names, with its network on `device` (`model` in place of the registry's)."""
     module, _, name = TASKS[cfg.task].partition(":")
-    return getattr(importlib.import_module(module), name)(cfg, device, training=training)
+    builder = getattr(importlib.import_module(module), name)
+    if model is None:
+        return builder(cfg, device, training=training)
+    if "model" not in inspect.signature(builder).parameters:
+        raise ConfigError(f"task={cfg.task} trains only its own networks: a network from elsewhere cannot replace them")
+    return builder(cfg, device, training=training, model=model)

@@ -219,6 +219,10 @@ class DiffRSHeadTask:
         logits, label = self._logits(batch, draws)
         return nn.functional.binary_cross_entropy_with_logits(logits, label), logits[:, None], label[:, None]
 
+    def scores(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """No measures beyond the loss."""
+        return {}
+
     def preview(self, batch: dict, seed: int) -> list[np.ndarray]:
         """[the first item noised to t = 0.5, the item]: first channel, (D', H', W')."""
         x0 = batch["x0"][:1].float().cpu()

@@ -12,7 +12,11 @@ The network learns the target modality of a pair given its source (`translate.so
               first batch's): the diffusion sees unit-scale latents whatever scale the trainable
               VAE drifts to, and sampling scales back by the same number
     diffuse   the strategy (seed: DDPM, cosine schedule, eps) noises the target latent; the UNet
-              sees it concatenated with the source latent
+              sees it concatenated with the source latent. With `translate.residual` what is
+              diffused is the difference target - source latent instead, scaled by its own running
+              deviation, and the sample is added back to the source (residual diffusion, as in
+              ResShift, Yue et al. 2023): the sample is the source plus a correction, so the
+              network's errors cost a fraction of the residual's scale, not of the image's
 
 The objective is the strategy's loss while the UNet trains, plus `translate.reconstruction_weight`
 times the VAE's L1 reconstruction error of both clips while the VAE trains: the noise loss alone
@@ -37,7 +41,7 @@ from voxgen.diffusion.strategies import Strategy, build_strategy
 from voxgen.draws import Draws
 from voxgen.errors import ConfigError
 from voxgen.models.registry import build_model
-from voxgen.models.video_vae import VideoVAE, build_video_vae
+from voxgen.models.video_vae import PixelSpace, VideoVAE, build_video_vae
 from voxgen.precision import Autocast, autocast_policy
 from voxgen.tasks import Stateless
 
@@ -54,23 +58,44 @@ class TranslateModel(nn.Module):
     # Momentum of the latents' running standard deviation (per training forward).
     LATENT_MOMENTUM = 0.99
 
-    def __init__(self, vae: VideoVAE, unet: nn.Module, strategy: Strategy):
+    def __init__(self, vae: VideoVAE | PixelSpace, unet: nn.Module, strategy: Strategy, residual: bool = False):
         super().__init__()
         self.vae = vae
         self.unet = unet
         self.strategy = strategy  # not a module: no parameters, nothing to checkpoint
+        self.residual = residual
         # The latents' running standard deviation and how many batches it has seen: buffers, so
         # checkpoints, the EMA copy and DDP's broadcast carry them. The first batch sets it.
         self.register_buffer("latent_std", torch.ones(()))
         self.register_buffer("latent_batches", torch.zeros((), dtype=torch.int64))
+        # With `residual`: the running deviation of the scaled latents' difference, target - source,
+        # per channel: in window channels the wide window's difference is 40x smaller than the
+        # brain window's, and one number would let the network's errors swamp it.
+        self.register_buffer("residual_std", torch.ones(vae.latent_channels))
 
     @torch.no_grad()
     def track_latent_std(self, z: torch.Tensor) -> None:
-        """Move the running standard deviation towards that of the latents `z` (training only)."""
-        std = z.detach().float().std()
-        moved = torch.lerp(self.latent_std, std, 1.0 - self.LATENT_MOMENTUM)
-        self.latent_std.copy_(torch.where(self.latent_batches == 0, std, moved))
+        """Move the running standard deviation towards that of the latents `z` (training only), and
+        with `residual` that of the difference of the scaled target and source latents; the first
+        batch sets them."""
+        first = self.latent_batches == 0
+
+        def track(buffer: torch.Tensor, std: torch.Tensor) -> None:
+            buffer.copy_(torch.where(first, std, torch.lerp(buffer, std, 1.0 - self.LATENT_MOMENTUM)))
+
+        track(self.latent_std, z.detach().float().std())
+        if self.residual:
+            source, target = (z.detach().float() / self.latent_std).chunk(2)
+            track(self.residual_std, (target - source).transpose(0, 1).flatten(1).std(dim=1))
         self.latent_batches += 1
+
+    def diffused(self, z_source: torch.Tensor, z_target: torch.Tensor) -> torch.Tensor:
+        """What the strategy diffuses, from scaled latents: the target, or its scaled difference from the source."""
+        return (z_target - z_source) / self.residual_std.view(1, -1, 1, 1, 1) if self.residual else z_target
+
+    def target_latent(self, x0: torch.Tensor, z_source: torch.Tensor) -> torch.Tensor:
+        """The inverse of `diffused`: the scaled target latent of a clean sample `x0`."""
+        return z_source + x0 * self.residual_std.view(1, -1, 1, 1, 1) if self.residual else x0
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, z_source: torch.Tensor) -> torch.Tensor:
         """The UNet's prediction for noisy target latents x_t at training times t, given the scaled
@@ -90,12 +115,14 @@ class TranslateModel(nn.Module):
             self.track_latent_std(z)
         scale = self.latent_std
         z_source, z_target = (z / scale).chunk(2)
-        x_t = self.strategy.interpolate(z_target, noise, t)
+        x0 = self.diffused(z_source, z_target)
+        x_t = self.strategy.interpolate(x0, noise, t)
         out = {
             "prediction": self.denoise(x_t, t, z_source),
-            "target": self.strategy.target(z_target, noise, t),
+            "target": self.strategy.target(x0, noise, t),
             "x_t": x_t,
             "scale": scale,
+            "z_source": z_source,
         }
         if reconstruct:
             out["reconstruction"] = self.vae.decode(z)
@@ -178,7 +205,8 @@ class TranslateTask(Stateless):
         terms = self.terms(batch, draws, every=True)
         out = terms["out"]
         loss = terms["diffusion"] + self.reconstruction_weight * terms["reconstruction"]
-        z0 = self.strategy.x0_from(out["x_t"].float(), out["prediction"].float(), terms["t"])
+        x0 = self.strategy.x0_from(out["x_t"].float(), out["prediction"].float(), terms["t"])
+        z0 = self.model.target_latent(x0, out["z_source"].float())
         with self.autocast(z0.device):
             estimate = self.model.vae.decode(z0 * out["scale"]).float()
         return loss, estimate, terms["target_clip"]
@@ -198,7 +226,7 @@ class TranslateTask(Stateless):
             with self.autocast(device):
                 return self.model.unet(torch.cat([x_t, z_source], dim=1), self.strategy.model_time(t)).float()
 
-        z = sampler(predict, x, grid, cond=None, generator=generators)
+        z = self.model.target_latent(sampler(predict, x, grid, cond=None, generator=generators), z_source)
         with self.autocast(device):
             return vae.decode(z * scale).float()
 
@@ -269,8 +297,9 @@ def build_translate_task(cfg, device: torch.device | str = "cpu", *, training: b
     )
     clip = check_clip(tc.clip, cfg.data.shape, vae.factor)
     latent = (clip[0], clip[1] // vae.factor[1], clip[2] // vae.factor[2])
-    unet = build_model(cfg.model, 2 * tc.latent_channels, tc.latent_channels, latent, cfg.training.grad_checkpointing)
-    model = TranslateModel(vae, unet, build_strategy(cfg)).to(device)
+    z = vae.latent_channels
+    unet = build_model(cfg.model, 2 * z, z, latent, cfg.training.grad_checkpointing)
+    model = TranslateModel(vae, unet, build_strategy(cfg), residual=bool(tc.residual)).to(device)
     return TranslateTask(
         model=model,
         source=tc.source,
@@ -280,7 +309,5 @@ def build_translate_task(cfg, device: torch.device | str = "cpu", *, training: b
         intensity=Intensity.of(cfg.data),
         reconstruction_weight=float(tc.reconstruction_weight),
         autocast=autocast_policy(cfg.training.precision),
-        network=NetworkShape(
-            2 * tc.latent_channels, tc.latent_channels, latent, len(windows), len(windows), tuple(int(s) for s in cfg.data.shape)
-        ),
+        network=NetworkShape(2 * z, z, latent, len(windows), len(windows), tuple(int(s) for s in cfg.data.shape)),
     )

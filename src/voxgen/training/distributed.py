@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from voxgen.checkpoint import Part, Writers
 
@@ -175,9 +175,17 @@ def shard(model: nn.Module, min_params: int, device: torch.device) -> None:
     fully_shard(model, mesh=mesh)
 
 
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DTensor (FSDP's sharded parameters and their state). Nothing is one
+    unless torch.distributed.tensor was imported (fully_shard imports it), and importing it only
+    to ask would add 0.7 s to the start of every command."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's part of a sharded tensor (the tensor itself when it is not sharded)."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def local_slices(tensors: dict[str, torch.Tensor], world: World) -> tuple[dict[str, torch.Tensor], dict[str, Part]]:
@@ -188,9 +196,11 @@ def local_slices(tensors: dict[str, torch.Tensor], world: World) -> tuple[dict[s
     out: dict[str, torch.Tensor] = {}
     parts: dict[str, Part] = {}
     for name, tensor in tensors.items():
-        if not isinstance(tensor, DTensor):
+        if not is_dtensor(tensor):
             out[name] = tensor
             continue
+        from torch.distributed.tensor import Shard
+
         if tuple(tensor.placements) != (Shard(0),):
             raise ValueError(f"{name}: sharded as {tensor.placements}, not along its first dimension")
         rows = tensor.shape[0]
@@ -208,7 +218,9 @@ def local_slices(tensors: dict[str, torch.Tensor], world: World) -> tuple[dict[s
 def like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """A whole tensor from a checkpoint laid out as `target` is: this process's slice of it, as
     a DTensor, when `target` is sharded; `full` itself otherwise."""
-    if not isinstance(target, DTensor):
+    if not is_dtensor(target):
         return full
     full = full.to(device=target.device, dtype=target.dtype)
+    from torch.distributed.tensor import distribute_tensor
+
     return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)

@@ -9,7 +9,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -72,6 +72,8 @@ class Validation:
     loss: float
     prediction_std: float  # spread of the model's output on the first validation batch
     target_std: float  # ... and of the target it is trained towards (for the collapse guard)
+    # The task's own measures of its predictions (Task.scores), means over the batches.
+    scores: dict[str, float] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -91,18 +93,32 @@ def validation_loss(
     task.model.eval()
     n, size = len(dataset), batch_size * world.size
     batches = min(batches, math.ceil(n / size))  # more would only repeat cases
-    losses, spreads = [], None
+    losses, spreads, scores = [], None, []
     for b in range(batches):
         first = b * size + world.rank * batch_size
         items = [dataset[(first + j) % n] for j in range(batch_size)]
         draws = Draws.for_step(seed, b, batch_size, device, world.rank, world.size)
         loss, prediction, target = task.evaluate(to_device(collate(items), device), draws)
         losses.append(loss.detach().float())
+        scores.append(task.scores(prediction, target))
         if spreads is None:
             spreads = spread(prediction, target)
     task.model.train(was_training)
     mean_loss = float(ranks.mean(torch.stack(losses).mean()))
-    return Validation(mean_loss, *ranks.from_main(list(spreads)))
+    means = {k: float(ranks.mean(torch.tensor([s[k] for s in scores], device=device).mean())) for k in scores[0]}
+    return Validation(mean_loss, *ranks.from_main(list(spreads)), means)
+
+
+def history_csv(history: list[dict]) -> str:
+    """The validation records as CSV, one row per validation, a column per key any record has."""
+    import csv
+
+    columns = list(dict.fromkeys(k for record in history for k in record))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return out.getvalue()
 
 
 class Trainer:
@@ -375,14 +391,19 @@ class Trainer:
             "val_loss_ema": ema.loss,
             "prediction_std": raw.prediction_std,
             "target_std": raw.target_std,
+            **{f"val_{k}": v for k, v in raw.scores.items()},
+            **{f"val_{k}_ema": v for k, v in ema.scores.items()},
         }
         p.history.append(record)
         self.writer.add_scalar("val/loss", record["val_loss"], record["step"])
         self.writer.add_scalar("val/loss_ema", record["val_loss_ema"], record["step"])
         self.writer.add_scalar("val/prediction_std", raw.prediction_std, record["step"])
         self.writer.add_scalar("val/target_std", raw.target_std, record["step"])
+        for key in (*(f"val_{k}" for k in raw.scores), *(f"val_{k}_ema" for k in ema.scores)):
+            self.writer.add_scalar(f"val/{key[4:]}", record[key], record["step"])
         if self.world.main:
             write_atomic(self.run_dir / "history.json", json.dumps(p.history, indent=1))
+            write_atomic(self.run_dir / "history.csv", history_csv(p.history))
         if not (math.isfinite(raw.loss) and math.isfinite(ema.loss)):
             raise TrainingCollapsed(
                 f"training collapsed at step {p.step}: validation loss is {raw.loss} (EMA: {ema.loss}); "
