@@ -38,10 +38,6 @@ class Modalities:
                 raise ConfigError(f"data.grids.{name}={list(shape)} must be [D, H, W] of positive sizes")
         return cls(tuple(str(m) for m in data_cfg.modalities), tuple(str(m) for m in data_cfg.masks), grids)
 
-    def grid(self, modality: str) -> tuple[int, int, int] | None:
-        """The grid of a modality on a grid of its own; None for the others (the data set's grid)."""
-        return dict(self.grids).get(modality)
-
 
 @dataclass(frozen=True)
 class Case:

@@ -68,10 +68,11 @@ class TranslateModel(nn.Module):
         # checkpoints, the EMA copy and DDP's broadcast carry them. The first batch sets it.
         self.register_buffer("latent_std", torch.ones(()))
         self.register_buffer("latent_batches", torch.zeros((), dtype=torch.int64))
-        # With `residual`: the running deviation of the scaled latents' difference, target - source,
-        # per channel: in window channels the wide window's difference is 40x smaller than the
-        # brain window's, and one number would let the network's errors swamp it.
-        self.register_buffer("residual_std", torch.ones(vae.latent_channels))
+        if residual:
+            # The running deviation of the scaled latents' difference, target - source, per
+            # channel: in window channels the wide window's difference is 40x smaller than the
+            # brain window's, and one number would let the network's errors swamp it.
+            self.register_buffer("residual_std", torch.ones(vae.latent_channels))
 
     @torch.no_grad()
     def track_latent_std(self, z: torch.Tensor) -> None:
