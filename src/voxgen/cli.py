@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the model registry")
 
+    p = sub.add_parser("status", help="one screen per run: step, speed and ETA, checkpoint, validation, guards, who trains it")
+    p.add_argument("--run", action="append", required=True, metavar="DIR", help="a run folder (repeatable)")
+
     p = sub.add_parser("plan", help="what one training step of a config needs, without a GPU")
     _add_overrides(p)
     _add_json_and_grid(p, "plan all")
@@ -286,6 +289,7 @@ COMMANDS = {
     "profile": "voxgen.memory.commands:run_profile",
     "models": _models,
     "data": _data,
+    "status": "voxgen.training.commands:run_status",
 }
 
 

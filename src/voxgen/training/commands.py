@@ -90,3 +90,13 @@ def saved_config(overrides) -> Path | None:
         return None
     path = Path(os.path.expanduser(run_dirs[-1])) / "config.yaml"
     return path if path.is_file() else None
+
+
+def run_status(args) -> int:
+    """`voxgen status --run DIR ...`: each run's screen (voxgen.training.status), a blank line between."""
+    from voxgen.training.status import format_status
+    from voxgen.training.status import run_status as status_of
+
+    screens = ["\n".join(format_status(status_of(run))) for run in args.run]
+    print("\n\n".join(screens))
+    return 0

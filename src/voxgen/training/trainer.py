@@ -34,6 +34,7 @@ from voxgen.training.resume import check_resume
 from voxgen.training.run_lock import run_lock
 from voxgen.training.signals import EXIT_PREEMPTED, STOP_SIGNALS, StopRequest
 from voxgen.training.state import Position, checkpoint_payload, lr_at, restore_weights, rng_from_checkpoint, seed_everything
+from voxgen.training.status import write_process
 from voxgen.training.step import make_optimizer, step_network, train_step
 from voxgen.training.tblog import NoLog, TensorBoardLog
 
@@ -453,8 +454,10 @@ class Trainer:
         # Nothing is written before the config is known to resume the run's checkpoints.
         check_resume(self.cfg, self.run_dir)
         resumed_from = self._restore()
+        steps = self.cfg.training.steps
         if self.world.main:
             write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
+            write_process(self.run_dir, "training", self.position.step, steps)
         self._open_writer()
         try:
             self._agree_on_stop(stop)
@@ -462,9 +465,20 @@ class Trainer:
                 record = self._validate()
                 self.console.print(f"step 0: val loss {record['val_loss']:.4f}")
             self._loop(stop, stop_at)
-            return self._finish(stop, resumed_from)
+            result = self._finish(stop, resumed_from)
+        except Exception as exc:
+            if self.world.main:
+                # Best effort: the error itself is what the caller must see.
+                with contextlib.suppress(Exception):
+                    error = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    write_process(self.run_dir, "failed", self.position.step, steps, error=error)
+            raise
         finally:
             self.writer.close()
+        if self.world.main:
+            state = "stopped" if result.interrupted else "finished"
+            write_process(self.run_dir, state, result.step, steps, by=result.stopped_by)
+        return result
 
     def _finish(self, stop: StopRequest, resumed_from: int | None) -> TrainResult:
         p, steps = self.position, self.cfg.training.steps
