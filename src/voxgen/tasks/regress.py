@@ -137,11 +137,10 @@ def build_regress_task(
 
 
 def _xray2ct(cfg, shape: tuple[int, int, int], input_grid: tuple[int, int, int]) -> nn.Module:
-    """The config's xray2ct network: a cube of data.shape from square X-ray images."""
+    """The config's xray2ct network (config validation admits only regression families for
+    task=regress): a cube of data.shape from square X-ray images."""
     from voxgen.models.xray2ct import build_xray2ct
 
-    if cfg.model.name != "xray2ct":
-        raise ConfigError(f"task=regress trains model.name=xray2ct (X-ray to CT), not {cfg.model.name!r}")
     if len(set(shape)) != 1 or input_grid[1] != input_grid[2]:
         raise ConfigError(
             f"model.name=xray2ct makes a cube from square X-ray images: data.shape={list(shape)} and "
