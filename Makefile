@@ -10,10 +10,18 @@ TEST_WORKERS ?= 2
 
 .PHONY: quickstart test install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml src/voxgen/reports/web/package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" -e '.[dev]'
+	@# The volume viewer `voxgen report` inlines (NiiVue, pinned by the lock file). Training does not
+	@# need it, so no npm (or no registry) is a warning here; the report command says how to add it later.
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix src/voxgen/reports/web --no-audit --no-fund --loglevel=error >/dev/null \
+		|| echo "warning: npm ci --prefix src/voxgen/reports/web failed: voxgen report will not work until it succeeds" >&2; \
+	else \
+		echo "note: npm not found: voxgen report needs NiiVue (npm ci --prefix src/voxgen/reports/web)" >&2; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -20,7 +20,8 @@ LAYERS = [
     ("config", ["voxgen.config"]),
     ("training", ["voxgen.training"]),
     ("evaluation and memory", ["voxgen.evaluation", "voxgen.memory"]),
-    ("commands", ["voxgen.cli", "voxgen.quickstart", "voxgen.sample", "voxgen.slurm"]),
+    ("run report", ["voxgen.reports.run_report"]),
+    ("commands", ["voxgen.cli", "voxgen.quickstart", "voxgen.sample", "voxgen.slurm", "voxgen.training.commands"]),
 ]
 
 

@@ -8,4 +8,6 @@ TINY_RUN = [
     "model.norm_num_groups=4",
     "training.steps=2",
     "training.val_batches=1",
+    # The end-of-run report is tested on its own (tests/reports, tests/training/test_train_report.py).
+    "run.report=false",
 ]

@@ -221,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="the data set's names: data.modalities=[...] data.masks=[...] mode.generated=[...] mode.conditions=[...]",
     )
+    p = sub.add_parser("report", help="one self-contained HTML page of a run: config, curves and events, checkpoints, samples")
+    p.add_argument("--run", required=True, metavar="DIR", help="run folder")
+    p.add_argument("--out", default=None, metavar="FILE.html", help="the page to write (default RUN/report.html)")
+    p.add_argument("--samples", default=None, metavar="DIR", help="folder of sample_NNN_<modality>.nii.gz (default RUN/samples)")
     from voxgen.evaluation.commands import add_evaluate_parser, add_find_steps_parser
 
     add_evaluate_parser(sub)
@@ -290,6 +294,7 @@ COMMANDS = {
     "models": _models,
     "data": _data,
     "status": "voxgen.training.commands:run_status",
+    "report": "voxgen.reports.run_report:run_report",
 }
 
 

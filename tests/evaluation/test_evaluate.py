@@ -44,9 +44,15 @@ def test_evaluate_writes_table_csv_and_plot_with_the_nfe_of_each_solver(tiny_run
         assert -1 <= float(r["SSIM"]) <= 1 and float(r["PSNR (dB)"]) > 0
         assert 0 <= float(r["MS-SSIM"]) <= 1
         assert r["extractor"] == "random3d, not comparable with published figures"
+        assert 0 < float(r["anatomy"]) <= 1  # cohort data is in template space: scored by default
+    anatomy = list(csv.DictReader((out / "anatomy.csv").open()))
+    assert [a["group"] for a in anatomy] == ["real (test)", "samples euler:2", "samples euler:3", "samples heun2:2"]
+    assert [float(a["dice_mean"]) for a in anatomy[1:]] == pytest.approx([float(r["anatomy"]) for r in rows], abs=1e-6)
+    assert float(anatomy[0]["dice_mean"]) > 0.4  # the real cases: their labels follow the template
     table = (out / "evaluate.md").read_text()
     assert "| solver | steps / tolerance | NFE | PSNR (dB) | SSIM | MS-SSIM | FID (random3d) | KID (random3d) |" in table
     assert "not comparable with published figures" in table
+    assert "cases themselves score" in table and "(chance)" in table
     assert "MS-SSIM: volumes [16, 16, 16] use 1 of 5 scales" in table
     assert (out / "evaluate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

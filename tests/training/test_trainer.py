@@ -55,6 +55,7 @@ def test_resume_equals_uninterrupted_run(phantom_root, tmp_path):
 
 @pytest.mark.slow
 def test_training_learns_and_beats_an_untrained_model(phantom_root, tmp_path):
+    from voxgen.diffusion.sampling import sample_volumes, sampling_settings
     from voxgen.quickstart import quality
     from voxgen.training.runs import load_run
 
@@ -65,7 +66,9 @@ def test_training_learns_and_beats_an_untrained_model(phantom_root, tmp_path):
     first, last = result.history[0]["val_loss"], result.history[-1]["val_loss"]
     assert last <= 0.5 * first, (first, last)
     cfg, parts, step = load_run(tmp_path / "run")
-    q = quality(cfg, parts, num=4, seed=0)
+    sampling = sampling_settings(cfg.sample, parts.strategy, parts.mode.conditional)
+    trained = sample_volumes(cfg, parts, 4, 0, sampling).volumes[parts.mode.generated[0]]
+    q = quality(cfg, parts, trained, seed=0)
     assert q.trained * 2 <= q.untrained, q
 
 

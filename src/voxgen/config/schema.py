@@ -361,6 +361,9 @@ class RunConfig:
     dir: str = path("runs/default")
     # In [0, 2**32 - 1] (see voxgen.config.compose.SEED_MAX).
     seed: int = 0
+    # `voxgen train` writes RUN/report.html when a run ends (docs/report.md); it plans the step's
+    # GPU memory and reads every checkpoint, a few seconds more.
+    report: bool = True
 
 
 @dataclass

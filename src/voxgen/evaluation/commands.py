@@ -142,9 +142,14 @@ def run_evaluate(args) -> int:
     md, csv_path = write_tables(rows, headers, out, "evaluate", title, ev.describe(), label)
     better = {header(c.metric, ev.extractor): c.metric.better for c in ev.columns}
     chart = save_nfe_chart(out / "evaluate.png", rows, headers, title, better)
+    written = [md, csv_path, chart]
+    if ev.anatomy_groups:
+        from voxgen.evaluation import anatomy
+
+        written.append(anatomy.write_csv(out / "anatomy.csv", ev.anatomy_groups))
     print(
         f"evaluated {len(rows)} configurations x {ev.samples} samples in {time.perf_counter() - began:.0f} s; "
-        f"{md}, {csv_path}, {chart}"
+        + ", ".join(map(str, written))
     )
     return 0
 

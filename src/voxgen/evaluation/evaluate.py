@@ -17,6 +17,7 @@ import torch
 
 from voxgen.data.dataset import VolumeDataset
 from voxgen.errors import DataError, VoxgenError
+from voxgen.evaluation import anatomy
 from voxgen.evaluation import metrics as registry
 from voxgen.evaluation.features import EXTRACTORS, Extractor, build_extractor
 from voxgen.evaluation.masks import lesion_stats
@@ -121,6 +122,10 @@ class RunEvaluator:
         self.paired = bool(mode.conditions)
         self.size_bins = mode.size_bins is not None
         self.notes: list[str] = []
+        # The anatomy score's template labels on the data's grid, when an anatomy column is chosen;
+        # then the real cases' score (the ceiling) and each sample set's, for RUN/evaluation/anatomy.csv.
+        self.priors = None
+        self.anatomy_groups: list = []
         self._several = len(mode.generated) > 1
         self.columns = self._columns(metrics)
         needs_features = any(c.metric.needs == "features" for c in self.columns)
@@ -140,8 +145,9 @@ class RunEvaluator:
         columns = []
         for modality in self.parts.mode.generated:
             is_mask = modality in self.masks
+            template = modality in anatomy.TISSUE_ORDER and (explicit or anatomy.made_from_template(self.cfg.data.root))
             for metric in chosen:
-                if not registry.applicable(metric, is_mask, self.paired, self.size_bins):
+                if not registry.applicable(metric, is_mask, self.paired, self.size_bins, template):
                     if explicit:
                         what = "mask" if is_mask else "image"
                         kind_ok = metric.kind == "any" or (metric.kind == "mask") == is_mask
@@ -150,6 +156,8 @@ class RunEvaluator:
                             if not kind_ok
                             else "a size-bin mode (seg_conditioned)"
                             if metric.needs == "size_bins"
+                            else f"a T1-weighted modality ({', '.join(anatomy.TISSUE_ORDER)})"
+                            if metric.needs == "template"
                             else "conditioned samples"
                         )
                         raise VoxgenError(
@@ -174,10 +182,25 @@ class RunEvaluator:
                     # Fewer scales give values not comparable with five-scale MS-SSIM: say so once.
                     if scales < len(MS_SSIM_WEIGHTS) and note not in self.notes:
                         self.notes.append(note)
+                if metric.needs == "template" and self.priors is None:
+                    self._anatomy_ceiling(modality)
                 columns.append(Column(modality, metric, metric.name))
         if not columns:
             raise VoxgenError("no metric applies to this run")
         return columns
+
+    def _anatomy_ceiling(self, modality: str) -> None:
+        """Template labels on the data's grid, and the score of the split's real cases."""
+        self.priors = anatomy.template_priors(self.data.affine, self.reals[modality].shape[1:])
+        real = anatomy.score_group(f"real ({self.split})", self.reals[modality], self.priors, anatomy.tissue_order(modality))
+        self.anatomy_groups.append(real)
+        order = anatomy.tissue_order(modality)
+        chance = np.mean([anatomy.chance_scores(v, self.priors, order).mean() for v in self.reals[modality]])
+        self.notes.append(
+            f"Anatomy: 3 intensity classes inside the MNI152 intracranial volume vs the template's tissue labels, "
+            f"mean Dice; the '{self.split}' cases themselves score {real.mean:.3f} (the ceiling), a labelling "
+            f"independent of the anatomy with their class fractions {chance:.3f} (chance)."
+        )
 
     def headers(self) -> list[str]:
         """Column headers of the metrics, e.g. 'FID (random3d)'; prefixed by modality when a mode
@@ -252,11 +275,15 @@ class RunEvaluator:
                     extractor=self.extractor,
                     real_features=self._real_features.get(modality),
                     requested_bins=result.size_bins,
+                    priors=self.priors,
                 )
             value = column.metric.fn(inputs[modality])
             if inputs[modality].real_features is not None:
                 self._real_features[modality] = inputs[modality].real_features
             row.values[head] = value
+            if column.metric.needs == "template":
+                group = registry.anatomy_of(inputs[modality])
+                self.anatomy_groups.append(anatomy.GroupScore(f"samples {spec}", group.n, group.dice))
             if column.metric.needs == "size_bins" and str(spec) not in self.per_bin:
                 self.per_bin[str(spec)] = registry.bin_adherence_of(inputs[modality])["mean_abs_error_per_bin"]
         return row

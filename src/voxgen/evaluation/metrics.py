@@ -16,6 +16,7 @@ import torch
 
 from voxgen.errors import VoxgenError
 from voxgen.evaluation import distribution, masks, pixel
+from voxgen.evaluation.anatomy import GroupScore, Priors, score_group, tissue_order
 from voxgen.evaluation.distances import intensity_w1, lesion_fraction_w1
 from voxgen.evaluation.features import Extractor
 
@@ -46,8 +47,11 @@ class Inputs:
     real_features: dict[str, np.ndarray] | None = None  # cached by the caller across sample sets
     # Size-bin modes: the tumour counts per size bin requested of each sample, (N, 7).
     requested_bins: np.ndarray | None = None
+    # Template-space data (voxgen.evaluation.anatomy): the MNI152 tissue labels on the data's grid.
+    priors: Priors | None = None
     _sample_features: dict[str, np.ndarray] | None = field(default=None, repr=False)
     _bin_adherence: dict | None = field(default=None, repr=False)
+    _anatomy: GroupScore | None = field(default=None, repr=False)
 
     def features(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """({view: sample features}, {view: reference features}), each computed once."""
@@ -151,6 +155,20 @@ def bins_mae(inputs: Inputs) -> float:
     return float(np.mean(bin_adherence_of(inputs)["mean_abs_error_per_bin"]))
 
 
+def anatomy_of(inputs: Inputs) -> GroupScore:
+    """Per-tissue anatomy Dice of the samples, averaged over them; computed once per `Inputs`."""
+    if inputs.priors is None:
+        raise VoxgenError(f"{inputs.modality}: the anatomy score needs data in MNI152 template space")
+    if inputs._anatomy is None:
+        order = tissue_order(inputs.modality)
+        inputs._anatomy = score_group("samples", list(inputs.samples), inputs.priors, order)
+    return inputs._anatomy
+
+
+def anatomy(inputs: Inputs) -> float:
+    return anatomy_of(inputs).mean
+
+
 def intensity(inputs: Inputs) -> float:
     return intensity_w1(inputs.samples, inputs.reals)
 
@@ -162,8 +180,9 @@ def lesion_fraction(inputs: Inputs) -> float:
 @dataclass(frozen=True)
 class Metric:
     """name: registry key and CLI choice; label: table header (feature metrics add the extractor);
-    needs: 'pairs' (conditioned samples), 'features' (an extractor), 'sets' (the two sets) or
-    'size_bins' (the size-bin requests of a seg_conditioned mode);
+    needs: 'pairs' (conditioned samples), 'features' (an extractor), 'sets' (the two sets),
+    'size_bins' (the size-bin requests of a seg_conditioned mode) or 'template' (T1-weighted data
+    in MNI152 space);
     kind: 'image', 'mask' or 'any' modality; better: 'lower', 'higher' or 'none' (a statistic)."""
 
     name: str
@@ -194,6 +213,15 @@ METRICS: dict[str, Metric] = {
         Metric("fid", "FID", fid, "features", "any", "lower", "Fréchet distance of Gaussians fitted to features"),
         Metric("kid", "KID", kid, "features", "any", "lower", "unbiased MMD^2, cubic polynomial kernel, 100 subsets"),
         Metric("mmd", "MMD", mmd, "features", "any", "lower", "unbiased MMD^2, RBF kernel, median-distance bandwidth"),
+        Metric(
+            "anatomy",
+            "anatomy",
+            anatomy,
+            "template",
+            "image",
+            "higher",
+            "mean Dice of 3 intensity classes (CSF, GM, WM) with the MNI152 tissue priors (docs/evaluation.md)",
+        ),
         Metric("intensity_w1", "intensity W1", intensity, "sets", "image", "lower", "W1 of voxel intensities inside the head"),
         Metric("dice", "Dice", dice, "pairs", "mask", "higher", "Dice vs the paired case's mask"),
         Metric("hd95", "HD95 (mm)", hd95, "pairs", "mask", "lower", "95th-percentile Hausdorff distance vs the paired mask"),
@@ -233,11 +261,16 @@ METRICS: dict[str, Metric] = {
 }
 
 
-def applicable(metric: Metric, is_mask: bool, paired: bool, size_bins: bool = False) -> bool:
-    """Whether `metric` can be computed for a modality (mask or image) with or without pairs, and
-    with or without size-bin requests."""
+def applicable(metric: Metric, is_mask: bool, paired: bool, size_bins: bool = False, template: bool = False) -> bool:
+    """Whether `metric` can be computed for a modality (mask or image) with or without pairs, with
+    or without size-bin requests, and in template space (T1-weighted, MNI152) or not."""
     kind_ok = metric.kind == "any" or (metric.kind == "mask") == is_mask
-    return kind_ok and (metric.needs != "pairs" or paired) and (metric.needs != "size_bins" or size_bins)
+    return (
+        kind_ok
+        and (metric.needs != "pairs" or paired)
+        and (metric.needs != "size_bins" or size_bins)
+        and (metric.needs != "template" or template)
+    )
 
 
 def get_metric(name: str) -> Metric:

@@ -72,8 +72,13 @@ def _train_run(args, pending: list[int]) -> int:
     if result.interrupted:
         return result.exit_code
     last = result.history[-1] if result.history else {}
-    if world_from_env().main:  # one summary for a torchrun job, not one per process
+    if world_from_env().main:  # one summary and one report for a torchrun job, not one per process
         print(f"trained {result.step} steps in {result.run_dir}; val loss {last.get('val_loss', float('nan')):.4f}")
+        if cfg.run.report:
+            from voxgen.reports.run_report import try_write_run_report
+
+            report, reason = try_write_run_report(result.run_dir)
+            print(f"report: {report}" if report else f"no report written: {reason}")
     return 0
 
 

@@ -51,8 +51,8 @@ RESUMABLE = (
 )
 
 
-def run_config(run_dir: str | Path):
-    """The config a run folder was trained with (RUN/config.yaml)."""
+def read_saved_config(run_dir: str | Path) -> dict:
+    """RUN/config.yaml as plain data, not yet checked against today's schema."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: not a run folder (no config.yaml)")
@@ -62,7 +62,12 @@ def run_config(run_dir: str | Path):
         raise ConfigError(f"{path}: cannot read the run's config ({type(exc).__name__})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the run's config is not a mapping of keys")
-    return from_dict(data)
+    return data
+
+
+def run_config(run_dir: str | Path):
+    """The config a run folder was trained with (RUN/config.yaml)."""
+    return from_dict(read_saved_config(run_dir))
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
