@@ -56,6 +56,7 @@ def test_every_declared_dependency_is_imported():
         "numpy": "numpy",
         "scipy": "scipy",
         "scikit-image": "skimage",
+        "scikit-learn": "sklearn",
         "pyyaml": "yaml",
         "torch": "torch",
         "monai": "monai",

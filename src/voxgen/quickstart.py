@@ -127,7 +127,7 @@ def quickstart(out: str | Path, overrides=(), console: Console | None = None, ca
     )
     console.print(f"run: {run_dir}  (tensorboard --logdir {run_dir / 'tb'})")
     console.print(f"samples: {out / 'samples'}  mosaic: {mosaic}")
-    report, reason = try_write_run_report(run_dir, samples_dir=out / "samples")
+    report, reason = try_write_run_report(run_dir, samples_dir=out / "samples", memory_plan=memory)
     console.print(f"report: {report}" if report else f"no report written: {reason}")
     summary["report"] = str(report) if report else None
     return summary

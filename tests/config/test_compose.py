@@ -129,7 +129,7 @@ def test_a_factory_failing_with_a_foreign_error_is_one_config_line(monkeypatch):
             'model.attention_levels must be a list of true/false values, got [true, "maybe"]',
         ),
         ("model.in_channels=x", "model.in_channels must be an integer or null, got 'x'"),
-        ("run=5", "run must be a section of keys (dir, seed), got 5"),
+        ("run=5", "run must be a section of keys (dir, seed, report), got 5"),
         ("training..steps=3", "key 'training..steps' has an empty part between dots"),
     ],
 )

@@ -130,8 +130,9 @@ def _parameter_count(cfg) -> int:
     return sum(p.numel() for p in task.model.parameters())
 
 
-def _model_and_memory(cfg, why: str | None, say) -> tuple[list[tuple[str, str]], str]:
-    """Rows of the model table and the memory plan's paragraph."""
+def _model_and_memory(cfg, why: str | None, say, memory_plan=None) -> tuple[list[tuple[str, str]], str]:
+    """Rows of the model table and the memory plan's paragraph (`memory_plan`: the caller's plan of
+    this config, when it made one)."""
     if cfg is None:
         return [("model", "unknown")], f"<p class='bad'>not planned: {esc(why)}</p>"
     from voxgen.memory.planner import plan
@@ -139,7 +140,7 @@ def _model_and_memory(cfg, why: str | None, say) -> tuple[list[tuple[str, str]],
     rows = [("model.name", cfg.model.name), ("task", cfg.task)]
     say("planning the GPU memory of one training step")
     try:
-        p = plan(cfg)
+        p = memory_plan if memory_plan is not None else plan(cfg)
     except VoxgenError as exc:
         try:
             rows.append(("parameters", f"{_parameter_count(cfg):,}"))
@@ -163,12 +164,12 @@ def _model_and_memory(cfg, why: str | None, say) -> tuple[list[tuple[str, str]],
     return rows, memory + "<p class='note'>voxgen.memory.planner.plan(cfg): traced on the CPU, see docs/memory.md.</p>"
 
 
-def _run_section(run_dir: Path, saved: dict, cfg, why: str | None, say) -> str:
+def _run_section(run_dir: Path, saved: dict, cfg, why: str | None, say, memory_plan=None) -> str:
     from voxgen.config import compose, to_dict
 
     diff = config_diff(saved, to_dict(compose([])))
     diff_html = table(["key", "default", "this run"], [(k, _shown(a), _shown(b)) for k, a, b in diff], "data mono")
-    model_rows, memory = _model_and_memory(cfg, why, say)
+    model_rows, memory = _model_and_memory(cfg, why, say, memory_plan)
     return (
         f"<h3>Config: {len(diff)} keys differ from the defaults</h3>{diff_html}"
         f"<p class='note'>The defaults are the schema's (a config composed of no files). The whole config: "
@@ -422,11 +423,13 @@ def write_run_report(
     samples_dir: str | Path | None = None,
     *,
     say: Callable[[str], None] | None = None,
+    memory_plan=None,
 ) -> Path:
     """Write the report of `run_dir` to `out` (default RUN/report.html), whole or not at all.
 
-    samples_dir: the sample NIfTI files (default RUN/samples). Raises VoxgenError: not a run
-    folder, the viewer (NiiVue) not installed, the file not writable.
+    samples_dir: the sample NIfTI files (default RUN/samples); memory_plan: the run config's
+    `voxgen.memory.planner.plan`, when the caller has made it (planned here otherwise). Raises
+    VoxgenError: not a run folder, the viewer (NiiVue) not installed, the file not writable.
     """
     say = say or (lambda _: None)
     run_dir = Path(run_dir)
@@ -440,7 +443,7 @@ def write_run_report(
     logs = read_run_logs(run_dir, float(guards.get("collapse_std_ratio", 0.0)), int(training.get("warmup_steps", 0)))
     samples_html, scripts = _samples_section(run_dir, samples_dir, saved, bundle, say)
     sections = [
-        ("run", "Run", _run_section(run_dir, saved, cfg, why, say)),
+        ("run", "Run", _run_section(run_dir, saved, cfg, why, say, memory_plan)),
         ("curves", "Curves and guard events", _curves_section(logs)),
         ("checkpoints", "Checkpoints", _checkpoints_section(run_dir, saved, say)),
         ("samples", "Samples", samples_html),
@@ -451,14 +454,16 @@ def write_run_report(
     return write_atomic(out, text)
 
 
-def try_write_run_report(run_dir: str | Path, samples_dir: str | Path | None = None) -> tuple[Path | None, str | None]:
+def try_write_run_report(
+    run_dir: str | Path, samples_dir: str | Path | None = None, memory_plan=None
+) -> tuple[Path | None, str | None]:
     """(path of RUN/report.html, None), or (None, one line saying why it was not written).
 
     For commands that end with a report (train, quickstart): the run they made is worth more
     than its report, so no failure here may end them with an error, not even a bug.
     """
     try:
-        return write_run_report(run_dir, samples_dir=samples_dir), None
+        return write_run_report(run_dir, samples_dir=samples_dir, memory_plan=memory_plan), None
     except VoxgenError as exc:
         return None, str(exc)
     except Exception as exc:
