@@ -9,10 +9,11 @@ No JavaScript and no matplotlib: an SVG string is small, sharp at any zoom, and 
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from voxgen.reports.html_parts import esc
 
 WIDTH = 880
 LEFT, RIGHT, TOP, BOTTOM = 70, 16, 40, 24
@@ -59,10 +60,6 @@ class Marker:
     kind: str
     text: str
     count: int = 1
-
-
-def _esc(value) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -160,20 +157,20 @@ def line_chart(title: str, series: Sequence[Series], x_max: int, markers: Sequen
         return bottom - (bottom - top) * (v - lo) / (hi - lo)
 
     parts = [
-        f'<svg class="chart" viewBox="0 0 {WIDTH} {CHART_HEIGHT}" width="100%" role="img" aria-label="{_esc(title)}">',
-        f'<text class="chart-title" x="{LEFT}" y="14">{_esc(title)}{" (log scale)" if log else ""}</text>',
+        f'<svg class="chart" viewBox="0 0 {WIDTH} {CHART_HEIGHT}" width="100%" role="img" aria-label="{esc(title)}">',
+        f'<text class="chart-title" x="{LEFT}" y="14">{esc(title)}{" (log scale)" if log else ""}</text>',
     ]
     for position, label in _y_ticks(lo, hi, log):
         py = bottom - (bottom - top) * (position - lo) / (hi - lo)
         parts.append(f'<line class="grid" x1="{LEFT}" y1="{py:.1f}" x2="{WIDTH - RIGHT}" y2="{py:.1f}"/>')
-        parts.append(f'<text class="tick" x="{LEFT - 6}" y="{py + 4:.1f}" text-anchor="end">{_esc(label)}</text>')
+        parts.append(f'<text class="tick" x="{LEFT - 6}" y="{py + 4:.1f}" text-anchor="end">{esc(label)}</text>')
     parts += _step_axis_svg(axis, bottom, top)
     parts.append(f'<line class="axis" x1="{LEFT}" y1="{top}" x2="{LEFT}" y2="{bottom}"/>')
     for m in markers:
         x = axis.x(m.step)
         colour = EVENT_COLOURS.get(m.kind, "#555")
         parts.append(
-            f'<line class="event-line {_esc(m.kind)}" data-step="{m.step}" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" '
+            f'<line class="event-line {esc(m.kind)}" data-step="{m.step}" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" '
             f'y2="{bottom}" stroke="{colour}"/>'
         )
     # The legend has a row of its own under the title, right-aligned, so a long title never covers it.
@@ -187,7 +184,7 @@ def line_chart(title: str, series: Sequence[Series], x_max: int, markers: Sequen
         legend_x -= width
         parts.append(
             f'<g class="legend"><rect x="{legend_x:.0f}" y="22" width="10" height="3" fill="{colour}"/>'
-            f'<text x="{legend_x + 14:.0f}" y="28">{_esc(label)}</text></g>'
+            f'<text x="{legend_x + 14:.0f}" y="28">{esc(label)}</text></g>'
         )
         for segment in _segments(s.points):
             if log:
@@ -199,7 +196,7 @@ def line_chart(title: str, series: Sequence[Series], x_max: int, markers: Sequen
                 st, v = segment[0]
                 parts.append(f'<circle class="point" cx="{axis.x(st):.1f}" cy="{y(v):.1f}" r="2.5" fill="{colour}"/>')
             else:
-                parts.append(f'<polyline class="curve" data-label="{_esc(s.label)}" points="{coords}" stroke="{colour}"/>')
+                parts.append(f'<polyline class="curve" data-label="{esc(s.label)}" points="{coords}" stroke="{colour}"/>')
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -240,14 +237,14 @@ def event_track(markers: Sequence[Marker], x_max: int) -> str:
         parts.append(f'<text class="tick" x="{LEFT + 8}" y="{top + 12}">none: no step was skipped or rolled back</text>')
     for row, kind in enumerate(kinds):
         cy = top + ROW_HEIGHT * row + ROW_HEIGHT / 2
-        parts.append(f'<text class="tick" x="{LEFT - 6}" y="{cy + 4:.1f}" text-anchor="end">{_esc(kind)}</text>')
+        parts.append(f'<text class="tick" x="{LEFT - 6}" y="{cy + 4:.1f}" text-anchor="end">{esc(kind)}</text>')
         for m in (m for m in markers if m.kind == kind):
             x = axis.x(m.step)
             times = f" (x{m.count})" if m.count > 1 else ""
             tip = f"step {m.step}: {EVENT_NAMES.get(kind, kind)}{times}. {m.text}"
             parts.append(
-                f'<g class="guard-event {_esc(kind)}" data-step="{m.step}" data-count="{m.count}">'
-                f"<title>{_esc(tip)}</title>{_glyph(kind, x, cy)}</g>"
+                f'<g class="guard-event {esc(kind)}" data-step="{m.step}" data-count="{m.count}">'
+                f"<title>{esc(tip)}</title>{_glyph(kind, x, cy)}</g>"
             )
     parts.append("</svg>")
     return "\n".join(parts)
