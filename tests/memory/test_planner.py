@@ -110,6 +110,16 @@ def test_plan_breakdown_adds_up_and_steady_state_includes_the_optimizer(tiny_pla
     assert p.breakdown["parameters"] >= 4 * p.params and p.fits and p.peak_phase in ("forward", "backward", "optimizer")
 
 
+def test_a_fused_optimizer_plans_within_the_foreach_one(tiny_plans):
+    """The fused AdamW kernel refuses meta tensors; the planner traces the per-tensor loop for it,
+    whose temporaries are fewer than foreach's (one parameter's at a time)."""
+    fused = plan(compose([], TINY + ["training.precision=fp32", "training.fused_optimizer=true"]))
+    foreach = tiny_plans["fp32"]
+    assert fused.breakdown["optimizer"] == foreach.breakdown["optimizer"]
+    assert fused.breakdown["activations"] <= foreach.breakdown["activations"]
+    assert fused.peak_bytes_first_step <= foreach.peak_bytes_first_step
+
+
 def test_bf16_lowers_activations(tiny_plans):
     assert tiny_plans["bf16"].breakdown_first_step["activations"] < tiny_plans["fp32"].breakdown_first_step["activations"]
 

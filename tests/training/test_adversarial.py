@@ -45,6 +45,7 @@ BASE = [
     "training.checkpoint_every=5",
     "training.device=cpu",
     "sample.steps=2",
+    "run.report=false",  # tested on its own (tests/reports)
 ]
 
 

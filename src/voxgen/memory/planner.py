@@ -388,6 +388,10 @@ def trace_step(cfg, model: torch.nn.Module | None = None, device: str = "cuda") 
         # meta tensors), whose temporaries (sqrt of exp_avg_sq, one per parameter) set the peak
         # of large models. On CPU the default is the per-tensor loop, which meta tensors get too.
         group["foreach"] = device == "cuda"
+        # The fused kernel (`training.fused_optimizer`) refuses meta tensors. It updates every
+        # tensor in place with no temporaries, so the per-tensor loop (one parameter's temporaries
+        # at a time) stands for it, a little above it.
+        group["fused"] = False
     parts.model.train()
 
     tracker = AllocationTracker(on_op=_kernel_workspaces if device == "cuda" else _cpu_workspaces)
