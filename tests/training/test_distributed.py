@@ -2,7 +2,6 @@
 the same weights as one process with the whole batch, one coordinated stop, exact resume."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -12,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
 from test_resume import ENV, _assert_same_checkpoint
-from test_trainer import TINY
+from test_trainer import TINY, _quiet
 
 from voxgen import checkpoint as store
 from voxgen.cli import main
@@ -90,7 +88,7 @@ def _torchrun(root, run_dir, *extra) -> None:
 def _single(root, run_dir) -> None:
     """One process with the whole batch of 4: this test's own (one thread, as the ranks run)."""
     _, *overrides = _args(root, run_dir, "training.batch_size=4", "training.checkpoint_every=10")
-    result = train(compose([], overrides), Console(file=open(os.devnull, "w")))
+    result = train(compose([], overrides), _quiet())
     assert not result.interrupted
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from test_trainer import TINY
+from test_trainer import TINY, _quiet
 
 from voxgen import checkpoint as store
 from voxgen.config import compose
@@ -61,7 +61,7 @@ def _assert_same_checkpoint(a_dir, b_dir, name):
 def test_segments_in_new_processes_equal_a_straight_run(phantom_root, tmp_path):
     straight, chain = tmp_path / "straight", tmp_path / "chain"
     # The straight run in this process (one thread, as the others): only the segments need new ones.
-    train(compose([], [*TINY, *RUN, f"data.root={phantom_root}", f"run.dir={straight}"]), Console(file=open(os.devnull, "w")))
+    train(compose([], [*TINY, *RUN, f"data.root={phantom_root}", f"run.dir={straight}"]), _quiet())
     # 12 steps as 6 + 3 + 3: a resume, and a resume of a resume, each in a new process.
     first = _voxgen_train(phantom_root, chain, "--stop-at", "6")
     assert first.returncode == EXIT_PREEMPTED, first.stderr
