@@ -101,3 +101,40 @@ def test_damaged_checkpoints_never_load_wrong_weights_or_crash(tmp_path):
         shutil.rmtree(run)
     print(outcomes)
     assert outcomes["newest"] > 20 and outcomes["fell back"] > 100 and outcomes["refused"] > 10, outcomes
+
+
+def test_verify_checkpoint_refuses_every_damage_that_reading_the_tensors_refuses(tmp_path):
+    """`verify_checkpoint` (the report's check: no tensor loaded) against reading every tensor:
+    each file of a checkpoint flipped or truncated, or a shard removed, fails both."""
+    pristine = _pristine(tmp_path / "pristine")
+    newest = store.list_checkpoints(pristine)[0]
+    store.verify_checkpoint(newest)
+    rng = random.Random(3)
+    names = sorted(p.name for p in newest.iterdir() if p.name != "state.json")
+    assert sum(n.endswith(".safetensors") for n in names) >= 3, names
+    cases = [(name, damage) for name in names for damage in ("flip", "truncate", "remove")]
+    for case, (name, damage) in enumerate(cases):
+        run = tmp_path / f"case{case}"
+        shutil.copytree(pristine, run)
+        folder = store.checkpoint_folder(run, 2)
+        path = folder / name
+        if damage == "remove":
+            path.unlink()
+        else:
+            data = bytearray(path.read_bytes())
+            if damage == "flip":
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+            else:
+                data = data[: rng.randrange(len(data))]
+            path.write_bytes(bytes(data))
+        try:
+            list(store.iter_tensors(folder))
+        except CheckpointError:
+            pass
+        else:
+            raise AssertionError(f"{name} {damage}: reading the tensors did not refuse it")
+        try:
+            store.verify_checkpoint(folder)
+        except CheckpointError:
+            continue
+        raise AssertionError(f"{name} {damage}: verify_checkpoint passed a damaged checkpoint")

@@ -47,6 +47,7 @@ from voxgen.checkpoint.read import (
     load_weights,
     read_checkpoint,
     read_state,
+    verify_checkpoint,
 )
 from voxgen.checkpoint.retention import prune, retain
 from voxgen.checkpoint.write import (
@@ -87,5 +88,6 @@ __all__ = [
     "retain",
     "save_checkpoint",
     "split_prefix",
+    "verify_checkpoint",
     "with_prefix",
 ]

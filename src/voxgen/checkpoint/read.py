@@ -181,6 +181,34 @@ def iter_tensors(folder: str | Path, prefix: str | None = None) -> Iterator[tupl
         raise CheckpointError(f"{folder}: checkpoint lacks tensors {sorted(missing)[:3]}")
 
 
+def verify_checkpoint(folder: str | Path) -> None:
+    """Check one checkpoint without loading its tensors: index.json, then every file it lists
+    against its recorded size and crc32 (read in chunks), then that each shard holds the tensors
+    the index places in it (its header only). Holds one read chunk, not a shard, in memory: a
+    report can check a run's checkpoints beside a live training process. Raises CheckpointError."""
+    folder = Path(folder)
+    try:
+        index = _read_index(folder)
+        files = index.get("files")
+        for filename in files or {}:
+            _verify(folder, filename, files, *_file_crc(folder / filename))
+        keys_by_file: dict[str, set[str]] = {}
+        for name, filename in index["weight_map"].items():
+            keys_by_file.setdefault(filename, set()).add(name)
+        for spec in index.get("split_tensors", {}).values():
+            for piece in spec["pieces"]:
+                keys_by_file.setdefault(piece["file"], set()).add(piece["key"])
+        for filename, keys in sorted(keys_by_file.items()):
+            with safe_open(str(folder / filename), framework="pt") as f:
+                missing = keys - set(f.keys())
+            if missing:
+                raise _corrupt(folder, f"{filename} lacks tensor {sorted(missing)[0]!r}")
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+        raise _corrupt(folder, f"{type(exc).__name__}: {exc}") from None
+
+
 def read_state(folder: str | Path) -> dict:
     """state.json of one checkpoint, verified against index.json; raises CheckpointError."""
     folder = Path(folder)

@@ -271,8 +271,10 @@ def _pointer(root: Path, name: str) -> str | None:
 def checkpoint_rows(run_dir: Path, best_metric: str = "") -> list[dict]:
     """One dict per checkpoint folder, newest first: name, step, bytes, ok, problem, metric, roles.
 
-    Every file is read and checked against its recorded size and crc32 (`store.iter_tensors`
-    reads one shard at a time), so a report of a large run takes as long as reading its checkpoints.
+    Every file is read and checked against its recorded size and crc32, in chunks
+    (`store.verify_checkpoint`: no tensor is loaded, so the report written at the end of a run
+    adds little to the training process's memory), and a report of a large run takes as long as
+    reading its checkpoints.
     """
     root = store.checkpoint_root(run_dir)
     latest, best = _pointer(root, store.LATEST), _pointer(root, store.BEST)
@@ -282,8 +284,7 @@ def checkpoint_rows(run_dir: Path, best_metric: str = "") -> list[dict]:
         row["bytes"] = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
         try:
             state = store.read_state(folder)
-            for _ in store.iter_tensors(folder):
-                pass
+            store.verify_checkpoint(folder)
             row["step"] = int(state.get("step", row["step"]))
             value = state.get("metrics", {}).get(best_metric) if best_metric else None
             row["metric"] = float(value) if isinstance(value, int | float) else None
