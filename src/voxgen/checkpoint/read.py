@@ -43,6 +43,10 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=_step_of, reverse=True)
 
 
+# What a damaged or truncated checkpoint file raises while it is read: each becomes one CheckpointError.
+_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError)
+
+
 def _corrupt(folder: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{folder}: checkpoint is incomplete or corrupt ({why})")
 
@@ -174,7 +178,7 @@ def iter_tensors(folder: str | Path, prefix: str | None = None) -> Iterator[tupl
             del loaded
     except CheckpointError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+    except _READ_ERRORS as exc:
         raise _corrupt(folder, f"{type(exc).__name__}: {exc}") from None
     missing = expected - seen
     if missing:
@@ -205,7 +209,7 @@ def verify_checkpoint(folder: str | Path) -> None:
                 raise _corrupt(folder, f"{filename} lacks tensor {sorted(missing)[0]!r}")
     except CheckpointError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+    except _READ_ERRORS as exc:
         raise _corrupt(folder, f"{type(exc).__name__}: {exc}") from None
 
 
