@@ -110,6 +110,8 @@ def test_verify_checkpoint_refuses_every_damage_that_reading_the_tensors_refuses
     newest = store.list_checkpoints(pristine)[0]
     store.verify_checkpoint(newest)
     rng = random.Random(3)
+    # state.json is left out: reading the tensors never opens it (read_state checks it), so the
+    # two have nothing to agree on there.
     names = sorted(p.name for p in newest.iterdir() if p.name != "state.json")
     assert sum(n.endswith(".safetensors") for n in names) >= 3, names
     cases = [(name, damage) for name in names for damage in ("flip", "truncate", "remove")]
