@@ -3,13 +3,18 @@ whole plan against the peak RSS of real CPU training runs."""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+
+import pytest
 import torch
 
 from voxgen.config import compose
 from voxgen.data.dataset import VolumeDataset
 from voxgen.data.layout import Modalities
-from voxgen.memory.host import CUDA_RUNTIME_BYTES, host_plan
-from voxgen.memory.planner import trace_step
+from voxgen.memory.host import CUDA_RUNTIME_BYTES, host_plan, measure_peak_rss
+from voxgen.memory.planner import plan, trace_step
 
 TINY = [
     "model.channels=[16,32]",
@@ -84,6 +89,53 @@ def test_a_node_holds_one_writer_and_readers_and_fsdp_ranks_read_the_whole_check
     # Every FSDP process reads the whole checkpoint on resume before taking its part.
     fsdp = host_plan(trace, world_size=8, sharding="fsdp")
     assert fsdp.parts["checkpoint_resume"] == ddp.parts["checkpoint_resume"] > 0
+
+
+MiB = 2**20
+TOUCH_MIB = "b = bytearray({} * 2**20)\nfor i in range(0, len(b), 4096): b[i] = 1"
+
+
+def test_the_measured_peak_is_the_programs_own_not_its_callers():
+    """Linux hands the peak RSS of the image a process replaces at exec to the new program; a
+    program started from a caller holding more memory than it ever uses must not report the
+    caller's peak."""
+    held = bytearray(512 * MiB)
+    held[::4096] = b"\1" * len(held[::4096])  # resident, not only reserved
+    small = measure_peak_rss([sys.executable, "-c", "pass"])
+    large = measure_peak_rss([sys.executable, "-c", TOUCH_MIB.format(300)])
+    del held
+    assert small.returncode == large.returncode == 0
+    assert small.peak_rss_bytes < 64 * MiB  # a bare interpreter
+    assert 300 * MiB < large.peak_rss_bytes < 400 * MiB
+    failed = measure_peak_rss([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"])
+    assert failed.returncode == 3 and failed.output == "out\n"
+    missing = measure_peak_rss(["/no/such/program"])
+    assert missing.returncode == 127 and "No such file" in missing.output
+    slow = measure_peak_rss([sys.executable, "-c", "import time; time.sleep(30)"], timeout=1)
+    assert slow.returncode == -9
+
+
+@pytest.mark.slow
+def test_planned_host_memory_is_within_15_percent_of_the_peak_rss_of_cpu_training(phantom_root, tmp_path):
+    """`voxgen train` on the CPU, measured with wait4 (as /usr/bin/time -v): a new run (training and
+    its checkpoint) and the same run resumed (its checkpoint read back whole, then training)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    run_dir = tmp_path / "run"
+    planned = plan(compose([], _train(phantom_root, run_dir, 3))).host
+    fresh = measure_peak_rss([sys.executable, "-m", "voxgen.cli", "train", *_train(phantom_root, run_dir, 3)], env, 600)
+    assert fresh.returncode == 0, fresh.output[-2000:]
+    new_run = max(planned["phases"]["training"], planned["phases"]["checkpoint_write"])
+    resumed = measure_peak_rss([sys.executable, "-m", "voxgen.cli", "train", *_train(phantom_root, run_dir, 5)], env, 600)
+    assert resumed.returncode == 0 and "resumed from" in resumed.output, resumed.output[-2000:]
+    print(f"new run: planned {new_run / MiB:.0f} MiB, measured {fresh.peak_rss_bytes / MiB:.0f} MiB")
+    print(f"resumed: planned {planned['rank_bytes'] / MiB:.0f} MiB, measured {resumed.peak_rss_bytes / MiB:.0f} MiB")
+    assert abs(fresh.peak_rss_bytes / new_run - 1) < 0.15
+    assert abs(resumed.peak_rss_bytes / planned["rank_bytes"] - 1) < 0.15
+    assert planned["rank_bytes"] == planned["phases"]["resume"] > new_run  # resuming holds the checkpoint twice
+    # The checkpoint's tensors as the trainer wrote them (index.json), less its RNG states (a few KiB).
+    checkpoints = run_dir / "checkpoints"
+    index = json.loads((checkpoints / (checkpoints / "latest").read_text().strip() / "index.json").read_text())
+    assert planned["parts"]["checkpoint_resume"] == pytest.approx(index["total_bytes"], abs=64 * 2**10)
 
 
 def _train(root, run_dir, steps: int) -> list[str]:

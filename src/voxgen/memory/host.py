@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
+import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from voxgen.data.layout import case_folders
 from voxgen.errors import DataError
@@ -158,30 +160,50 @@ def _cpu_step(trace: Trace, world_size: int, sharding: str) -> tuple[int, int]:
 
 @dataclass
 class Measured:
-    """What one process (and the children it waited for) used: `peak_rss_bytes` is its VmHWM."""
+    """What one process (and the children it waited for) used: `peak_rss_bytes` is its ru_maxrss."""
 
     returncode: int
     peak_rss_bytes: int
     output: str
 
 
+# Runs argv[2:] in a child, waits for it and writes its exit code and ru_maxrss to the file argv[1].
+# Linux records, when a process calls exec, the peak RSS of the memory image being replaced into
+# the new program's ru_maxrss. A program started straight from a large caller (a pytest worker,
+# a benchmark that has planned a model) would report the caller's peak if larger than its own;
+# started from this launcher, a bare interpreter of a few MiB, it reports its own.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    except OSError as error:
+        print(f"{sys.argv[2]}: {error}", file=sys.stderr, flush=True)
+    os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as report:
+    report.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}")
+"""
+
+
 def measure_peak_rss(argv: Sequence[str], env: dict | None = None, timeout: float | None = None) -> Measured:
     """Run `argv` and return its exit code, peak resident set size and output (stdout + stderr).
 
-    The peak is that process's own (`wait4`'s ru_maxrss, what `/usr/bin/time -v` reports), not
-    the largest of every child the caller ever waited for (`RUSAGE_CHILDREN`). Past `timeout`
-    seconds the process is killed."""
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            # Reaped here, not by Popen: only wait4 returns the child's resource usage.
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                proc.kill()
-            time.sleep(0.05)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        return Measured(proc.returncode, usage.ru_maxrss * 1024, out.read())
+    The peak is that process's own (`wait4`'s ru_maxrss, what `/usr/bin/time -v` reports), taken
+    by a small launcher process (`_LAUNCHER` says why). Past `timeout` seconds it is killed."""
+    with tempfile.TemporaryDirectory() as folder:
+        report, log = Path(folder) / "report", Path(folder) / "output"
+        launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(report), *argv]
+        with log.open("w") as out:
+            proc = subprocess.Popen(launcher, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        output = log.read_text(errors="replace")
+        if not report.exists():  # killed before its child ended
+            return Measured(proc.returncode, 0, output)
+        code, maxrss_kib = (int(field) for field in report.read_text().split())
+        return Measured(code, maxrss_kib * 1024, output)
