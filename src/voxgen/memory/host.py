@@ -200,8 +200,11 @@ def measure_peak_rss(argv: Sequence[str], env: dict | None = None, timeout: floa
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                pass
+            finally:  # past the timeout, or the caller interrupted: the program goes too
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
         output = log.read_text(errors="replace")
         if not report.exists():  # killed before its child ended
             return Measured(proc.returncode, 0, output)
