@@ -7,19 +7,18 @@ read (docs/speed.md, docs/memory-validation.md).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).parents[1]
+from benchmark_module import REPO, load_benchmark
+
 # A 2-level UNet at 16^3 with attention at its second level.
 TINY = [
     "--shape",
@@ -31,16 +30,8 @@ TINY = [
 ]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-speed = _load("speed")
-memory_validation = _load("memory_validation")
+speed = load_benchmark("speed")
+memory_validation = load_benchmark("memory_validation")
 
 
 def test_both_loops_train_the_same_network():
