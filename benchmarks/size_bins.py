@@ -1,16 +1,16 @@
 """Size-bin conditioned mask generation (mode=seg_conditioned) on phantoms: does it follow its requests?
 
     .venv/bin/python benchmarks/size_bins.py [--data heads|spheres] [--steps 160] [--num 16] \
-        [--work /tmp/size_bins] [--modes seg_conditioned] [--variants groups8 groups2] [--guidance 2.5] [--device cpu] \
-        [--out docs/size-bins.md]
+        [--work /tmp/size_bins] [--modes seg_conditioned] [--variants groups8 groups2] \
+        [--guidance 2.5] [--device cpu] [--out docs/size-bins.md]
 
 The acceptance point: a seg_conditioned model trained on phantoms whose tumour counts per size bin
 are known reaches a bin adherence at least 2x the untrained model's on requested vectors drawn
 from the held-out split. The script
 
-1. makes a phantom data set (DATA_SETS: `heads`, the head phantoms of
+1. makes a phantom data set on the model's grid (DATA_SETS: `heads`, the head phantoms of
    `voxgen.data.phantoms.make_phantoms`, 96 cases, train/val/test 64/16/16; or `spheres`, tumour
-   masks alone, 288 cases, 256/16/16) on the model's grid and prints the requested vectors of the val and test splits
+   masks alone, 288 cases, 256/16/16) and prints the requested vectors of the val and test splits
    (counts per bin measured on the masks at `data.shape`, `voxgen.data.tumour_bins`);
 2. trains a small UNet per mode and variant (VARIANTS: the GroupNorm grouping, tumour weighting) with
    `voxgen.training.trainer.train`, the trainer behind `voxgen train` (the equivalent command
@@ -363,7 +363,7 @@ def main() -> None:
     data = DATA_SETS[args.data]
     json_path = Path(args.json or f"benchmarks/measured/size_bins_cpu_{args.data}.json")
     work = Path(args.work)
-    root = work / ("phantoms" if args.data == "heads" else args.data)
+    root = work / args.data
     shape = ",".join(map(str, data.shape))
     if not (root / "test").is_dir():
         data.write(root)
