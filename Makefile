@@ -29,10 +29,11 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/voxgen quickstart --out runs/quickstart
 
+# pytest lists its slowest tests, so that the suite's time on two cores stays in view.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info
