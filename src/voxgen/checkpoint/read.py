@@ -119,6 +119,20 @@ def _read_index(folder: Path) -> dict:
     return index
 
 
+def _keys_by_shard(index: dict, wanted: Callable[[str], bool]) -> dict[str, set[str]]:
+    """The safetensors keys each shard file must hold, for the tensors `wanted` accepts: whole
+    tensors under their names, pieces of split tensors under their piece keys."""
+    keys: dict[str, set[str]] = {}
+    for name, filename in index["weight_map"].items():
+        if wanted(name):
+            keys.setdefault(filename, set()).add(name)
+    for name, spec in index.get("split_tensors", {}).items():
+        if wanted(name):
+            for piece in spec["pieces"]:
+                keys.setdefault(piece["file"], set()).add(piece["key"])
+    return keys
+
+
 def iter_tensors(folder: str | Path, prefix: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of one checkpoint, read and verified one shard at a time.
 
@@ -150,8 +164,7 @@ def iter_tensors(folder: str | Path, prefix: str | None = None) -> Iterator[tupl
         building: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (output, elements filled)
         # Shard names are zero-padded, so sorted order is write order: the pieces of a split
         # tensor arrive one after the other.
-        for filename in sorted(set(whole_by_file) | set(by_file)):
-            keys = set(whole_by_file.get(filename, [])) | {piece["key"] for _, piece in by_file.get(filename, [])}
+        for filename, keys in sorted(_keys_by_shard(index, wanted).items()):
             loaded = _load_shard(folder, filename, files, keys)
             for name in whole_by_file.get(filename, []):
                 if name not in loaded:
@@ -196,13 +209,7 @@ def verify_checkpoint(folder: str | Path) -> None:
         files = index.get("files")
         for filename in files or {}:
             _verify(folder, filename, files, *_file_crc(folder / filename))
-        keys_by_file: dict[str, set[str]] = {}
-        for name, filename in index["weight_map"].items():
-            keys_by_file.setdefault(filename, set()).add(name)
-        for spec in index.get("split_tensors", {}).values():
-            for piece in spec["pieces"]:
-                keys_by_file.setdefault(piece["file"], set()).add(piece["key"])
-        for filename, keys in sorted(keys_by_file.items()):
+        for filename, keys in sorted(_keys_by_shard(index, lambda name: True).items()):
             with safe_open(str(folder / filename), framework="pt") as f:
                 missing = keys - set(f.keys())
             if missing:
