@@ -19,8 +19,8 @@ from voxgen.config import from_dict, to_dict
 from voxgen.errors import CheckpointError, ConfigError
 
 # Keys (or whole sections) that may change on resume: how long and how fast to train from
-# here (the learning rate is a pure function of the step), what to log and keep, where the
-# data and the run live, how to sample, the guards, and the memory and speed knobs that leave
+# here (the learning rate is a pure function of the step), what to log, keep and report, where
+# the data and the run live, how to sample, the guards, and the memory and speed knobs that leave
 # the numbers a checkpoint holds as they are. `training.weight_decay` and `training.betas`
 # are not among them: the optimiser state restored from a checkpoint brings its own.
 RESUMABLE = (
@@ -48,6 +48,7 @@ RESUMABLE = (
     "guards",
     "sample",
     "run.dir",
+    "run.report",
 )
 
 
