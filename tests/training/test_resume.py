@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from rich.console import Console
 from test_trainer import TINY, _quiet
@@ -126,3 +127,15 @@ def test_rng_states_round_trip_through_json():
     rng_from_checkpoint(tensors, state)
     again = (random.random(), np.random.randn(3).tolist(), torch.rand(2).tolist())
     assert again == expected
+
+
+def test_what_is_written_and_logged_may_change_on_resume_but_not_the_network(tmp_path):
+    from voxgen.config.compose import to_yaml
+    from voxgen.errors import ConfigError
+    from voxgen.training.resume import check_resume
+
+    run = [f"run.dir={tmp_path}", "model.channels=[16,32]", "model.attention_levels=[false,false]"]
+    (tmp_path / "config.yaml").write_text(to_yaml(compose([], run)))
+    check_resume(compose([], [*run, "run.report=false", "training.log_every=3", "training.steps=50"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"another model.channels: model.channels \[16, 32\] -> \[16, 64\]"):
+        check_resume(compose([], [*run, "run.report=false", "model.channels=[16,64]"]), tmp_path)
