@@ -89,7 +89,7 @@ class DataSet:
 
     shape: list[int]
     splits: tuple[int, int, int]  # train, val, test cases
-    write: Callable[[Path], object]
+    write: Callable[[Path, DataSet], object]  # (folder, this data set)
     overrides: list[str]
     about: str
 
@@ -127,10 +127,10 @@ def sphere_case(index: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {"seg": mask}
 
 
-def write_spheres(root: Path) -> None:
+def write_spheres(root: Path, data: DataSet) -> None:
     affine = synth.grid_affine((SPHERES_SPACING_MM,) * 3, (0.0, 0.0, 0.0))
-    splits = DATA_SETS["spheres"].splits
-    synth.write_dataset(root, "spheres", sum(splits), splits, sphere_case, affine, {"generator": "size_bins.py spheres"})
+    cases = sum(data.splits)
+    synth.write_dataset(root, "spheres", cases, data.splits, sphere_case, affine, {"generator": "size_bins.py spheres"})
 
 
 DATA_SETS = {
@@ -139,7 +139,7 @@ DATA_SETS = {
     "heads": DataSet(
         [20, 40, 32],
         (64, 16, 16),
-        lambda root: make_phantoms(root, cases=96, shape=(20, 40, 32), seed=0, splits=(64, 16, 16)),
+        lambda root, data: make_phantoms(root, cases=sum(data.splits), shape=tuple(data.shape), seed=0, splits=data.splits),
         ["model.channels=[8,16,32]", "training.batch_size=4", "training.ema_decay=0.98", "training.val_batches=1"],
         "the head phantoms of `voxgen.data.phantoms` (0-4 metastases of 6-24 mm, most a few voxels across)",
     ),
@@ -241,7 +241,6 @@ def adherence(cfg, parts, split: str, requests: np.ndarray, num: int, seed: int,
         solver=samples.solver,
         nfe=samples.nfe,
         tumour_fraction=float((masks > 0).mean()),
-        tumours_per_sample=float(measured.sum(1).mean()),
     )
     return out
 
@@ -366,7 +365,7 @@ def main() -> None:
     root = work / args.data
     shape = ",".join(map(str, data.shape))
     if not (root / "test").is_dir():
-        data.write(root)
+        data.write(root, data)
     base_cfg = compose([], ["mode=seg_conditioned", f"data.root={root}", f"data.shape=[{shape}]"])
     spacing = voxel_spacing(VolumeDataset(root, "train", ("seg",), data.shape, layout=Modalities.of(base_cfg.data)).affine)
     spacing_text = ", ".join(f"{s:.2f}" for s in spacing)
