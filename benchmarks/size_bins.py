@@ -31,6 +31,8 @@ from the held-out split. The script
 
 --device cuda trains and samples on a GPU (the defaults are sized for a shared 2-core CPU).
 Trained runs and their scores are kept in --work; a rerun with the same settings reuses them.
+--continue-from N starts each run from the finished N-step run of the same recipe in --work and
+trains it on to --steps (a warm restart: the resumed run follows the longer cosine schedule).
 Results: a Markdown table on stdout, a JSON file (--json), and the measured block of --out (text
 outside its markers is kept).
 """
@@ -263,8 +265,13 @@ def chance_baselines(requests: np.ndarray, reals: np.ndarray, num: int) -> dict:
     return {"other held-out case": other, "empty mask": score(wanted, np.zeros_like(wanted))}
 
 
-def train_run(overrides: list[str], run: Path) -> dict:
-    """Train (or reuse a finished run of the same overrides); {'seconds', 'steps', 'val_loss'}."""
+def train_run(overrides: list[str], run: Path, earlier: Path | None = None) -> dict:
+    """Train (or reuse a finished run of the same overrides); {'seconds', 'steps', 'val_loss'}.
+
+    With `earlier` (a finished run of the same recipe and fewer steps), the run starts as a copy of
+    it and the trainer resumes it to `training.steps`: the cosine schedule is the new length's, so
+    the learning rate jumps from the end of the old schedule to the new one's value at that step.
+    """
     record = run / "size_bins_benchmark.json"
     if record.is_file():
         saved = json.loads(record.read_text())
@@ -272,12 +279,21 @@ def train_run(overrides: list[str], run: Path) -> dict:
             print(f"reusing {run} (trained in {saved['seconds']:.0f} s)", flush=True)
             return saved
     shutil.rmtree(run, ignore_errors=True)
+    seconds_before, continued = 0.0, None
+    if earlier is not None:
+        before = json.loads((earlier / "size_bins_benchmark.json").read_text())
+        seconds_before, continued = before["seconds"], {"run": earlier.name, "steps": before["steps"]}
+        # The lock and the evaluations belong to the earlier run.
+        skip = shutil.ignore_patterns("train.lock", "size_bins_*.json")
+        shutil.copytree(earlier, run, ignore=skip)
+        print(f"continuing {earlier} ({before['steps']} steps) in {run}", flush=True)
     cfg = compose([], [*overrides, f"run.dir={run}"])
     began = time.perf_counter()
     history = train(cfg).history
     saved = {
         "overrides": overrides,
-        "seconds": time.perf_counter() - began,
+        "continued_from": continued,
+        "seconds": seconds_before + time.perf_counter() - began,
         "steps": int(cfg.training.steps),
         "val_loss": [history[0]["val_loss"], history[-1]["val_loss"]],
         "val_loss_ema": history[-1]["val_loss_ema"],
@@ -352,6 +368,9 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=2.5, help="guidance scale tried next to 1 (0: only 1)")
     parser.add_argument("--modes", nargs="+", default=["seg_conditioned"], choices=["seg_conditioned", "seg_conditioned_input"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--continue-from", type=int, default=None, help="start from the finished run of this many steps (same recipe)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (training and sampling)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     parser.add_argument("--work", default="/tmp/size_bins", help="data set and runs (kept for reruns)")
@@ -398,9 +417,14 @@ def main() -> None:
                 f"training.checkpoint_every={args.steps}",
             ]
             run = work / f"run_{args.data}_{mode}_{variant}_{args.steps}"
+            earlier = None
+            if args.continue_from:
+                earlier = work / f"run_{args.data}_{mode}_{variant}_{args.continue_from}"
+                run = run.with_name(f"{run.name}_from_{args.continue_from}")
+                commands.append(f"cp -r {earlier} {run}")
             commands.append("voxgen train " + " ".join(overrides) + f" run.dir={run}")
             print(commands[-1], flush=True)
-            trained = train_run(overrides, run)
+            trained = train_run(overrides, run, earlier)
             cfg, parts, step = load_run(run, device=args.device)
             cache = EvalCache(run / "size_bins_eval.json")
             entry = {"overrides": overrides, "train": trained, "step": step, "val": {}, "test": {}}
@@ -470,6 +494,8 @@ def main() -> None:
     command = (
         f".venv/bin/python benchmarks/size_bins.py --data {args.data} --steps {args.steps} --num {args.num} "
         f"--guidance {args.guidance:g} "
+        + (f"--continue-from {args.continue_from} " if args.continue_from else "")
+        + f"--threads {args.threads} "
         f"--modes {' '.join(args.modes)} --variants {' '.join(args.variants)} --work {args.work}"
         + ("" if args.device == "cpu" else f" --device {args.device}")
     )
