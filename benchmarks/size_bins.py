@@ -281,9 +281,11 @@ def train_run(overrides: list[str], run: Path, earlier: Path | None = None) -> d
     shutil.rmtree(run, ignore_errors=True)
     seconds_before, continued = 0.0, None
     if earlier is not None:
+        if not (earlier / "size_bins_benchmark.json").is_file():
+            raise SystemExit(f"error: {earlier} holds no finished run to continue: train it first (--steps of its length)")
         before = json.loads((earlier / "size_bins_benchmark.json").read_text())
         seconds_before, continued = before["seconds"], {"run": earlier.name, "steps": before["steps"]}
-        # The lock and the evaluations belong to the earlier run.
+        # The lock, the training record and the evaluations belong to the earlier run.
         skip = shutil.ignore_patterns("train.lock", "size_bins_*.json")
         shutil.copytree(earlier, run, ignore=skip)
         print(f"continuing {earlier} ({before['steps']} steps) in {run}", flush=True)

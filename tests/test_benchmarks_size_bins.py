@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from benchmark_module import load_benchmark
 from voxgen.data.tumour_bins import size_bin_vector
@@ -25,6 +26,11 @@ def test_every_placed_ball_is_one_tumour_of_6_mm_or_more():
     assert counts[:2].sum() == 0  # nothing under 6 mm
     assert (counts[2:6] >= 5).all(), counts  # each drawn bin (6-10 ... 20-30 mm) is well represented
     assert counts.sum() > 60  # 0-3 balls a case, 1.5 on average
+
+
+def steps(n: int) -> list[str]:
+    """A run of n steps, validated and checkpointed at its end (as the benchmark's runs are)."""
+    return [f"training.steps={n}", f"training.val_every={n}", f"training.checkpoint_every={n}"]
 
 
 def test_a_run_continued_to_more_steps_resumes_a_copy_and_leaves_the_earlier_run_alone(tmp_path):
@@ -46,8 +52,9 @@ def test_a_run_continued_to_more_steps_resumes_a_copy_and_leaves_the_earlier_run
         "training.device=cpu",
         "run.report=false",
     ]
-    steps = lambda n: [f"training.steps={n}", f"training.val_every={n}", f"training.checkpoint_every={n}"]  # noqa: E731
     earlier, later = tmp_path / "run_2", tmp_path / "run_4_from_2"
+    with pytest.raises(SystemExit, match="no finished run to continue"):
+        size_bins.train_run([*recipe, *steps(4)], later, earlier)
     size_bins.train_run([*recipe, *steps(2)], earlier)
     (earlier / "size_bins_eval.json").write_text("{}")  # scores of the earlier run stay with it
     before = sorted(p.name for p in (earlier / "checkpoints").iterdir())
