@@ -493,14 +493,14 @@ def main() -> None:
         requests={s: reals[s].tolist() for s in reals},
     )
     date = subprocess.run(["date", "-u", "+%Y-%m-%d %H:%M UTC"], capture_output=True, text=True).stdout.strip()
-    command = (
-        f".venv/bin/python benchmarks/size_bins.py --data {args.data} --steps {args.steps} --num {args.num} "
-        f"--guidance {args.guidance:g} "
-        + (f"--continue-from {args.continue_from} " if args.continue_from else "")
-        + f"--threads {args.threads} "
-        f"--modes {' '.join(args.modes)} --variants {' '.join(args.variants)} --work {args.work}"
-        + ("" if args.device == "cpu" else f" --device {args.device}")
-    )
+    # The options that change what is measured; the defaults of --seed, --continue-from and
+    # --device are left out.
+    options = [f"--data {args.data}", f"--steps {args.steps}", f"--num {args.num}", f"--guidance {args.guidance:g}"]
+    options += [f"--seed {args.seed}"] * (args.seed != 0)
+    options += [f"--continue-from {args.continue_from}"] * bool(args.continue_from)
+    options += [f"--threads {args.threads}", f"--modes {' '.join(args.modes)}", f"--variants {' '.join(args.variants)}"]
+    options += [f"--work {args.work}"] + [f"--device {args.device}"] * (args.device != "cpu")
+    command = ".venv/bin/python benchmarks/size_bins.py " + " ".join(options)
     threads = f"{args.threads} torch thread" + ("s" if args.threads != 1 else "")
     block = "\n".join(
         [
